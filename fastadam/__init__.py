@@ -1,0 +1,44 @@
+"""fastadam: fused Adam/AdamW optimizer updates for NumPy arrays (and PyTorch on the CPU).
+
+The public surface::
+
+    adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, ...)   # one fused update
+    Adam, AdamW                                                     # optimizers
+    FlatParams                                                      # one buffer per model
+    available_backends(), auto_backend(), set_num_threads(), get_num_threads()
+
+Backends: ``"numpy"`` (the reference), ``"numba"`` and ``"c"``; ``"auto"`` uses
+the fastest that loads, or ``FASTADAM_BACKEND``. A backend that cannot load
+never breaks ``import fastadam``; asking for it by name says why.
+"""
+
+from __future__ import annotations
+
+from .backends import (
+    BACKEND_NAMES,
+    BackendUnavailableError,
+    auto_backend,
+    available_backends,
+    get_num_threads,
+    set_num_threads,
+    unavailable_reasons,
+)
+from .flat import FlatParams
+from .functional import adam_step
+from .optim import Adam, AdamW
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Adam",
+    "AdamW",
+    "BackendUnavailableError",
+    "FlatParams",
+    "adam_step",
+    "auto_backend",
+    "available_backends",
+    "get_num_threads",
+    "set_num_threads",
+    "unavailable_reasons",
+]

@@ -1,0 +1,126 @@
+"""Backend registry: name -> kernel module, loaded lazily, failures remembered.
+
+A backend is a module with ``NAME``, ``step(param, grad, exp_avg, exp_avg_sq,
+max_exp_avg_sq, scalars)``, ``set_num_threads(n)`` and ``get_num_threads()``.
+Adding one (a GPU backend, say) is one module and one line in ``_MODULES``.
+A backend that fails to import is recorded with the loader's own message, so
+``import fastadam`` never fails and asking for that backend says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from types import ModuleType
+
+#: Public name -> module in this package. The order is "auto"'s preference:
+#: fastest first (C has the cheapest call, Numba the next).
+_MODULES: dict[str, str] = {"c": "c", "numba": "numba_", "numpy": "reference"}
+
+BACKEND_NAMES: tuple[str, ...] = ("numpy", "numba", "c")
+
+_loaded: dict[str, ModuleType] = {}
+_errors: dict[str, str] = {}
+_auto: ModuleType | None = None
+_load_lock = threading.RLock()
+_num_threads: int | None = None  # None: each backend's default from config
+
+
+class BackendUnavailableError(ImportError):
+    """A backend was asked for by name but cannot be loaded on this machine."""
+
+
+def _try_load(name: str) -> ModuleType | None:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _errors:
+        return None
+    with _load_lock:
+        if name in _loaded or name in _errors:
+            return _loaded.get(name)
+        try:
+            mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        except Exception as exc:  # any loader failure makes the backend unavailable
+            _errors[name] = f"{type(exc).__name__}: {exc}"
+            return None
+        mod.set_num_threads(get_num_threads())
+        _loaded[name] = mod
+        return mod
+
+
+def get(name: str) -> ModuleType:
+    """The kernel module for ``name`` (``"auto"`` included); raise if it cannot run here."""
+    if name == "auto":
+        return _resolve_auto()
+    mod = _loaded.get(name)
+    if mod is not None:
+        return mod
+    if name not in _MODULES:
+        raise ValueError(
+            f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}"
+        )
+    mod = _try_load(name)
+    if mod is None:
+        raise BackendUnavailableError(f"fastadam backend {name!r} is unavailable: {_errors[name]}")
+    return mod
+
+
+def _resolve_auto() -> ModuleType:
+    # FASTADAM_BACKEND is read once, at the first "auto" step of the process.
+    global _auto
+    if _auto is None:
+        forced = os.environ.get("FASTADAM_BACKEND", "").strip()
+        if forced and forced != "auto":
+            if forced not in _MODULES:
+                raise ValueError(
+                    f"FASTADAM_BACKEND must be one of {', '.join(map(repr, BACKEND_NAMES))}; "
+                    f"got {forced!r}"
+                )
+            _auto = get(forced)
+        else:
+            _auto = next(m for n in _MODULES if (m := _try_load(n)) is not None)
+    return _auto
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends that load on this machine, in ``BACKEND_NAMES`` order."""
+    return tuple(n for n in BACKEND_NAMES if _try_load(n) is not None)
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """Why each backend that failed to load did so (the loader's message)."""
+    available_backends()
+    return dict(_errors)
+
+
+def auto_backend() -> str:
+    """The backend ``backend="auto"`` uses in this process."""
+    return _resolve_auto().NAME
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the Numba and C kernels from now on (process-wide).
+
+    Numba cannot exceed the pool it started with (``NUMBA_NUM_THREADS``, by
+    default the CPU count) and uses at most that many.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    global _num_threads
+    with _load_lock:
+        _num_threads = n
+        for mod in _loaded.values():
+            mod.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the Numba and C kernels use (see :func:`set_num_threads`)."""
+    global _num_threads
+    if _num_threads is None:
+        from ..config import default_num_threads
+
+        _num_threads = default_num_threads()
+    return _num_threads

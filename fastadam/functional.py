@@ -1,0 +1,203 @@
+"""``adam_step``: the one entry point every caller goes through.
+
+It validates its arguments once, computes the step's scalars once (float64,
+:mod:`fastadam._scalars`), and hands plain arrays to the chosen backend. Every
+check runs before anything is written, so a rejected call leaves every array
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from . import backends
+from ._scalars import compute_scalars
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ARRAY_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_array(name: str, a: object, dtype: np.dtype | None, shape: tuple | None) -> None:
+    """Raise unless ``a`` is an array the kernels may update in place.
+
+    ``dtype``/``shape`` are those of ``param`` (None when checking param itself).
+    """
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    dt = a.dtype
+    if dtype is None:
+        if dt not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
+    elif dt != dtype:
+        raise TypeError(f"{name} has dtype {dt} but param has dtype {dtype}; all arrays must match")
+    if not dt.isnative:
+        raise TypeError(f"{name} must be in native byte order, got dtype {dt.str!r}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape} but param has shape {shape}")
+    flags = a.flags
+    if not flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be C-contiguous (the kernels update it in place; a copy would "
+            f"silently drop the update); got strides {a.strides} for shape {a.shape}"
+        )
+    if not flags.writeable:
+        raise ValueError(f"{name} must be writeable: it is updated in place")
+
+
+def _check_real(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def _check_nonneg(name: str, x: object) -> float:
+    x = _check_real(name, x)
+    if x < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return x
+
+
+def _check_beta(name: str, x: object) -> float:
+    x = _check_real(name, x)
+    if not 0.0 <= x < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {x}")
+    return x
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool):
+        raise TypeError("step must be an int, got bool")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__}") from None
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the 1-based count of this update), got {step}")
+    return step
+
+
+def validate_arrays(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None,
+    amsgrad: bool,
+) -> None:
+    """Check the arrays of one step; raise ``TypeError``/``ValueError`` naming the culprit."""
+    _check_array("param", param, None, None)
+    dtype, shape = param.dtype, param.shape
+    arrays = [param, grad, exp_avg, exp_avg_sq]
+    for name, a in zip(_ARRAY_NAMES[1:4], arrays[1:]):
+        _check_array(name, a, dtype, shape)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq, an array shaped like param")
+        _check_array("max_exp_avg_sq", max_exp_avg_sq, dtype, shape)
+        arrays.append(max_exp_avg_sq)
+    # Contiguous arrays overlap exactly when their byte ranges do, which is
+    # what may_share_memory's cheap bounds test checks.
+    for i in range(len(arrays)):
+        for j in range(i + 1, len(arrays)):
+            if np.may_share_memory(arrays[i], arrays[j]):
+                raise ValueError(
+                    f"{_ARRAY_NAMES[i]} and {_ARRAY_NAMES[j]} share memory; "
+                    "each array must be a separate buffer"
+                )
+
+
+def adam_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sq: np.ndarray | None = None,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    grad_scale: float | None = None,
+    found_inf: bool = False,
+    backend: str = "auto",
+) -> None:
+    """Apply one fused Adam/AdamW update to ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
+
+    The math and its order are those of ``torch.optim.Adam`` (``AdamW`` with
+    ``decoupled_weight_decay=True``); float32 arrays are updated in float32
+    arithmetic, float64 in float64.
+
+    Args:
+        param: parameters θ, float32 or float64, any shape, C-contiguous, writeable.
+        grad: gradient of the loss w.r.t. ``param``; same dtype and shape.
+            Written to only when ``grad_scale`` is given (the unscaled gradient).
+        exp_avg: first moment m, same dtype and shape; updated in place.
+        exp_avg_sq: second moment v, same dtype and shape; updated in place.
+        step: 1-based count of this update (torch's ``state["step"]`` after its
+            increment); the bias corrections are ``1 - beta**step``.
+        lr: learning rate, >= 0.
+        beta1, beta2: moment decay rates in [0, 1).
+        eps: term added to the denominator, >= 0.
+        weight_decay: >= 0. Adam (``decoupled_weight_decay=False``) adds
+            ``weight_decay * θ`` to the gradient; AdamW multiplies θ by
+            ``1 - lr * weight_decay`` first.
+        amsgrad: use ``max(max_exp_avg_sq, v)`` in the denominator;
+            ``max_exp_avg_sq`` (same dtype and shape) is then required and updated.
+        maximize: ascend instead of descend.
+        eps_hat: the Keras/TensorFlow/scikit-learn convention
+            ``θ -= lr·sqrt(1-β2^t)/(1-β1^t) · m/(sqrt(v)+ε)`` instead of torch's.
+        grad_scale: if given (finite, > 0), the gradient is divided by it in the
+            same pass and the unscaled gradient is written back into ``grad``.
+        found_inf: if true, validate and return without touching anything
+            (the step a ``GradScaler`` skips).
+        backend: ``"auto"``, ``"numpy"``, ``"numba"`` or ``"c"``.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named in the message; nothing
+            has been modified.
+        BackendUnavailableError: the named backend cannot load here (says why).
+    """
+    amsgrad = bool(amsgrad)
+    validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
+    step = _check_step(step)
+    lr = _check_nonneg("lr", lr)
+    beta1 = _check_beta("beta1", beta1)
+    beta2 = _check_beta("beta2", beta2)
+    eps = _check_nonneg("eps", eps)
+    weight_decay = _check_nonneg("weight_decay", weight_decay)
+    if grad_scale is not None:
+        grad_scale = _check_real("grad_scale", grad_scale)
+        if grad_scale <= 0.0:
+            raise ValueError(f"grad_scale must be > 0, got {grad_scale}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    kernel = backends.get(backend)
+    if found_inf:
+        return
+    scalars = compute_scalars(
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=bool(decoupled_weight_decay),
+        amsgrad=amsgrad,
+        maximize=bool(maximize),
+        eps_hat=bool(eps_hat),
+        grad_scale=grad_scale,
+    )
+    kernel.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, scalars)

@@ -1,0 +1,339 @@
+"""``Adam`` and ``AdamW`` over NumPy arrays, with torch.optim's groups and state layout.
+
+Each step is one :func:`fastadam.adam_step` call per parameter array (or a
+single call for a whole model when the parameters live in a
+:class:`fastadam.FlatParams`). The per-parameter state follows torch's
+``state_dict`` layout, so checkpoints read the same way in both worlds::
+
+    {"state": {0: {"step": 3, "exp_avg": ..., "exp_avg_sq": ...}, ...},
+     "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), ..., "params": [0, 1]}]}
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from .functional import _check_array, adam_step
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """torch.optim.Adam's constructor checks, with the argument named."""
+    for name, value, what in (
+        ("lr", lr, "learning rate"),
+        ("eps", eps, "epsilon value"),
+        ("weight_decay", weight_decay, "weight_decay value"),
+    ):
+        if not _is_number(value):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"Invalid {what}: {name}={value} (must be finite and >= 0)")
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not _is_number(b):
+            raise TypeError(f"betas[{i}] must be a real number, got {type(b).__name__}")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} (must be in [0, 1))")
+
+
+class Adam:
+    """Adam (``decoupled_weight_decay=False``) or AdamW over NumPy arrays.
+
+    Args:
+        params: a list of float32/float64 C-contiguous writeable arrays, a list of
+            param-group dicts (``{"params": [...], "lr": ...}``), or a
+            :class:`fastadam.FlatParams` (then :meth:`step` takes no gradients).
+        lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+        eps_hat: defaults for every group; see :func:`fastadam.adam_step`.
+        backend: kernel to use, ``"auto"`` (the fastest available) by default.
+
+    Attributes:
+        param_groups: list of dicts; ``group["lr"]`` etc. may be changed between
+            steps (learning-rate schedules).
+        state: per-array state, keyed by the array's position across groups.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        eps_hat: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        _check_hyper(lr, betas, eps, weight_decay)
+        backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
+        self.backend = backend
+        self.defaults: dict[str, Any] = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": bool(amsgrad),
+            "maximize": bool(maximize),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "eps_hat": bool(eps_hat),
+        }
+        self.flat = None
+        from .flat import FlatParams  # local: flat imports nothing from here, but keep it lazy
+
+        if isinstance(params, FlatParams):
+            self.flat = params
+            params = [params.data]
+        if isinstance(params, np.ndarray) or isinstance(params, Mapping):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of arrays or "
+                f"dicts, but got {type(params).__name__}"
+            )
+        if not isinstance(params, Iterable):
+            raise TypeError(f"params must be an iterable of arrays or dicts, got {type(params).__name__}")
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], Mapping):
+            groups = [{"params": groups}]
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: dict[int, dict[str, Any]] = {}
+        for g in groups:
+            self.add_param_group(g)
+
+    # -- groups -------------------------------------------------------------
+
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        """Add a group of arrays with its own hyperparameters (torch semantics)."""
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        if "params" not in group:
+            raise ValueError("param group must have a 'params' entry")
+        ps = group["params"]
+        if isinstance(ps, np.ndarray):
+            ps = [ps]
+        elif isinstance(ps, (set, frozenset)):
+            raise TypeError("param group 'params' must be an ordered collection, not a set")
+        ps = list(ps)
+        for i, p in enumerate(ps):
+            if not isinstance(p, np.ndarray):
+                raise TypeError(
+                    f"optimizer can only optimize numpy arrays, but params[{i}] is "
+                    f"{type(p).__name__}"
+                )
+            _check_array(f"params[{i}]", p, None, None)
+        if len({id(p) for p in ps}) != len(ps):
+            raise ValueError("a parameter group contains the same array twice")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in ps):
+            raise ValueError("some parameters appear in more than one parameter group")
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        group["params"] = ps
+        self.param_groups.append(group)
+
+    def _params(self) -> list[np.ndarray]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # -- stepping -----------------------------------------------------------
+
+    def step(
+        self,
+        grads: Sequence[np.ndarray | None] | None = None,
+        *,
+        grad_scale: float | None = None,
+        found_inf: bool = False,
+    ) -> None:
+        """Update every parameter from its gradient.
+
+        Args:
+            grads: one gradient per parameter, in the order of the parameters
+                across groups (``None`` skips that parameter). Omit it when the
+                optimizer was built over a FlatParams: ``flat.grad`` is used.
+            grad_scale: divide the gradients by this in the same pass (and
+                write the unscaled gradients back), as after a loss scaled for
+                mixed precision.
+            found_inf: a gradient overflowed: skip the step entirely; no state
+                changes and ``step`` does not advance.
+        """
+        params = self._params()
+        if grads is None:
+            if self.flat is None:
+                raise TypeError("step() needs grads, one per parameter (or use FlatParams)")
+            grads = [self.flat.grad]
+        elif isinstance(grads, np.ndarray):
+            raise TypeError("grads must be a sequence of arrays aligned with the params, not one array")
+        else:
+            grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"got {len(grads)} grads for {len(params)} params")
+        if found_inf:
+            return
+        # Validate every pair before updating any, so a bad gradient changes nothing.
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None:
+                _check_array(f"grads[{i}]", g, p.dtype, p.shape)
+        i = 0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                g = grads[i]
+                if g is not None:
+                    st = self._state_for(i, p, group["amsgrad"])
+                    adam_step(
+                        p, g, st["exp_avg"], st["exp_avg_sq"],
+                        step=st["step"] + 1, lr=group["lr"], beta1=beta1, beta2=beta2,
+                        eps=group["eps"], weight_decay=group["weight_decay"],
+                        decoupled_weight_decay=group["decoupled_weight_decay"],
+                        amsgrad=group["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
+                        maximize=group["maximize"], eps_hat=group["eps_hat"],
+                        grad_scale=grad_scale, backend=self.backend,
+                    )  # fmt: skip
+                    st["step"] += 1  # only once the update has succeeded
+                i += 1
+
+    def _state_for(self, i: int, p: np.ndarray, amsgrad: bool) -> dict[str, Any]:
+        st = self.state.get(i)
+        if st is None:
+            st = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+            self.state[i] = st
+        if amsgrad and "max_exp_avg_sq" not in st:
+            st["max_exp_avg_sq"] = np.zeros_like(p)
+        return st
+
+    def zero_grad(self) -> None:
+        """Zero ``flat.grad`` (FlatParams only; list gradients belong to the caller)."""
+        if self.flat is None:
+            raise TypeError("zero_grad() needs a FlatParams; the caller owns list gradients")
+        self.flat.grad.fill(0)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state in torch's layout.
+
+        Like torch, the arrays are the live state, not copies: save or copy the
+        dict before the next step if it must stay as it is now.
+        """
+        groups, start = [], 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(packed)
+        state = {i: dict(st) for i, st in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; every check runs before anything changes.
+
+        The arrays are copied in, so the loaded state never aliases the dict.
+        Raises ``ValueError`` if the groups, the parameter count, or any state
+        array's shape or dtype does not match these parameters.
+        """
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a mapping with 'state' and 'param_groups'")
+        saved_groups = list(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for k, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(
+                    f"parameter group {k} has {len(sg['params'])} params in the loaded state dict "
+                    f"but {len(g['params'])} here"
+                )
+        # Saved ids -> our positions, in group order (torch's rule).
+        id_map = {
+            sid: pos
+            for sg, pos_range in zip(saved_groups, self._group_positions())
+            for sid, pos in zip(sg["params"], pos_range)
+        }
+        params = self._params()
+        new_state: dict[int, dict[str, Any]] = {}
+        for sid, st in dict(state_dict["state"]).items():
+            if sid not in id_map:
+                raise ValueError(f"state for parameter {sid!r} matches no parameter")
+            pos = id_map[sid]
+            p = params[pos]
+            new = {"step": _check_saved_step(sid, st.get("step"))}
+            for key in _STATE_KEYS:
+                if key not in st:
+                    if key != "max_exp_avg_sq":
+                        raise ValueError(f"state for parameter {sid!r} lacks {key!r}")
+                    continue
+                a = np.asarray(st[key])
+                if a.shape != p.shape or a.dtype != p.dtype:
+                    raise ValueError(
+                        f"state[{sid!r}][{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
+                        f"parameter has shape {p.shape} and dtype {p.dtype}"
+                    )
+                new[key] = np.array(a, dtype=p.dtype, order="C", copy=True)
+            new_state[pos] = new
+        for sg, g in zip(saved_groups, self.param_groups):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = tuple(v) if k == "betas" else copy.deepcopy(v)
+        self.state = new_state
+
+    def _group_positions(self) -> list[range]:
+        out, start = [], 0
+        for g in self.param_groups:
+            out.append(range(start, start + len(g["params"])))
+            start += len(g["params"])
+        return out
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (backend={self.backend!r})"]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {v}" for k, v in sorted(g.items()) if k != "params"]
+        return "\n".join(lines)
+
+
+def _check_saved_step(sid: object, step: object) -> int:
+    try:
+        value = float(np.asarray(step))
+    except (TypeError, ValueError):
+        raise ValueError(f"state[{sid!r}]['step'] must be a number, got {step!r}") from None
+    if not (value >= 0 and value.is_integer()):
+        raise ValueError(f"state[{sid!r}]['step'] must be a non-negative integer, got {step!r}")
+    return int(value)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), torch.optim.AdamW's defaults."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        eps_hat: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, decoupled_weight_decay=True, eps_hat=eps_hat, backend=backend,
+        )  # fmt: skip

@@ -1,0 +1,65 @@
+"""Array generators and assertions shared by the tests (importable as ``helpers``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+import fastadam
+
+FAST_BACKENDS = ("numba", "c")
+DTYPES = (np.float32, np.float64)
+#: 0-size, scalars, SIMD-width tails (4/8/16 lanes), a prime past the
+#: parallel threshold (so the threaded path runs too).
+ODD_SIZES = (0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 65, 1000, 1023, 131071)
+
+#: Every on/off combination of the update's options.
+OPTION_NAMES = ("weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
+OPTION_COMBOS = [
+    dict(zip(OPTION_NAMES, (wd, dec, ams, mx)))
+    for wd, dec, ams, mx in itertools.product((0.0, 0.1), (False, True), (False, True), (False, True))
+]
+
+
+def combo_id(c: dict) -> str:
+    on = [k for k, v in c.items() if v]
+    return "+".join(on) or "plain"
+
+
+def make_state(n, dtype, seed=0, shape=None, scale=1.0):
+    """A fresh (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) tuple.
+
+    The moments start non-zero (as mid-training) so every term of the update
+    matters from the first step.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (n,) if shape is None else shape
+    p = rng.standard_normal(shape)
+    g = rng.standard_normal(shape) * scale
+    m = rng.standard_normal(shape) * 0.1
+    v = rng.random(shape) * 0.01
+    vmax = v + rng.random(shape) * 0.01 * (rng.random(shape) < 0.5)
+    # np.array, not astype: a 0-d result must stay an array, not become a scalar.
+    return tuple(np.array(a, dtype=dtype) for a in (p, g, m, v, vmax))
+
+
+def copy_state(state):
+    return tuple(a.copy() for a in state)
+
+
+def run_step(state, backend, step=3, **kw):
+    """One adam_step over ``state`` (updated in place) with sensible defaults."""
+    p, g, m, v, vmax = state
+    kw.setdefault("lr", 1e-2)
+    fastadam.adam_step(p, g, m, v, step=step, max_exp_avg_sq=vmax, backend=backend, **kw)
+
+
+def assert_bit_identical(actual, expected, names=("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")):
+    for name, a, e in zip(names, actual, expected):
+        # array_equal with equal_nan: NaN payloads in the same places count as equal.
+        assert a.dtype == e.dtype, name
+        assert np.array_equal(a, e, equal_nan=True), (
+            f"{name} differs in {np.count_nonzero(~((a == e) | (np.isnan(a) & np.isnan(e))))} "
+            f"of {a.size} elements"
+        )

@@ -1,0 +1,122 @@
+"""The backend registry, the environment override, and thread settings."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import FAST_BACKENDS, assert_bit_identical, copy_state, make_state, run_step
+
+import fastadam
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def test_available_backends_lists_the_reference_first():
+    names = fastadam.available_backends()
+    assert names[0] == "numpy"
+    assert set(names) <= {"numpy", "numba", "c"}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="fast backends are required on x86-64 only")
+def test_fast_backends_are_built_and_auto_picks_c():
+    if os.environ.get("FASTADAM_ALLOW_MISSING_BACKENDS"):
+        pytest.skip("FASTADAM_ALLOW_MISSING_BACKENDS set")
+    assert set(FAST_BACKENDS) <= set(fastadam.available_backends()), fastadam.unavailable_reasons()
+    assert fastadam.auto_backend() == "c"
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_env_var_overrides_auto(name):
+    code = (
+        "import numpy as np, fastadam as fa\n"
+        "p, g, m, v = (np.ones(4, np.float32) for _ in range(4))\n"
+        "fa.adam_step(p, g, m, v, step=1, lr=0.1)\n"
+        "print(fa.auto_backend())"
+    )
+    r = _python(code, FASTADAM_BACKEND=name)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == name
+
+
+def test_env_var_unknown_name_is_a_clear_error():
+    r = _python(
+        "import numpy as np, fastadam as fa\n"
+        "p, g, m, v = (np.ones(4, np.float32) for _ in range(4))\n"
+        "fa.adam_step(p, g, m, v, step=1, lr=0.1)",
+        FASTADAM_BACKEND="tpu",
+    )
+    assert r.returncode != 0 and "FASTADAM_BACKEND" in r.stderr and "tpu" in r.stderr
+
+
+def test_broken_c_library_does_not_break_import():
+    r = _python(
+        "import fastadam as fa\n"
+        "print(fa.available_backends())\n"
+        "try:\n"
+        "    fa.Adam([__import__('numpy').ones(3, 'f4')], backend='c')\n"
+        "except fa.BackendUnavailableError as e:\n"
+        "    print('ERR', e)",
+        FASTADAM_C_LIBRARY="/nonexistent/libfastadam_c.so",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "'c'" not in r.stdout.splitlines()[0]
+    assert "ERR" in r.stdout and "/nonexistent/libfastadam_c.so" in r.stdout
+
+
+def test_set_num_threads_validates():
+    with pytest.raises(TypeError, match="n must be an int"):
+        fastadam.set_num_threads(2.0)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fastadam.set_num_threads(0)
+
+
+@pytest.fixture
+def restore_threads():
+    n = fastadam.get_num_threads()
+    yield
+    fastadam.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_count_does_not_change_results(fast_backend, dtype, restore_threads):
+    """1, 2 and 3 threads give bit-identical results (sizes past the parallel threshold)."""
+    results = []
+    for threads in (1, 2, 3):
+        fastadam.set_num_threads(threads)
+        assert fastadam.get_num_threads() == threads
+        state = make_state(1_000_003, dtype, seed=9)
+        for step in range(1, 4):
+            run_step(state, fast_backend, step=step, amsgrad=True, weight_decay=0.1, grad_scale=2.0)
+        results.append(state)
+    for r in results[1:]:
+        assert_bit_identical(r, results[0])
+    ref = make_state(1_000_003, dtype, seed=9)
+    for step in range(1, 4):
+        run_step(ref, "numpy", step=step, amsgrad=True, weight_decay=0.1, grad_scale=2.0)
+    assert_bit_identical(results[0], ref)
+
+
+def test_default_threads_share_the_machine_between_local_ranks():
+    r = _python("import fastadam as fa; print(fa.get_num_threads())", LOCAL_WORLD_SIZE="2")
+    one = _python("import fastadam as fa; print(fa.get_num_threads())")
+    assert r.returncode == 0 and one.returncode == 0
+    assert int(r.stdout) == max(1, int(one.stdout) // 2)
+    r = _python("import fastadam as fa; print(fa.get_num_threads())", FASTADAM_NUM_THREADS="3")
+    assert int(r.stdout) == 3
+
+
+def test_state_copy_helper_is_deep():
+    # Guards the helpers the other tests rely on: copies never alias.
+    s = make_state(10, np.float32)
+    c = copy_state(s)
+    assert all(not np.shares_memory(a, b) for a, b in zip(s, c))
