@@ -1,0 +1,54 @@
+/*
+ * fastadam_internal.h - what the dispatcher (fastadam.c) and the per-ISA
+ * kernel objects (fastadam_kernel.c, compiled once per ISA) share.
+ * Not installed; not part of the ABI.
+ */
+#ifndef FASTADAM_INTERNAL_H
+#define FASTADAM_INTERNAL_H
+
+#include <stdint.h>
+
+/* The scalars already rounded to the arrays' type, once per call, by the
+ * dispatcher: every variant and every thread then starts from the same
+ * constants. */
+typedef struct fa_scalars_f32 {
+    float step_size, bias_correction2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2,
+        weight_decay, decay, grad_scale;
+} fa_scalars_f32;
+
+typedef struct fa_scalars_f64 {
+    double step_size, bias_correction2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2,
+        weight_decay, decay, grad_scale;
+} fa_scalars_f64;
+
+/* A kernel updates elements [0, n) of its (non-overlapping) arrays. vmax is
+ * only touched by the amsgrad specialisations. */
+typedef void (*fa_kernel_f32)(float *param, float *grad, float *exp_avg, float *exp_avg_sq,
+                              float *max_exp_avg_sq, int64_t n, const fa_scalars_f32 *s);
+typedef void (*fa_kernel_f64)(double *param, double *grad, double *exp_avg, double *exp_avg_sq,
+                              double *max_exp_avg_sq, int64_t n, const fa_scalars_f64 *s);
+
+/* Each per-call flag selects a specialised loop instead of branching inside
+ * it; a kernel table is indexed by the OR of these bits. */
+#define FA_F_L2 1       /* weight_decay != 0 */
+#define FA_F_AMSGRAD 2
+#define FA_F_UNSCALE 4
+#define FA_F_MAXIMIZE 8
+#define FA_N_VARIANTS 16
+
+typedef struct fa_kernel_table {
+    const char *isa;
+    fa_kernel_f32 f32[FA_N_VARIANTS];
+    fa_kernel_f64 f64[FA_N_VARIANTS];
+} fa_kernel_table;
+
+/* One table per compiled ISA variant (fastadam_kernel.c with FA_VARIANT set).
+ * Which ones exist is decided by the build (FA_HAVE_AVX2 / FA_HAVE_AVX512). */
+#define FA_TABLE_NAME_(v) fa_kernels_##v
+#define FA_TABLE_NAME(v) FA_TABLE_NAME_(v)
+
+extern const fa_kernel_table fa_kernels_baseline;
+extern const fa_kernel_table fa_kernels_avx2;
+extern const fa_kernel_table fa_kernels_avx512;
+
+#endif /* FASTADAM_INTERNAL_H */

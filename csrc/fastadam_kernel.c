@@ -1,0 +1,51 @@
+/*
+ * fastadam_kernel.c - the kernels of one ISA variant.
+ *
+ * This one source is compiled several times (see CMakeLists.txt), each time
+ * with different target flags and -DFA_VARIANT=<name>: baseline (the
+ * compiler's default target, SSE2 on x86-64), avx2 and avx512. Each object
+ * exports one table, fa_kernels_<name>; fastadam.c picks one at run time.
+ * Nothing here may run before that choice is made: no constructors, no
+ * global initialisers with code, only functions and a constant table.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "fastadam_internal.h"
+
+#ifndef FA_VARIANT
+#error "compile with -DFA_VARIANT=baseline, avx2 or avx512 (see CMakeLists.txt)"
+#endif
+
+#define FA_T float
+#define FA_SQRT sqrtf
+#define FA_SUFFIX f32
+#include "fastadam_kernel_impl.h"
+#undef FA_T
+#undef FA_SQRT
+#undef FA_SUFFIX
+
+#define FA_T double
+#define FA_SQRT sqrt
+#define FA_SUFFIX f64
+#include "fastadam_kernel_impl.h"
+#undef FA_T
+#undef FA_SQRT
+#undef FA_SUFFIX
+
+#define FA_STR_(x) #x
+#define FA_STR(x) FA_STR_(x)
+
+#define FA_LIST16(sfx)                                                                  \
+    {                                                                                   \
+        adam_0_##sfx, adam_1_##sfx, adam_2_##sfx, adam_3_##sfx, adam_4_##sfx,           \
+            adam_5_##sfx, adam_6_##sfx, adam_7_##sfx, adam_8_##sfx, adam_9_##sfx,       \
+            adam_10_##sfx, adam_11_##sfx, adam_12_##sfx, adam_13_##sfx, adam_14_##sfx,  \
+            adam_15_##sfx                                                               \
+    }
+
+const fa_kernel_table FA_TABLE_NAME(FA_VARIANT) = {
+    FA_STR(FA_VARIANT),
+    FA_LIST16(f32),
+    FA_LIST16(f64),
+};

@@ -1,0 +1,111 @@
+/*
+ * fastadam_kernel_impl.h - the element-wise update loop, written once and
+ * instantiated per element type by fastadam_kernel.c (which defines FA_T,
+ * FA_SQRT and FA_SUFFIX before including this file; no include guard on
+ * purpose).
+ *
+ * The loop is plain C that GCC -O3 auto-vectorizes for whatever ISA the
+ * translation unit is compiled for. Correctness rules it relies on:
+ *   - -ffp-contract=off: no a*b+c fused into an FMA (it would round once
+ *     instead of twice and differ from NumPy);
+ *   - no -ffast-math: no reassociation, no reciprocal approximations, and
+ *     x / y stays a correctly rounded division (NumPy divides, so must we);
+ *   - -fno-math-errno: lets sqrt become a single (correctly rounded) vector
+ *     instruction, with no errno side path for negative inputs;
+ *   - restrict pointers: the caller guarantees the arrays do not overlap,
+ *     so no runtime alias checks are needed.
+ */
+
+#define FA_CAT_(a, b) a##_##b
+#define FA_CAT(a, b) FA_CAT_(a, b)
+#define FA_FN(name) FA_CAT(name, FA_SUFFIX)
+
+/*
+ * The body. l2/ams/unscale/maximize are compile-time constants at every call
+ * site below, so each instantiation keeps only its own operations and the
+ * loop has no branches on them.
+ */
+static inline __attribute__((always_inline)) void FA_FN(adam_body)(
+    FA_T *restrict param, FA_T *restrict grad, FA_T *restrict exp_avg,
+    FA_T *restrict exp_avg_sq, FA_T *restrict max_exp_avg_sq, int64_t n,
+    const FA_CAT(fa_scalars, FA_SUFFIX) *s,
+    const int l2, const int ams, const int unscale, const int maximize)
+{
+    /* Copy the constants to locals: the compiler then knows the stores to the
+     * arrays cannot change them, and keeps them in (broadcast) registers. */
+    const FA_T step_size = s->step_size;
+    const FA_T bc2_sqrt = s->bias_correction2_sqrt;
+    const FA_T eps = s->eps;
+    const FA_T one_minus_beta1 = s->one_minus_beta1;
+    const FA_T beta2 = s->beta2;
+    const FA_T one_minus_beta2 = s->one_minus_beta2;
+    const FA_T weight_decay = s->weight_decay;
+    const FA_T decay = s->decay;
+    const FA_T grad_scale = s->grad_scale;
+
+    for (int64_t i = 0; i < n; i++) {
+        FA_T g = grad[i];
+        if (unscale) {
+            g = g / grad_scale; /* a true division, as NumPy does: not g * (1/scale) */
+            grad[i] = g;
+        }
+        if (maximize)
+            g = -g;
+        FA_T p = param[i];
+        if (l2)
+            g = g + weight_decay * p; /* uses p before the decoupled decay */
+        p = p * decay;                /* exact when decay == 1.0, so always applied */
+
+        const FA_T m = exp_avg[i] + (g - exp_avg[i]) * one_minus_beta1;
+        /* (v * beta2) + ((one_minus_beta2 * g) * g): C's left-to-right
+         * association matches NumPy's evaluation of the same expression. */
+        const FA_T v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+
+        FA_T second = v;
+        if (ams) {
+            /* np.maximum(vmax, v): a NaN in either operand wins, and on a tie
+             * (+0 vs -0) the second operand is returned, like NumPy. */
+            const FA_T old = max_exp_avg_sq[i];
+            second = (old > v || old != old) ? old : v;
+            max_exp_avg_sq[i] = second;
+        }
+        const FA_T denom = FA_SQRT(second) / bc2_sqrt + eps;
+        param[i] = p - step_size * m / denom;
+    }
+}
+
+/* One out-of-line function per flag combination (the bit values are the
+ * FA_F_* flags), each with the flags folded in as constants. */
+#define FA_DEFINE_VARIANT(bits)                                                            \
+    static void FA_FN(adam_##bits)(FA_T *param, FA_T *grad, FA_T *exp_avg,                 \
+                                   FA_T *exp_avg_sq, FA_T *max_exp_avg_sq, int64_t n,      \
+                                   const FA_CAT(fa_scalars, FA_SUFFIX) *s)                 \
+    {                                                                                      \
+        FA_FN(adam_body)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, s,           \
+                         ((bits) & FA_F_L2) != 0, ((bits) & FA_F_AMSGRAD) != 0,            \
+                         ((bits) & FA_F_UNSCALE) != 0, ((bits) & FA_F_MAXIMIZE) != 0);     \
+    }
+
+FA_DEFINE_VARIANT(0)
+FA_DEFINE_VARIANT(1)
+FA_DEFINE_VARIANT(2)
+FA_DEFINE_VARIANT(3)
+FA_DEFINE_VARIANT(4)
+FA_DEFINE_VARIANT(5)
+FA_DEFINE_VARIANT(6)
+FA_DEFINE_VARIANT(7)
+FA_DEFINE_VARIANT(8)
+FA_DEFINE_VARIANT(9)
+FA_DEFINE_VARIANT(10)
+FA_DEFINE_VARIANT(11)
+FA_DEFINE_VARIANT(12)
+FA_DEFINE_VARIANT(13)
+FA_DEFINE_VARIANT(14)
+FA_DEFINE_VARIANT(15)
+
+#undef FA_DEFINE_VARIANT
+#undef FA_FN
+#undef FA_CAT
+#undef FA_CAT_

@@ -1,0 +1,185 @@
+"""C backend: the fused kernel in ``libfastadam_c`` (csrc/), called through cffi.
+
+ABI mode (``ffi.dlopen``): nothing is compiled at import, and cffi releases
+the GIL for the duration of each call. The library picks its SIMD variant
+(AVX-512, AVX2 or baseline) at run time; :func:`isa` says which one runs, and
+``FASTADAM_ISA=baseline|avx2|avx512`` (read at the library's first step) can
+force a lower one.
+
+The library is looked up in the installed package directory; the environment
+variable ``FASTADAM_C_LIBRARY=/path/to/libfastadam_c.so`` overrides that (for a
+sanitizer or debug build, say). Importing this module raises ``ImportError``
+with the reason when the library cannot be found or loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import sys
+
+import numpy as np
+from cffi import FFI
+
+from .._scalars import AdamScalars
+
+NAME = "c"
+
+# Mirrors csrc/fastadam.h (cffi cannot run the preprocessor, hence the copy),
+# with one deliberate difference: the array parameters are declared `void *`
+# (the same ABI as float * / double * on every platform) so the per-call path
+# can pass untyped ffi.from_buffer(arr), which is cheaper than the typed form;
+# step() checks the dtype itself and picks the matching function.
+_CDEF = """
+typedef struct fa_adam_scalars {
+    double step_size;
+    double bias_correction2_sqrt;
+    double eps;
+    double one_minus_beta1;
+    double beta2;
+    double one_minus_beta2;
+    double weight_decay;
+    double decay;
+    double grad_scale;
+    int unscale;
+    int maximize;
+    int amsgrad;
+} fa_adam_scalars;
+
+int fa_adam_f32(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
+                void *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
+int fa_adam_f64(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
+                void *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
+int fa_set_num_threads(int n);
+int fa_get_num_threads(void);
+const char *fa_isa(void);
+const char *fa_strerror(int code);
+"""
+
+ffi = FFI()
+ffi.cdef(_CDEF)
+
+# The struct is filled from an AdamScalars by position (the fastest cffi
+# initialiser), so the two must list the same fields in the same order.
+_struct_fields = tuple(name for name, _ in ffi.typeof("fa_adam_scalars").fields)
+if _struct_fields != AdamScalars._fields:
+    raise ImportError(
+        "fastadam C backend: fa_adam_scalars fields "
+        f"{_struct_fields} do not match AdamScalars {AdamScalars._fields}"
+    )
+
+
+def _library_candidates() -> list[str]:
+    override = os.environ.get("FASTADAM_C_LIBRARY")
+    if override:
+        return [override]
+    if sys.platform == "win32":
+        names = ["fastadam_c.dll"]
+    elif sys.platform == "darwin":
+        names = ["libfastadam_c.dylib", "libfastadam_c.so"]
+    else:
+        names = ["libfastadam_c.so"]
+    pkg = importlib.resources.files("fastadam")
+    return [str(pkg / name) for name in names if (pkg / name).is_file()]
+
+
+def _load():
+    candidates = _library_candidates()
+    if not candidates:
+        raise ImportError(
+            "fastadam C backend: libfastadam_c was not found in the fastadam package "
+            f"directory ({importlib.resources.files('fastadam')}); build and install the "
+            "package (pip install .) or set FASTADAM_C_LIBRARY to the library's path"
+        )
+    path = candidates[0]
+    try:
+        return ffi.dlopen(path)
+    except OSError as exc:
+        raise ImportError(f"fastadam C backend: cannot load {path}: {exc}") from exc
+
+
+lib = _load()
+
+# Per-call fast path: bound methods and constants looked up once.
+_from_buffer = ffi.from_buffer
+_new = ffi.new
+_NULL = ffi.NULL
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+_KERNELS = {_FLOAT32: lib.fa_adam_f32, _FLOAT64: lib.fa_adam_f64}
+
+
+_last_struct: tuple = (None, None)  # (AdamScalars, its C struct), replaced as one object
+
+
+def _struct_for(sc: AdamScalars):
+    """The C struct for ``sc``, rebuilt only when the scalars change.
+
+    ``compute_scalars`` is memoized, so every parameter of one optimizer step
+    passes the very same object and this is an identity test. The pair is read
+    and replaced as one tuple, and a struct is never written after creation,
+    so concurrent Python threads can share it safely.
+    """
+    global _last_struct
+    last = _last_struct
+    if last[0] is sc:
+        return last[1]
+    struct = _new("fa_adam_scalars *", sc)
+    _last_struct = (sc, struct)
+    return struct
+
+
+def step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None,
+    sc: AdamScalars,
+) -> None:
+    """One Adam/AdamW update in place (arrays already validated by the caller)."""
+    n = param.size
+    if n == 0:
+        return
+    kernel = _KERNELS.get(param.dtype)
+    if kernel is None:
+        raise TypeError(f"C backend: unsupported dtype {param.dtype}")
+    scalars = _struct_for(sc)
+    # from_buffer hands C the arrays' own memory (no copy) and keeps each
+    # buffer exported, hence alive, until the call returns. The library checks
+    # n, NULLs and overlap itself; it accesses exactly n elements of each.
+    # require_writable: a read-only array raises instead of being written to
+    # (from_buffer also refuses non-contiguous arrays).
+    rc = kernel(
+        _from_buffer(param, require_writable=True),
+        _from_buffer(grad, require_writable=True),
+        _from_buffer(exp_avg, require_writable=True),
+        _from_buffer(exp_avg_sq, require_writable=True),
+        _NULL if max_exp_avg_sq is None else _from_buffer(max_exp_avg_sq, require_writable=True),
+        n,
+        scalars,
+    )
+    if rc:
+        raise RuntimeError(
+            f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
+        )
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for steps large enough to split (process-wide)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rc = lib.fa_set_num_threads(min(n, 4096))  # the library's own cap
+    if rc:
+        raise RuntimeError(f"fa_set_num_threads failed with code {rc}")
+
+
+def get_num_threads() -> int:
+    return lib.fa_get_num_threads()
+
+
+def isa() -> str:
+    """The SIMD variant the library runs: ``"avx512"``, ``"avx2"`` or ``"baseline"``."""
+    return ffi.string(lib.fa_isa()).decode()
