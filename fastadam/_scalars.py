@@ -8,6 +8,7 @@ from the same rounded constants.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -46,8 +47,8 @@ class AdamScalars(NamedTuple):
     amsgrad: bool
 
 
+@functools.lru_cache(maxsize=256)
 def compute_scalars(
-    *,
     step: int,
     lr: float,
     beta1: float,
@@ -64,6 +65,10 @@ def compute_scalars(
 
     ``beta**step`` is evaluated from the integer step in float64, as torch does
     for its ``capturable=False`` path, and never accumulated across steps.
+
+    Memoized: an optimizer steps every parameter of a group with the same
+    hyperparameters and step, so all but the first call of a step are a cache
+    hit (and return the same immutable object, which backends may key on).
     """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step

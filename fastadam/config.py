@@ -27,7 +27,9 @@ def default_num_threads() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise ValueError(f"FASTADAM_NUM_THREADS must be a positive integer, got {env!r}") from None
+            raise ValueError(
+                f"FASTADAM_NUM_THREADS must be a positive integer, got {env!r}"
+            ) from None
         if n < 1:
             raise ValueError(f"FASTADAM_NUM_THREADS must be a positive integer, got {env!r}")
         return n

@@ -46,7 +46,9 @@ class FlatParams:
         dtype: np.dtype | type | str | None = None,
     ) -> None:
         if isinstance(arrays, np.ndarray):
-            raise TypeError("arrays must be a mapping name -> array or a sequence of arrays, not one array")
+            raise TypeError(
+                "arrays must be a mapping name -> array or a sequence of arrays, not one array"
+            )
         if isinstance(arrays, Mapping):
             items = list(arrays.items())
         elif isinstance(arrays, Sequence) and not isinstance(arrays, (str, bytes)):

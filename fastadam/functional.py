@@ -18,6 +18,11 @@ from . import backends
 from ._scalars import compute_scalars
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_MAX = float(np.finfo(np.float64).max)
+_ndarray = np.ndarray
+# ndarray.flags.num bits (numpy/ndarraytypes.h): one attribute read tests them all.
+_C_CONTIGUOUS, _OWNDATA, _ALIGNED, _WRITEABLE = 0x1, 0x4, 0x100, 0x400
+_CARRAY = _C_CONTIGUOUS | _ALIGNED | _WRITEABLE
 _ARRAY_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -46,6 +51,8 @@ def _check_array(name: str, a: object, dtype: np.dtype | None, shape: tuple | No
         )
     if not flags.writeable:
         raise ValueError(f"{name} must be writeable: it is updated in place")
+    if not flags.aligned:
+        raise ValueError(f"{name} must be aligned to its itemsize ({dt.itemsize} bytes)")
 
 
 def _check_real(name: str, x: object) -> float:
@@ -58,6 +65,8 @@ def _check_real(name: str, x: object) -> float:
 
 
 def _check_nonneg(name: str, x: object) -> float:
+    if type(x) is float and 0.0 <= x <= _FLOAT_MAX:  # the common case, cheaply (NaN fails)
+        return x
     x = _check_real(name, x)
     if x < 0.0:
         raise ValueError(f"{name} must be >= 0, got {x}")
@@ -65,6 +74,8 @@ def _check_nonneg(name: str, x: object) -> float:
 
 
 def _check_beta(name: str, x: object) -> float:
+    if type(x) is float and 0.0 <= x < 1.0:
+        return x
     x = _check_real(name, x)
     if not 0.0 <= x < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {x}")
@@ -92,16 +103,46 @@ def validate_arrays(
     amsgrad: bool,
 ) -> None:
     """Check the arrays of one step; raise ``TypeError``/``ValueError`` naming the culprit."""
-    _check_array("param", param, None, None)
-    dtype, shape = param.dtype, param.shape
-    arrays = [param, grad, exp_avg, exp_avg_sq]
-    for name, a in zip(_ARRAY_NAMES[1:4], arrays[1:]):
-        _check_array(name, a, dtype, shape)
     if amsgrad:
         if max_exp_avg_sq is None:
             raise ValueError("amsgrad=True needs max_exp_avg_sq, an array shaped like param")
-        _check_array("max_exp_avg_sq", max_exp_avg_sq, dtype, shape)
-        arrays.append(max_exp_avg_sq)
+        arrays = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    else:
+        arrays = (param, grad, exp_avg, exp_avg_sq)
+    # Fast path, a few attribute reads per array: plain ndarrays of param's
+    # (native float) dtype and shape that are C-contiguous, aligned and
+    # writeable, each owning its memory. Anything else takes the thorough path
+    # below, which names the problem or accepts the unusual.
+    if type(param) is _ndarray and param.dtype in _FLOAT_DTYPES:
+        dtype, shape = param.dtype, param.shape
+        owned = True
+        for a in arrays:
+            if type(a) is not _ndarray or a.dtype is not dtype or a.shape != shape:
+                break
+            bits = a.flags.num
+            if bits & _CARRAY != _CARRAY:
+                break
+            owned = owned and bits & _OWNDATA
+        else:
+            # Arrays that own their memory cannot overlap unless they are the same array.
+            if not (owned and _distinct(arrays)):
+                _check_overlap(arrays)
+            return
+    _check_array("param", param, None, None)
+    for name, a in zip(_ARRAY_NAMES[1:], arrays[1:]):
+        _check_array(name, a, param.dtype, param.shape)
+    _check_overlap(arrays)
+
+
+def _distinct(arrays: tuple[np.ndarray, ...]) -> bool:
+    """No array passed twice (spelled out: 6-10 identity tests beat any set)."""
+    p, g, m, v = arrays[:4]
+    if p is g or p is m or p is v or g is m or g is v or m is v:
+        return False
+    return len(arrays) == 4 or all(a is not arrays[4] for a in arrays[:4])
+
+
+def _check_overlap(arrays: tuple[np.ndarray, ...]) -> None:
     # Contiguous arrays overlap exactly when their byte ranges do, which is
     # what may_share_memory's cheap bounds test checks.
     for i in range(len(arrays)):
@@ -170,7 +211,8 @@ def adam_step(
             has been modified.
         BackendUnavailableError: the named backend cannot load here (says why).
     """
-    amsgrad = bool(amsgrad)
+    if amsgrad is not False:
+        amsgrad = bool(amsgrad)
     validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     step = _check_step(step)
     lr = _check_nonneg("lr", lr)
@@ -182,22 +224,13 @@ def adam_step(
         grad_scale = _check_real("grad_scale", grad_scale)
         if grad_scale <= 0.0:
             raise ValueError(f"grad_scale must be > 0, got {grad_scale}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     kernel = backends.get(backend)
     if found_inf:
         return
+    # Positional, in compute_scalars' order: it is memoized on these values.
     scalars = compute_scalars(
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=bool(decoupled_weight_decay),
-        amsgrad=amsgrad,
-        maximize=bool(maximize),
-        eps_hat=bool(eps_hat),
-        grad_scale=grad_scale,
-    )
+        step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay is True or
+        bool(decoupled_weight_decay), amsgrad, maximize is True or bool(maximize),
+        eps_hat is True or bool(eps_hat), grad_scale,
+    )  # fmt: skip
     kernel.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, scalars)

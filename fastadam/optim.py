@@ -45,7 +45,9 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
         if not _is_number(b):
             raise TypeError(f"betas[{i}] must be a real number, got {type(b).__name__}")
         if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} (must be in [0, 1))")
+            raise ValueError(
+                f"Invalid beta parameter at index {i}: betas[{i}]={b} (must be in [0, 1))"
+            )
 
 
 class Adam:
@@ -103,7 +105,9 @@ class Adam:
                 f"dicts, but got {type(params).__name__}"
             )
         if not isinstance(params, Iterable):
-            raise TypeError(f"params must be an iterable of arrays or dicts, got {type(params).__name__}")
+            raise TypeError(
+                f"params must be an iterable of arrays or dicts, got {type(params).__name__}"
+            )
         groups = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -177,7 +181,9 @@ class Adam:
                 raise TypeError("step() needs grads, one per parameter (or use FlatParams)")
             grads = [self.flat.grad]
         elif isinstance(grads, np.ndarray):
-            raise TypeError("grads must be a sequence of arrays aligned with the params, not one array")
+            raise TypeError(
+                "grads must be a sequence of arrays aligned with the params, not one array"
+            )
         else:
             grads = list(grads)
         if len(grads) != len(params):
@@ -246,7 +252,10 @@ class Adam:
         Raises ``ValueError`` if the groups, the parameter count, or any state
         array's shape or dtype does not match these parameters.
         """
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+        if (
+            not isinstance(state_dict, Mapping)
+            or not {"state", "param_groups"} <= state_dict.keys()
+        ):
             raise ValueError("state_dict must be a mapping with 'state' and 'param_groups'")
         saved_groups = list(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):

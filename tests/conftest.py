@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import platform
 
-import numpy as np
 import pytest
+from helpers import FAST_BACKENDS
 
 import fastadam
-from helpers import FAST_BACKENDS
+
 
 def _require_fast_backends() -> bool:
     # On the platforms we build for, a missing fast backend is a build bug, not

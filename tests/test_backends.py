@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import FAST_BACKENDS, assert_bit_identical, copy_state, make_state, run_step
+from helpers import (
+    FAST_BACKENDS,
+    assert_bit_identical,
+    copy_state,
+    make_state,
+    run_python,
+    run_step,
+)
 
 import fastadam
-
-
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **env},
-    )  # fmt: skip
 
 
 def test_available_backends_lists_the_reference_first():
@@ -27,7 +25,9 @@ def test_available_backends_lists_the_reference_first():
     assert set(names) <= {"numpy", "numba", "c"}
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="fast backends are required on x86-64 only")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64", reason="fast backends are required on x86-64 only"
+)
 def test_fast_backends_are_built_and_auto_picks_c():
     if os.environ.get("FASTADAM_ALLOW_MISSING_BACKENDS"):
         pytest.skip("FASTADAM_ALLOW_MISSING_BACKENDS set")
@@ -43,13 +43,13 @@ def test_env_var_overrides_auto(name):
         "fa.adam_step(p, g, m, v, step=1, lr=0.1)\n"
         "print(fa.auto_backend())"
     )
-    r = _python(code, FASTADAM_BACKEND=name)
+    r = run_python(code, FASTADAM_BACKEND=name)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == name
 
 
 def test_env_var_unknown_name_is_a_clear_error():
-    r = _python(
+    r = run_python(
         "import numpy as np, fastadam as fa\n"
         "p, g, m, v = (np.ones(4, np.float32) for _ in range(4))\n"
         "fa.adam_step(p, g, m, v, step=1, lr=0.1)",
@@ -59,7 +59,7 @@ def test_env_var_unknown_name_is_a_clear_error():
 
 
 def test_broken_c_library_does_not_break_import():
-    r = _python(
+    r = run_python(
         "import fastadam as fa\n"
         "print(fa.available_backends())\n"
         "try:\n"
@@ -107,11 +107,11 @@ def test_thread_count_does_not_change_results(fast_backend, dtype, restore_threa
 
 
 def test_default_threads_share_the_machine_between_local_ranks():
-    r = _python("import fastadam as fa; print(fa.get_num_threads())", LOCAL_WORLD_SIZE="2")
-    one = _python("import fastadam as fa; print(fa.get_num_threads())")
+    r = run_python("import fastadam as fa; print(fa.get_num_threads())", LOCAL_WORLD_SIZE="2")
+    one = run_python("import fastadam as fa; print(fa.get_num_threads())")
     assert r.returncode == 0 and one.returncode == 0
     assert int(r.stdout) == max(1, int(one.stdout) // 2)
-    r = _python("import fastadam as fa; print(fa.get_num_threads())", FASTADAM_NUM_THREADS="3")
+    r = run_python("import fastadam as fa; print(fa.get_num_threads())", FASTADAM_NUM_THREADS="3")
     assert int(r.stdout) == 3
 
 

@@ -39,18 +39,48 @@ CASES = [
     ("param-complex", lambda k: k.update(param=np.zeros(N, np.complex64)), TypeError, "param"),
     ("param-float16", lambda k: k.update(param=np.zeros(N, np.float16)), TypeError, "param"),
     ("grad-dtype", lambda k: k.update(grad=k["grad"].astype(np.float64)), TypeError, "grad"),
-    ("exp_avg_sq-int", lambda k: k.update(exp_avg_sq=np.zeros(N, np.int32)), TypeError, "exp_avg_sq"),
+    (
+        "exp_avg_sq-int",
+        lambda k: k.update(exp_avg_sq=np.zeros(N, np.int32)),
+        TypeError,
+        "exp_avg_sq",
+    ),
     ("grad-byteswapped", lambda k: k.update(grad=k["grad"].astype(">f4")), TypeError, "grad"),
     ("param-byteswapped", lambda k: k.update(param=k["param"].astype(">f4")), TypeError, "param"),
-    ("exp_avg-shape", lambda k: k.update(exp_avg=np.zeros(N - 1, np.float32)), ValueError, "exp_avg"),
+    (
+        "exp_avg-shape",
+        lambda k: k.update(exp_avg=np.zeros(N - 1, np.float32)),
+        ValueError,
+        "exp_avg",
+    ),
     ("grad-2d", lambda k: k.update(grad=np.zeros((1, N), np.float32)), ValueError, "grad"),
-    ("param-strided", lambda k: k.update(param=np.zeros(2 * N, np.float32)[::2]), ValueError, "param"),
+    (
+        "param-strided",
+        lambda k: k.update(param=np.zeros(2 * N, np.float32)[::2]),
+        ValueError,
+        "param",
+    ),
     ("grad-fortran", None, ValueError, "grad"),  # built in the test: needs 2-D shapes
     ("param-readonly", lambda k: k.update(param=_readonly(k["param"])), ValueError, "param"),
     ("grad-readonly", lambda k: k.update(grad=_readonly(k["grad"])), ValueError, "grad"),
-    ("exp_avg-readonly", lambda k: k.update(exp_avg=_readonly(k["exp_avg"])), ValueError, "exp_avg"),
-    ("exp_avg_sq-readonly", lambda k: k.update(exp_avg_sq=_readonly(k["exp_avg_sq"])), ValueError, "exp_avg_sq"),
-    ("max-readonly", lambda k: k.update(amsgrad=True, max_exp_avg_sq=_readonly(k["max_exp_avg_sq"])), ValueError, "max_exp_avg_sq"),
+    (
+        "exp_avg-readonly",
+        lambda k: k.update(exp_avg=_readonly(k["exp_avg"])),
+        ValueError,
+        "exp_avg",
+    ),
+    (
+        "exp_avg_sq-readonly",
+        lambda k: k.update(exp_avg_sq=_readonly(k["exp_avg_sq"])),
+        ValueError,
+        "exp_avg_sq",
+    ),
+    (
+        "max-readonly",
+        lambda k: k.update(amsgrad=True, max_exp_avg_sq=_readonly(k["max_exp_avg_sq"])),
+        ValueError,
+        "max_exp_avg_sq",
+    ),
     ("lr-negative", lambda k: k.update(lr=-1e-3), ValueError, "lr"),
     ("lr-nan", lambda k: k.update(lr=float("nan")), ValueError, "lr"),
     ("lr-inf", lambda k: k.update(lr=float("inf")), ValueError, "lr"),
@@ -72,17 +102,42 @@ CASES = [
     ("step-float", lambda k: k.update(step=1.5), TypeError, "step"),
     ("step-bool", lambda k: k.update(step=True), TypeError, "step"),
     ("step-str", lambda k: k.update(step="3"), TypeError, "step"),
-    ("amsgrad-without-max", lambda k: k.update(amsgrad=True, max_exp_avg_sq=None), ValueError, "max_exp_avg_sq"),
-    ("amsgrad-max-shape", lambda k: k.update(amsgrad=True, max_exp_avg_sq=np.zeros(3, np.float32)), ValueError, "max_exp_avg_sq"),
-    ("amsgrad-max-dtype", lambda k: k.update(amsgrad=True, max_exp_avg_sq=np.zeros(N, np.float64)), TypeError, "max_exp_avg_sq"),
+    (
+        "amsgrad-without-max",
+        lambda k: k.update(amsgrad=True, max_exp_avg_sq=None),
+        ValueError,
+        "max_exp_avg_sq",
+    ),
+    (
+        "amsgrad-max-shape",
+        lambda k: k.update(amsgrad=True, max_exp_avg_sq=np.zeros(3, np.float32)),
+        ValueError,
+        "max_exp_avg_sq",
+    ),
+    (
+        "amsgrad-max-dtype",
+        lambda k: k.update(amsgrad=True, max_exp_avg_sq=np.zeros(N, np.float64)),
+        TypeError,
+        "max_exp_avg_sq",
+    ),
     ("grad_scale-zero", lambda k: k.update(grad_scale=0.0), ValueError, "grad_scale"),
     ("grad_scale-negative", lambda k: k.update(grad_scale=-2.0), ValueError, "grad_scale"),
     ("grad_scale-nan", lambda k: k.update(grad_scale=float("nan")), ValueError, "grad_scale"),
     ("grad_scale-inf", lambda k: k.update(grad_scale=float("inf")), ValueError, "grad_scale"),
     ("grad_scale-str", lambda k: k.update(grad_scale="2"), TypeError, "grad_scale"),
     ("param-is-grad", lambda k: k.update(grad=k["param"]), ValueError, "param and grad"),
-    ("exp_avg-is-exp_avg_sq", lambda k: k.update(exp_avg_sq=k["exp_avg"]), ValueError, "exp_avg and exp_avg_sq"),
-    ("max-is-exp_avg_sq", lambda k: k.update(amsgrad=True, max_exp_avg_sq=k["exp_avg_sq"]), ValueError, "exp_avg_sq and max_exp_avg_sq"),
+    (
+        "exp_avg-is-exp_avg_sq",
+        lambda k: k.update(exp_avg_sq=k["exp_avg"]),
+        ValueError,
+        "exp_avg and exp_avg_sq",
+    ),
+    (
+        "max-is-exp_avg_sq",
+        lambda k: k.update(amsgrad=True, max_exp_avg_sq=k["exp_avg_sq"]),
+        ValueError,
+        "exp_avg_sq and max_exp_avg_sq",
+    ),
     ("overlapping-views", _overlap_view, ValueError, "param and exp_avg"),
     ("backend-unknown", lambda k: k.update(backend="cuda"), ValueError, "backend"),
     ("backend-not-str", lambda k: k.update(backend=3), TypeError, "backend"),
@@ -127,7 +182,9 @@ def test_every_case_passes_when_unbroken(backend):
 def test_unavailable_backend_error_says_why(monkeypatch):
     from fastadam import backends
 
-    monkeypatch.setitem(backends._errors, "c", "OSError: libfastadam_c.so: cannot open shared object file")
+    monkeypatch.setitem(
+        backends._errors, "c", "OSError: libfastadam_c.so: cannot open shared object file"
+    )
     monkeypatch.delitem(backends._loaded, "c", raising=False)
     p, g, m, v, _ = make_state(8, np.float32)
     before = copy_state((p, g, m, v))

@@ -199,7 +199,12 @@ def test_state_dict_layout_is_torchs():
         (lambda sd: sd["param_groups"].append({"params": []}), "parameter groups"),
         (lambda sd: sd["param_groups"][0]["params"].pop(), "params"),
         (lambda sd: sd["state"][1].update(exp_avg=np.zeros(7, np.float32)), "shape"),
-        (lambda sd: sd["state"][0].update(exp_avg_sq=sd["state"][0]["exp_avg_sq"].astype(np.float64)), "dtype"),
+        (
+            lambda sd: sd["state"][0].update(
+                exp_avg_sq=sd["state"][0]["exp_avg_sq"].astype(np.float64)
+            ),
+            "dtype",
+        ),
         (lambda sd: sd["state"][0].pop("exp_avg"), "exp_avg"),
         (lambda sd: sd["state"][0].update(step=-1), "step"),
     ],

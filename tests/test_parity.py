@@ -117,7 +117,9 @@ def _torch_run(dtype, combo, backend, n=1001, steps=TORCH_STEPS, lr=1e-2):
         g = rng.standard_normal(n).astype(dtype)
         tp.grad = torch.from_numpy(g.copy())
         opt.step()
-        fastadam.adam_step(p, g, m, v, step=step, lr=lr, max_exp_avg_sq=vmax, backend=backend, **combo)
+        fastadam.adam_step(
+            p, g, m, v, step=step, lr=lr, max_exp_avg_sq=vmax, backend=backend, **combo
+        )
     st = opt.state[tp]
     return (p, m, v), (tp.detach().numpy(), st["exp_avg"].numpy(), st["exp_avg_sq"].numpy())
 
@@ -137,12 +139,16 @@ def test_eps_hat_matches_scikit_learn():
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(513)
     sk_params = [p0.copy()]
-    opt = sk.AdamOptimizer(sk_params, learning_rate_init=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    opt = sk.AdamOptimizer(
+        sk_params, learning_rate_init=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-7
+    )
     ours = {b: (p0.copy(), np.zeros(513), np.zeros(513)) for b in fastadam.available_backends()}
     for step in range(1, 201):
         g = rng.standard_normal(513)
         opt.update_params(sk_params, [g])
         for b, (p, m, v) in ours.items():
-            fastadam.adam_step(p, g.copy(), m, v, step=step, lr=1e-2, eps=1e-7, eps_hat=True, backend=b)
+            fastadam.adam_step(
+                p, g.copy(), m, v, step=step, lr=1e-2, eps=1e-7, eps_hat=True, backend=b
+            )
     for b, (p, _, _) in ours.items():
         np.testing.assert_allclose(p, sk_params[0], rtol=1e-12, atol=1e-13, err_msg=b)

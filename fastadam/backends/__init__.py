@@ -51,11 +51,14 @@ def _try_load(name: str) -> ModuleType | None:
 
 def get(name: str) -> ModuleType:
     """The kernel module for ``name`` (``"auto"`` included); raise if it cannot run here."""
+    if type(name) is str:  # the per-step fast path: an already loaded backend
+        mod = _loaded.get(name)
+        if mod is not None:
+            return mod
+    elif not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
         return _resolve_auto()
-    mod = _loaded.get(name)
-    if mod is not None:
-        return mod
     if name not in _MODULES:
         raise ValueError(
             f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}"

@@ -87,8 +87,25 @@ def _make_loop(parallel: bool):
     """
     rng = prange if parallel else range
 
-    def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
-             unscale, maximize, amsgrad):
+    def loop(
+        p,
+        g,
+        m,
+        v,
+        vmax,
+        step_size,
+        bc2_sqrt,
+        eps,
+        omb1,
+        b2,
+        omb2,
+        wd,
+        decay,
+        scale,
+        unscale,
+        maximize,
+        amsgrad,
+    ):
         t = p.dtype.type  # cast every constant once: float32 math stays float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
