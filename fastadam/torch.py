@@ -1,0 +1,515 @@
+"""Drop-in replacements for ``torch.optim.Adam`` and ``torch.optim.AdamW`` on the CPU.
+
+::
+
+    import fastadam.torch
+
+    opt = fastadam.torch.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+Each step makes one :func:`fastadam.adam_step` call per parameter, on NumPy
+views of the parameter, its gradient and its state tensors: no copies, so the
+update lands in the tensors themselves. The state (``step``, ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``) has exactly ``torch.optim.Adam``'s layout,
+so a ``state_dict`` moves freely between these optimizers and torch's.
+
+Supported: float32/float64 dense CPU tensors that are contiguous (their
+gradients and states too). Anything else (CUDA or meta tensors, float16,
+bfloat16, complex, sparse gradients, non-contiguous tensors) raises an error
+that names the parameter and the problem, before any parameter is updated.
+
+Per step and parameter the Python work is the NumPy views (about 1 µs each)
+and a few flag checks; there are no caches, so ``param_groups`` and ``state``
+may be changed from outside at any time (LR schedulers,
+``add_param_group``, ``load_state_dict``, ``ZeroRedundancyOptimizer``).
+
+PyTorch is optional for :mod:`fastadam`; this module alone needs it
+(``pip install 'fastadam[torch]'``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+try:
+    import torch
+except ImportError as exc:  # torch is an optional dependency of fastadam
+    raise ImportError(
+        "fastadam.torch needs PyTorch, which is not installed: pip install 'fastadam[torch]'"
+    ) from exc
+
+import numpy as np
+
+import fastadam
+
+__all__ = ["Adam", "AdamW"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+# -- hyperparameter checks ---------------------------------------------------
+
+
+def _scalar(name: str, value: Any) -> float:
+    """``value`` as a float; a 1-element tensor is accepted (torch allows tensor lr/betas)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> tuple[float, ...]:
+    """torch.optim.Adam's constructor checks, with the argument named.
+
+    Returns ``(lr, beta1, beta2, eps, weight_decay)`` as floats. Unlike torch,
+    non-finite values are refused too: :func:`fastadam.adam_step` would refuse
+    them at the first step anyway.
+    """
+    lr_f = _scalar("lr", lr)
+    if not (math.isfinite(lr_f) and lr_f >= 0.0):
+        raise ValueError(f"Invalid learning rate: lr={lr} (must be finite and >= 0)")
+    eps_f = _scalar("eps", eps)
+    if not (math.isfinite(eps_f) and eps_f >= 0.0):
+        raise ValueError(f"Invalid epsilon value: eps={eps} (must be finite and >= 0)")
+    if isinstance(betas, (str, bytes, torch.Tensor)) or not isinstance(betas, Iterable):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    betas = tuple(betas)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {len(betas)} values")
+    b = [_scalar(f"betas[{i}]", x) for i, x in enumerate(betas)]
+    for i, x in enumerate(b):
+        if not 0.0 <= x < 1.0:
+            raise ValueError(
+                f"Invalid beta parameter at index {i}: betas[{i}]={betas[i]} (must be in [0, 1))"
+            )
+    wd_f = _scalar("weight_decay", weight_decay)
+    if not (math.isfinite(wd_f) and wd_f >= 0.0):
+        raise ValueError(
+            f"Invalid weight_decay value: weight_decay={weight_decay} (must be finite and >= 0)"
+        )
+    return lr_f, b[0], b[1], eps_f, wd_f
+
+
+def _check_backend(backend: Any) -> None:
+    """Fail at construction, not at the first step, for a backend that cannot run here."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        fastadam.auto_backend()  # raises for a bad FASTADAM_BACKEND
+        return
+    if backend not in fastadam.BACKEND_NAMES:
+        raise ValueError(
+            f"backend must be 'auto' or one of {', '.join(map(repr, fastadam.BACKEND_NAMES))}; "
+            f"got {backend!r}"
+        )
+    if backend not in fastadam.available_backends():
+        reason = fastadam.unavailable_reasons().get(backend, "unknown reason")
+        raise fastadam.BackendUnavailableError(
+            f"fastadam backend {backend!r} is unavailable: {reason}"
+        )
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim.Adam (capturable=False, fused=False) keeps state["step"] in
+    # float32, or float64 when that is the default dtype; do the same so the
+    # two optimizers' state dicts are interchangeable.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# -- tensor checks -------------------------------------------------------------
+
+
+def _where(gi: int, pi: int) -> str:
+    return f"param_groups[{gi}]['params'][{pi}]"
+
+
+def _check_tensor(
+    what: str, t: torch.Tensor, dtype: torch.dtype | None, shape: Any, *, is_grad: bool = False
+) -> None:
+    """Raise an error naming the problem unless ``t`` can be updated in place through NumPy.
+
+    ``dtype``/``shape`` are the parameter's (None when ``t`` is the parameter).
+    """
+    if t.layout is not torch.strided:
+        if is_grad:  # torch.optim.Adam raises RuntimeError here too
+            raise RuntimeError(
+                f"{what} is a sparse tensor ({t.layout}): fastadam.torch.Adam does not support "
+                "sparse gradients, like torch.optim.Adam; consider torch.optim.SparseAdam"
+            )
+        raise ValueError(
+            f"{what} has layout {t.layout}; only dense (strided) tensors are supported"
+        )
+    if not t.is_cpu:
+        raise ValueError(
+            f"{what} is on device {t.device}: fastadam.torch updates CPU tensors only "
+            "(use torch.optim.Adam(fused=True) on accelerators)"
+        )
+    if dtype is None:
+        if t.dtype not in _DTYPES:
+            if t.is_complex():
+                raise TypeError(
+                    f"{what} is complex ({t.dtype}): fastadam.torch supports real float32 and "
+                    "float64 parameters only (torch.optim.Adam handles complex ones)"
+                )
+            raise TypeError(
+                f"{what} has dtype {t.dtype}: fastadam.torch supports float32 and float64 "
+                "parameters only (keep float32 master weights for float16/bfloat16 training)"
+            )
+    elif t.dtype != dtype:
+        raise TypeError(f"{what} has dtype {t.dtype} but its parameter has dtype {dtype}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(
+            f"{what} has shape {tuple(t.shape)} but its parameter has shape {tuple(shape)}"
+        )
+    if not t.is_contiguous():
+        # A contiguous copy would be updated and then thrown away: the update
+        # would be lost without a word. Refuse instead.
+        raise ValueError(
+            f"{what} is not contiguous (strides {t.stride()} for shape {tuple(t.shape)}; "
+            "channels_last counts as non-contiguous): fastadam.torch updates tensors in place "
+            "and cannot do so through a copy; make it contiguous before stepping "
+            "(for a parameter: p.data = p.data.contiguous())"
+        )
+
+
+def _view(t: torch.Tensor) -> np.ndarray | None:
+    """Zero-copy NumPy view of ``t`` (writes land in the tensor), or None if torch refuses one.
+
+    Parameters require grad (as do gradients made with ``create_graph=True``):
+    detach first, which shares the memory. A tensor NumPy cannot view (another
+    device or layout, bfloat16, ...) is left to the diagnostics.
+    """
+    try:
+        return (t.detach() if t.requires_grad else t).numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _diagnose_pair(
+    p: torch.Tensor, g: torch.Tensor, gi: int, pi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slow path of step(): raise the error that says what is wrong with ``p`` or its grad."""
+    where = _where(gi, pi)
+    _check_tensor(where, p, None, None)
+    _check_tensor(f"the grad of {where}", g, p.dtype, p.shape, is_grad=True)
+    pv, gv = _view(p), _view(g)
+    if pv is None or gv is None:  # e.g. a tensor with torch's conjugate or negative bit set
+        raise ValueError(f"{where} or its grad cannot be viewed as a NumPy array")
+    return pv, gv
+
+
+def _state_view(
+    st: dict[str, Any], key: str, pv: np.ndarray, p: torch.Tensor, gi: int, pi: int
+) -> np.ndarray:
+    """NumPy view of ``state[key]``, checked against the parameter's view ``pv``.
+
+    torch's load_state_dict casts state to the parameter's dtype and device but
+    checks no shapes, hence the checks on every step.
+    """
+    t = st.get(key)
+    a = _view(t) if isinstance(t, torch.Tensor) else None
+    if a is not None and a.dtype == pv.dtype and a.shape == pv.shape and a.flags.c_contiguous:
+        return a
+    what = f"state[{key!r}] of {_where(gi, pi)}"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+    _check_tensor(what, t, p.dtype, p.shape)
+    raise ValueError(f"{what} cannot be viewed as a NumPy array")
+
+
+def _step_view(
+    st: dict[str, Any], pending: list[tuple[dict, Any, Any]], gi: int, pi: int
+) -> tuple[np.ndarray, int]:
+    """A writable 0-d NumPy view of ``state["step"]`` and its value, checked.
+
+    Writing the new count through NumPy costs a fraction of a torch in-place op.
+    """
+    t = st.get("step")
+    a = _view(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else None
+    if a is None or a.dtype.char not in "efd":
+        if t is None:
+            raise ValueError(f"state of {_where(gi, pi)} has no 'step'")
+        # A number, or a tensor torch would not have made for a CPU Adam:
+        # store it as torch (capturable=False) does, a CPU float scalar tensor.
+        t = torch.tensor(float(t), dtype=_scalar_dtype())
+        pending.append((st, "step", t))
+        a = t.numpy()
+    value = float(a)
+    if not (value >= 0.0 and value.is_integer()):
+        raise ValueError(
+            f"state['step'] of {_where(gi, pi)} must be a non-negative integer, got {value}"
+        )
+    return a.reshape(()), int(value)
+
+
+# -- the optimizers ------------------------------------------------------------
+
+
+class Adam(torch.optim.Optimizer):
+    """``torch.optim.Adam`` (and, with ``decoupled_weight_decay=True``, AdamW) on fastadam kernels.
+
+    Same constructor, checks, parameter groups, state layout and ``state_dict``
+    as ``torch.optim.Adam``, and it is stepped, scheduled and checkpointed the
+    same way. Parameters: float32/float64, contiguous, on the CPU.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of
+            param-group dicts, as for any ``torch.optim.Optimizer``.
+        lr: learning rate, >= 0 (a float or a 1-element tensor).
+        betas: decay rates ``(beta1, beta2)`` of the first and second moments, in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: >= 0; an L2 term added to the gradient (Adam) or, with
+            ``decoupled_weight_decay``, a decay of the weights by ``1 - lr * weight_decay``.
+        amsgrad: use the running maximum of the second moment (keeps ``max_exp_avg_sq``).
+        maximize: ascend the objective instead of descending.
+        foreach, fused: accepted for drop-in compatibility and ignored (the
+            update is always one fused pass per parameter).
+        capturable, differentiable: torch's CUDA-graph and autograd-through-the-step
+            modes; only ``False`` is supported.
+        decoupled_weight_decay: AdamW's weight decay (see :class:`AdamW`).
+        eps_hat: the Keras/TensorFlow/scikit-learn placement of ``eps``
+            (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
+        backend: ``"auto"`` (the fastest available), ``"numpy"``, ``"numba"`` or ``"c"``;
+            one per optimizer (kept out of the param groups, so checkpoints carry none).
+
+    GradScaler: ``torch.amp.GradScaler.step(opt)`` hands this optimizer the
+    loss scale and the overflow flag (``_step_supports_amp_scaling``); a step
+    with an overflow is skipped entirely, otherwise the gradients are unscaled
+    in the same pass as the update (and left unscaled in ``p.grad``).
+    """
+
+    # torch.amp.GradScaler: set ``self.grad_scale``/``self.found_inf`` and let
+    # step() unscale and skip, instead of unscaling the gradients itself.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        eps_hat: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        del foreach, fused  # always one fused pass per parameter
+        if capturable:
+            raise ValueError("capturable=True (CUDA graphs) is not supported by fastadam.torch")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by fastadam.torch")
+        _check_hyper(lr, betas, eps, weight_decay)
+        _check_backend(backend)
+        self.backend = backend
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": bool(amsgrad),
+            "maximize": bool(maximize),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "eps_hat": bool(eps_hat),
+        }
+        super().__init__(params, defaults)
+
+    # -- groups and checkpoints ------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of tensors with its own hyperparameters (torch semantics).
+
+        The group's hyperparameters are checked before it is added.
+        """
+        if isinstance(param_group, dict):
+            merged = {**self.defaults, **param_group}
+            _check_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["backend"] = self.backend  # torch's __getstate__ keeps only its own three keys
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called by load_state_dict (with state and param_groups only) and by
+        # unpickling. A torch.optim.Adam checkpoint lacks our group keys and
+        # carries torch's (foreach, fused, ...), which are harmless here.
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        for group in self.param_groups:
+            for key, default in self.defaults.items():
+                group.setdefault(key, default)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    # Old-style checkpoints store the step as a number.
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+
+    # -- stepping ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that has a gradient; return ``closure()``'s loss, if given.
+
+        Everything is checked before anything is written: on an error no
+        parameter, gradient or state has changed and no step count has advanced.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Set by torch.amp.GradScaler.step() just before calling us (and deleted after).
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return loss  # overflow: skip the step; nothing changes, no step is counted
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            grad_scale = float(grad_scale)
+            if not (math.isfinite(grad_scale) and grad_scale > 0.0):
+                raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
+
+        # Pass 1: check every parameter and build its NumPy views and kwargs;
+        # new state is attached only once all have passed. The fast path tests
+        # the views (NumPy flags are cheaper than torch's properties) and falls
+        # back to torch-side diagnostics only to word the error.
+        calls: list[tuple[Any, ...]] = []
+        pending: list[tuple[dict, Any, Any]] = []
+        for gi, group in enumerate(self.param_groups):
+            kwargs = None
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if kwargs is None:
+                    kwargs = self._group_kwargs(group, gi, grad_scale)
+                pv, gv = _view(p), _view(g)
+                if (
+                    pv is None or gv is None or pv.dtype.char not in "fd"
+                    or gv.dtype != pv.dtype or gv.shape != pv.shape
+                    or not (pv.flags.c_contiguous and gv.flags.c_contiguous)
+                ):  # fmt: skip
+                    pv, gv = _diagnose_pair(p, g, gi, pi)
+                if np.may_share_memory(pv, gv):  # e.g. p.grad = p.data; adam_step would refuse
+                    raise ValueError(
+                        f"the grad of {_where(gi, pi)} shares memory with the parameter"
+                    )
+                st = self.state.get(p)
+                if not st:
+                    st = {
+                        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
+                    pending.append((self.state, p, st))
+                mv = _state_view(st, "exp_avg", pv, p, gi, pi)
+                vv = _state_view(st, "exp_avg_sq", pv, p, gi, pi)
+                vmax = None
+                if kwargs["amsgrad"]:
+                    if "max_exp_avg_sq" not in st:  # amsgrad switched on after the state was made
+                        t = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        pending.append((st, "max_exp_avg_sq", t))
+                        vmax = t.numpy()
+                    else:
+                        vmax = _state_view(st, "max_exp_avg_sq", pv, p, gi, pi)
+                step_view, count = _step_view(st, pending, gi, pi)
+                calls.append((pv, gv, mv, vv, vmax, step_view, count + 1, kwargs, p, g))
+
+        # Pass 2: attach new state, then one fused update per parameter.
+        for mapping, key, value in pending:
+            mapping[key] = value
+        backend = self.backend
+        touched: list[torch.Tensor] = []
+        try:
+            for pv, gv, mv, vv, vmax, step_view, step, kwargs, p, g in calls:
+                fastadam.adam_step(
+                    pv, gv, mv, vv, step=step, max_exp_avg_sq=vmax, backend=backend, **kwargs
+                )
+                step_view[()] = step  # counted only once the update has happened
+                touched.append(p)
+                if grad_scale is not None:
+                    touched.append(g)  # the unscaled gradient was written back
+        finally:
+            # The writes went through NumPy, behind autograd's back: bump the
+            # version counters so a graph that saved these tensors raises
+            # (as after torch's own in-place update) instead of using new values.
+            if touched:
+                torch.autograd.graph.increment_version(touched)
+        return loss
+
+    def _group_kwargs(self, group: dict[str, Any], gi: int, grad_scale: float | None) -> dict:
+        """adam_step's keyword arguments for one group, checked.
+
+        Checked on every step: a scheduler or the user may have changed them.
+        """
+        try:
+            lr, beta1, beta2, eps, wd = _check_hyper(
+                group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            )
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param_groups[{gi}]: {exc}") from None
+        return {
+            "lr": lr,
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": eps,
+            "weight_decay": wd,
+            "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
+            "amsgrad": bool(group["amsgrad"]),
+            "maximize": bool(group["maximize"]),
+            "eps_hat": bool(group["eps_hat"]),
+            "grad_scale": grad_scale,
+        }
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` on fastadam kernels: Adam with decoupled weight decay.
+
+    Same arguments as :class:`Adam` without ``decoupled_weight_decay`` (always
+    on), and torch's default ``weight_decay=1e-2``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        eps_hat: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True, eps_hat=eps_hat, backend=backend,
+        )  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # As torch.optim.AdamW: a loaded Adam checkpoint does not turn the decay off.
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
