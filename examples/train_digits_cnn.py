@@ -314,6 +314,7 @@ def train(
     weight_decay: float = 0.0,
     seed: int = DEFAULT_SEED,
     backend: str = "auto",
+    state_dtype: str | None = None,
     cosine: bool = True,
     max_steps: int | None = None,
     evaluate: bool = True,
@@ -328,6 +329,8 @@ def train(
 
     Args:
         data: ``(x_train, y_train, x_test, y_test)`` from :func:`load_data`.
+        state_dtype: the optimizer's ``exp_avg``/``exp_avg_sq`` dtype: None (float32,
+            the parameters') or ``"bfloat16"`` (stochastically rounded; half the memory).
         max_steps: stop after this many optimizer steps (for quick checks).
         evaluate: compute train/test accuracy after every epoch.
         progress: show a tqdm bar over each epoch's batches.
@@ -338,7 +341,9 @@ def train(
     x_train, y_train, x_test, y_test = data
     rng = np.random.default_rng(seed)
     flat = fastadam.FlatParams(init_params(rng, channels), dtype=np.float32)
-    opt = fastadam.Adam(flat, lr=lr, weight_decay=weight_decay, backend=backend)
+    opt = fastadam.Adam(
+        flat, lr=lr, weight_decay=weight_decay, state_dtype=state_dtype, backend=backend
+    )
     result = TrainResult(flat=flat, opt=opt)
     n = len(x_train)
     total_steps = epochs * -(-n // batch_size)
@@ -412,6 +417,7 @@ def time_optimizer_backends(
             betas=group["betas"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            state_dtype=src.state_dtype,
             backend=name,
         )
         opt.load_state_dict(copy.deepcopy(src.state_dict()))
@@ -517,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="opt.step() calls timed per backend for the table (0: skip)",
     )
+    p.add_argument(
+        "--state-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of Adam's moment estimates (bfloat16: half the memory, stochastic rounding)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -553,10 +565,8 @@ def _run(args: argparse.Namespace, backend: str) -> int:
     # compiled kernels, the C library being opened): pay them on scratch arrays
     # so the optimizer time below is the steady-state cost of training.
     t0 = time.perf_counter()
-    scratch = np.zeros(16, np.float32)
-    fastadam.adam_step(
-        scratch, scratch.copy(), scratch.copy(), scratch.copy(), step=1, lr=1e-3, backend=backend
-    )
+    scratch = fastadam.FlatParams([np.zeros(16, np.float32)])
+    fastadam.Adam(scratch, state_dtype=args.state_dtype, backend=backend).step()
     print(
         f"first {backend} step (one-time load/JIT, not counted below): "
         f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
@@ -571,6 +581,7 @@ def _run(args: argparse.Namespace, backend: str) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
         backend=backend,
+        state_dtype=args.state_dtype,
         progress=not args.no_progress,
         log=print,
     )

@@ -3,6 +3,7 @@
 The public surface::
 
     adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, ...)   # one fused update
+    unscale_and_check(grads, scale)                                 # loss-scaling helper
     Adam, AdamW                                                     # optimizers
     FlatParams                                                      # one buffer per model
     available_backends(), auto_backend(), set_num_threads(), get_num_threads()
@@ -24,7 +25,7 @@ from .backends import (
     unavailable_reasons,
 )
 from .flat import FlatParams
-from .functional import adam_step
+from .functional import adam_step, unscale_and_check
 from .optim import Adam, AdamW
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "unavailable_reasons",
+    "unscale_and_check",
 ]

@@ -31,6 +31,23 @@ class AdamScalars(NamedTuple):
 
     ``p * decay`` with ``decay == 1.0`` is exact, so backends may always apply
     it; the other optional terms must be skipped when their flag is off.
+
+    **bfloat16 states** (``state_rounding`` 1 or 2; param and grad float32,
+    exp_avg/exp_avg_sq/max_exp_avg_sq bfloat16). The math above runs in float32
+    on the widened states (bf16 bits << 16, exact); then::
+
+        m_b, v_b = round(m, r & 0xFFFF), round(v, r >> 16)   # bf16 bit patterns
+        m, v = widen(m_b), widen(v_b)                       # the update uses what is stored
+        vmax = max(widen(vmax_b), v)                        # amsgrad: exact, NaN wins
+        denom, p as above, from these m and v/vmax
+
+    where ``round(x, r16)`` on the float32 bits ``u`` of ``x`` is
+    ``(u + r16) >> 16`` (stochastic) or ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``
+    (nearest-even), and a NaN becomes ``(u >> 16) | 0x0040`` (quiet NaN, its
+    sign kept). The 32 random bits of element ``i`` (64-bit index) are
+    ``r = mix32(lo32(i) ^ mix32(rounding_key ^ hi32(i)))``, with
+    :func:`mix32` and ``rounding_key`` from :func:`rounding_key`: a counter-based
+    hash, so the bits depend on (seed, step, i) alone, not on threads or splits.
     """
 
     step_size: float  # lr / (1 - beta1^t); eps_hat: lr * sqrt(1 - beta2^t) / (1 - beta1^t)
@@ -45,6 +62,41 @@ class AdamScalars(NamedTuple):
     unscale: bool  # divide grad by grad_scale and write the result back to grad
     maximize: bool
     amsgrad: bool
+    state_rounding: int  # STATE_SAME_DTYPE, STATE_BF16_NEAREST or STATE_BF16_STOCHASTIC
+    rounding_key: int  # uint32; seeds the per-element random bits (stochastic rounding)
+
+
+#: ``AdamScalars.state_rounding``: states have the parameters' dtype (no rounding).
+STATE_SAME_DTYPE = 0
+#: bfloat16 states, rounded to nearest-even.
+STATE_BF16_NEAREST = 1
+#: bfloat16 states, rounded stochastically with counter-based random bits.
+STATE_BF16_STOCHASTIC = 2
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32(x: int) -> int:
+    """A 32-bit integer hash (bijective, strong avalanche): the random-bit generator.
+
+    ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``,
+    all in uint32 arithmetic. Backends implement the same function on uint32.
+    """
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+def rounding_key(seed: int, step: int) -> int:
+    """The uint32 key of one step's random bits: a hash of (seed, step), both < 2**64."""
+    k = mix32(seed & _M32)
+    k = mix32(k ^ (seed >> 32))
+    k = mix32(k ^ (step & _M32))
+    return mix32(k ^ (step >> 32))
 
 
 @functools.lru_cache(maxsize=256)
@@ -60,6 +112,8 @@ def compute_scalars(
     maximize: bool,
     eps_hat: bool,
     grad_scale: float | None,
+    state_rounding: int = STATE_SAME_DTYPE,
+    seed: int = 0,
 ) -> AdamScalars:
     """Derive the step's constants from validated hyperparameters (float64).
 
@@ -95,4 +149,6 @@ def compute_scalars(
         grad_scale is not None,
         maximize,
         amsgrad,
+        state_rounding,
+        rounding_key(seed, step) if state_rounding == STATE_BF16_STOCHASTIC else 0,
     )

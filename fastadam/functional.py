@@ -11,13 +11,27 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 
 import numpy as np
 
 from . import backends
-from ._scalars import compute_scalars
+from ._scalars import (
+    STATE_BF16_NEAREST,
+    STATE_BF16_STOCHASTIC,
+    STATE_SAME_DTYPE,
+    compute_scalars,
+)
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+try:  # bfloat16 comes from ml_dtypes (a dependency); without it no such arrays exist
+    import ml_dtypes
+
+    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BFLOAT16 = None
+_STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_ROUNDINGS = {"nearest": STATE_BF16_NEAREST, "stochastic": STATE_BF16_STOCHASTIC}
 _FLOAT_MAX = float(np.finfo(np.float64).max)
 _ndarray = np.ndarray
 # ndarray.flags.num bits (numpy/ndarraytypes.h): one attribute read tests them all.
@@ -26,10 +40,13 @@ _CARRAY = _C_CONTIGUOUS | _ALIGNED | _WRITEABLE
 _ARRAY_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _check_array(name: str, a: object, dtype: np.dtype | None, shape: tuple | None) -> None:
+def _check_array(
+    name: str, a: object, dtype: np.dtype | None, shape: tuple | None, what: str = "param"
+) -> None:
     """Raise unless ``a`` is an array the kernels may update in place.
 
-    ``dtype``/``shape`` are those of ``param`` (None when checking param itself).
+    ``dtype``/``shape`` are what ``a`` must have, taken from the array named
+    ``what`` (None when checking param itself).
     """
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
@@ -38,7 +55,7 @@ def _check_array(name: str, a: object, dtype: np.dtype | None, shape: tuple | No
         if dt not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
     elif dt != dtype:
-        raise TypeError(f"{name} has dtype {dt} but param has dtype {dtype}; all arrays must match")
+        raise TypeError(f"{name} has dtype {dt} but {what} has dtype {dtype}; they must match")
     if not dt.isnative:
         raise TypeError(f"{name} must be in native byte order, got dtype {dt.str!r}")
     if shape is not None and a.shape != shape:
@@ -94,6 +111,18 @@ def _check_step(step: object) -> int:
     return step
 
 
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, got bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
 def validate_arrays(
     param: np.ndarray,
     grad: np.ndarray,
@@ -129,8 +158,23 @@ def validate_arrays(
                 _check_overlap(arrays)
             return
     _check_array("param", param, None, None)
-    for name, a in zip(_ARRAY_NAMES[1:], arrays[1:]):
-        _check_array(name, a, param.dtype, param.shape)
+    _check_array("grad", grad, param.dtype, param.shape)
+    state_dtype = param.dtype
+    if BFLOAT16 is not None and getattr(exp_avg, "dtype", None) == BFLOAT16:
+        if param.dtype != np.float32:
+            raise TypeError(
+                f"bfloat16 optimizer states need float32 params and grads; param has dtype "
+                f"{param.dtype}"
+            )
+        state_dtype = BFLOAT16
+    for name, a in zip(_STATE_NAMES, arrays[2:]):
+        _check_array(
+            name,
+            a,
+            state_dtype,
+            param.shape,
+            what="param" if state_dtype is param.dtype else "exp_avg",
+        )
     _check_overlap(arrays)
 
 
@@ -173,6 +217,8 @@ def adam_step(
     eps_hat: bool = False,
     grad_scale: float | None = None,
     found_inf: bool = False,
+    state_rounding: str = "stochastic",
+    seed: int = 0,
     backend: str = "auto",
 ) -> None:
     """Apply one fused Adam/AdamW update to ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
@@ -204,6 +250,14 @@ def adam_step(
             same pass and the unscaled gradient is written back into ``grad``.
         found_inf: if true, validate and return without touching anything
             (the step a ``GradScaler`` skips).
+        state_rounding: with bfloat16 states (``exp_avg``, ``exp_avg_sq`` and
+            ``max_exp_avg_sq`` of dtype ``ml_dtypes.bfloat16``, param and grad
+            float32), how the float32 results are stored: ``"stochastic"``
+            (default; unbiased, so small decays are not lost) or ``"nearest"``.
+            Ignored for float32/float64 states.
+        seed: stochastic rounding's random bits are a hash of (seed, step,
+            element index): reproducible, whatever the thread count. An integer
+            in [0, 2**64); give each parameter array its own.
         backend: ``"auto"``, ``"numpy"``, ``"numba"`` or ``"c"``.
 
     Raises:
@@ -224,6 +278,15 @@ def adam_step(
         grad_scale = _check_real("grad_scale", grad_scale)
         if grad_scale <= 0.0:
             raise ValueError(f"grad_scale must be > 0, got {grad_scale}")
+    rounding = STATE_SAME_DTYPE
+    if exp_avg.dtype is not param.dtype and exp_avg.dtype != param.dtype:
+        # validated above: bfloat16 states of float32 params
+        rounding = _ROUNDINGS.get(state_rounding) if isinstance(state_rounding, str) else None
+        if rounding is None:
+            raise ValueError(
+                f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
+            )
+        seed = _check_seed(seed)
     kernel = backends.get(backend)
     if found_inf:
         return
@@ -231,6 +294,47 @@ def adam_step(
     scalars = compute_scalars(
         step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay is True or
         bool(decoupled_weight_decay), amsgrad, maximize is True or bool(maximize),
-        eps_hat is True or bool(eps_hat), grad_scale,
+        eps_hat is True or bool(eps_hat), grad_scale, rounding,
+        seed if rounding == STATE_BF16_STOCHASTIC else 0,
     )  # fmt: skip
     kernel.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, scalars)
+
+
+def unscale_and_check(grads: Sequence[np.ndarray], scale: float, *, backend: str = "auto") -> bool:
+    """Divide every gradient by ``scale`` in place, in one pass each; report overflow.
+
+    The "unscale, check for Inf/NaN, then step or skip" pattern of loss
+    scaling, fused::
+
+        found_inf = fastadam.unscale_and_check(grads, scale)
+        opt.step(grads, found_inf=found_inf)   # skipped (step not advanced) on overflow
+
+    Every gradient is unscaled even after an overflow is found (as torch's
+    GradScaler does). The division is the same IEEE division ``adam_step``
+    applies with ``grad_scale``.
+
+    Args:
+        grads: float32/float64 arrays, C-contiguous, writeable, not overlapping.
+        scale: the loss scale the gradients were multiplied by; finite, > 0.
+        backend: as for :func:`adam_step`.
+
+    Returns:
+        True if any unscaled gradient element is NaN or infinite.
+    """
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
+    grads = list(grads)
+    for i, g in enumerate(grads):
+        _check_array(f"grads[{i}]", g, None, None)
+    for i in range(len(grads)):
+        for j in range(i + 1, len(grads)):
+            if np.may_share_memory(grads[i], grads[j]):
+                raise ValueError(f"grads[{i}] and grads[{j}] share memory")
+    scale = _check_real("scale", scale)
+    if scale <= 0.0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    kernel = backends.get(backend)
+    found = False
+    for g in grads:
+        found |= kernel.unscale_and_check(g, scale)
+    return found

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from .functional import _check_array, adam_step
+from .functional import BFLOAT16, _check_array, _check_seed, adam_step
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -59,6 +59,14 @@ class Adam:
             :class:`fastadam.FlatParams` (then :meth:`step` takes no gradients).
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
         eps_hat: defaults for every group; see :func:`fastadam.adam_step`.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``:
+            by default each parameter's own; ``"float32"``, or ``"bfloat16"``
+            (float32 parameters only) to halve the optimizer's memory and
+            bytes moved per step.
+        state_rounding: how bfloat16 states are rounded, ``"stochastic"``
+            (default) or ``"nearest"``; see :func:`fastadam.adam_step`.
+        seed: base seed of stochastic rounding; parameter ``i`` (its position
+            across groups) uses ``seed + i``, so no two arrays share random bits.
         backend: kernel to use, ``"auto"`` (the fastest available) by default.
 
     Attributes:
@@ -78,11 +86,21 @@ class Adam:
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
         eps_hat: bool = False,
+        state_dtype: str | np.dtype | type | None = None,
+        state_rounding: str = "stochastic",
+        seed: int = 0,
         backend: str = "auto",
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
         self.backend = backend
+        self.state_dtype = _resolve_state_dtype(state_dtype)
+        if state_rounding not in ("stochastic", "nearest"):
+            raise ValueError(
+                f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
+            )
+        self.state_rounding = state_rounding
+        self.seed = _check_seed(seed)
         self.defaults: dict[str, Any] = {
             "lr": lr,
             "betas": tuple(betas),
@@ -140,6 +158,11 @@ class Adam:
                     f"{type(p).__name__}"
                 )
             _check_array(f"params[{i}]", p, None, None)
+            if self.state_dtype is not None and p.dtype != np.float32:
+                raise TypeError(
+                    f"state_dtype={self.state_dtype.name} needs float32 parameters; "
+                    f"params[{i}] has dtype {p.dtype}"
+                )
         if len({id(p) for p in ps}) != len(ps):
             raise ValueError("a parameter group contains the same array twice")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
@@ -208,19 +231,28 @@ class Adam:
                         decoupled_weight_decay=group["decoupled_weight_decay"],
                         amsgrad=group["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
                         maximize=group["maximize"], eps_hat=group["eps_hat"],
-                        grad_scale=grad_scale, backend=self.backend,
+                        grad_scale=grad_scale, state_rounding=self.state_rounding,
+                        seed=(self.seed + i) % 2**64, backend=self.backend,
                     )  # fmt: skip
                     st["step"] += 1  # only once the update has succeeded
                 i += 1
 
     def _state_for(self, i: int, p: np.ndarray, amsgrad: bool) -> dict[str, Any]:
         st = self.state.get(i)
+        dtype = self._state_dtype(p)
         if st is None:
-            st = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+            st = {
+                "step": 0,
+                "exp_avg": np.zeros(p.shape, dtype),
+                "exp_avg_sq": np.zeros(p.shape, dtype),
+            }
             self.state[i] = st
         if amsgrad and "max_exp_avg_sq" not in st:
-            st["max_exp_avg_sq"] = np.zeros_like(p)
+            st["max_exp_avg_sq"] = np.zeros(p.shape, dtype)
         return st
+
+    def _state_dtype(self, p: np.ndarray) -> np.dtype:
+        return p.dtype if self.state_dtype is None else self.state_dtype
 
     def zero_grad(self) -> None:
         """Zero ``flat.grad`` (FlatParams only; list gradients belong to the caller)."""
@@ -289,12 +321,13 @@ class Adam:
                         raise ValueError(f"state for parameter {sid!r} lacks {key!r}")
                     continue
                 a = np.asarray(st[key])
-                if a.shape != p.shape or a.dtype != p.dtype:
+                want = self._state_dtype(p)
+                if a.shape != p.shape or a.dtype != want:
                     raise ValueError(
-                        f"state[{sid!r}][{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-                        f"parameter has shape {p.shape} and dtype {p.dtype}"
+                        f"state[{sid!r}][{key!r}] has shape {a.shape} and dtype {a.dtype}, but "
+                        f"this optimizer keeps shape {p.shape} and dtype {want} for that parameter"
                     )
-                new[key] = np.array(a, dtype=p.dtype, order="C", copy=True)
+                new[key] = np.array(a, dtype=want, order="C", copy=True)
             new_state[pos] = new
         for sg, g in zip(saved_groups, self.param_groups):
             for k, v in sg.items():
@@ -315,6 +348,21 @@ class Adam:
             lines.append(f"Parameter Group {i}")
             lines += [f"    {k}: {v}" for k, v in sorted(g.items()) if k != "params"]
         return "\n".join(lines)
+
+
+def _resolve_state_dtype(state_dtype: Any) -> np.dtype | None:
+    """None (the parameters' dtype), float32, or bfloat16; anything else is refused."""
+    if state_dtype is None:
+        return None
+    if isinstance(state_dtype, str) and state_dtype == "bfloat16" and BFLOAT16 is not None:
+        return BFLOAT16
+    try:
+        dt = np.dtype(state_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt not in (np.dtype(np.float32), BFLOAT16):
+        raise ValueError(f"state_dtype must be None, 'float32' or 'bfloat16', got {state_dtype!r}")
+    return dt
 
 
 def _check_saved_step(sid: object, step: object) -> int:
@@ -340,9 +388,13 @@ class AdamW(Adam):
         amsgrad: bool = False,
         maximize: bool = False,
         eps_hat: bool = False,
+        state_dtype: str | np.dtype | type | None = None,
+        state_rounding: str = "stochastic",
+        seed: int = 0,
         backend: str = "auto",
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, decoupled_weight_decay=True, eps_hat=eps_hat, backend=backend,
+            maximize=maximize, decoupled_weight_decay=True, eps_hat=eps_hat,
+            state_dtype=state_dtype, state_rounding=state_rounding, seed=seed, backend=backend,
         )  # fmt: skip

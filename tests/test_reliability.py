@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from helpers import assert_bit_identical, copy_state, make_state, run_python, run_step
 
+import fastadam
+
 #: Past every backend's parallel threshold, so the thread pools are really used.
 BIG = 300_001
 
@@ -162,3 +164,69 @@ def test_nothing_hangs_on_sigint_free_exit():
     except subprocess.TimeoutExpired:
         pytest.fail("interpreter did not exit")
     assert r.returncode == 0 and r.returncode != -signal.SIGABRT, r.stderr
+
+
+# --- loss scaling: unscale, check, step or skip ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [0, 1, 17, 1000, BIG])
+def test_unscale_and_check_matches_numpy(backend, dtype, n):
+    rng = np.random.default_rng(n)
+    grads = [(rng.standard_normal(n) * 1024).astype(dtype) for _ in range(3)]
+    expected = [g / dtype(1024.0) for g in grads]
+    assert fastadam.unscale_and_check(grads, 1024.0, backend=backend) is False
+    for g, e in zip(grads, expected):
+        assert_bit_identical((g,), (e,), names=("grad",))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
+def test_unscale_and_check_finds_overflow_and_still_unscales_everything(backend, bad):
+    grads = [np.full(BIG, 2.0, np.float32) for _ in range(3)]
+    grads[1][BIG // 2] = bad
+    scale = 0.5 if bad == 3e38 else 4.0  # 3e38 / 0.5 overflows float32 to inf
+    assert fastadam.unscale_and_check(grads, scale, backend=backend) is True
+    for g in (grads[0], grads[2]):  # the others were unscaled too (as GradScaler does)
+        assert np.all(g == np.float32(2.0) / np.float32(scale))
+
+
+def test_scaled_training_skips_overflowing_steps_without_advancing():
+    params = [np.ones(100, np.float32)]
+    opt = fastadam.Adam(params, lr=0.1)
+    for poison in (False, True, False):
+        grads = [np.full(100, 64.0, np.float32)]
+        if poison:
+            grads[0][3] = np.inf
+        before = params[0].copy()
+        found_inf = fastadam.unscale_and_check(grads, 64.0)
+        opt.step(grads, found_inf=found_inf)
+        assert found_inf is poison
+        assert np.array_equal(params[0], before) == poison
+    assert opt.state[0]["step"] == 2  # the skipped step was not counted
+
+
+@pytest.mark.parametrize(
+    "grads, scale, exc, word",
+    [
+        ([np.ones(4, np.int32)], 2.0, TypeError, "grads[0]"),
+        ([np.ones(4, np.float32), [1.0]], 2.0, TypeError, "grads[1]"),
+        ([np.ones(8, np.float32)[::2]], 2.0, ValueError, "grads[0]"),
+        ([np.ones(4, np.float32)], 0.0, ValueError, "scale"),
+        ([np.ones(4, np.float32)], float("nan"), ValueError, "scale"),
+        ([np.ones(4, np.float32)], "2", TypeError, "scale"),
+    ],
+)
+def test_unscale_and_check_bad_input_changes_nothing(grads, scale, exc, word):
+    before = [np.array(g, copy=True) for g in grads]
+    with pytest.raises(exc) as info:
+        fastadam.unscale_and_check(grads, scale)
+    assert word in str(info.value)
+    for g, b in zip(grads, before):
+        assert np.array_equal(np.asarray(g), b)
+
+
+def test_unscale_and_check_refuses_overlapping_grads():
+    buf = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        fastadam.unscale_and_check([buf[:6], buf[4:]], 2.0)
+    assert np.all(buf == 1.0)

@@ -35,10 +35,12 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .. import config
-from .._scalars import AdamScalars
+from .._scalars import STATE_SAME_DTYPE, AdamScalars, mix32
 
 NAME = "numba"
 
@@ -105,6 +107,8 @@ def _make_loop(parallel: bool):
         unscale,
         maximize,
         amsgrad,
+        state_rounding,  # unused: this loop's states have the params' dtype
+        rounding_key,
     ):
         t = p.dtype.type  # cast every constant once: float32 math stays float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
@@ -146,6 +150,117 @@ _serial = njit(**_JIT)(_make_loop(False))
 _parallel = njit(parallel=True, **_JIT)(_make_loop(True))
 
 
+# -- bfloat16 states -------------------------------------------------------------
+# Numba has no scalar bit casts; these two intrinsics are LLVM bitcasts.
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _mul32(typingctx, a, b):
+    # A wrapping 32-bit multiply; Numba would widen uint32 * uint32 to 64 bits,
+    # which vectorizes to much slower 64-bit multiplies.
+    def codegen(context, builder, sig, args):
+        return builder.mul(args[0], args[1])
+
+    return types.uint32(types.uint32, types.uint32), codegen
+
+
+@njit(inline="always")
+def _mix32(x):
+    """fastadam._scalars.mix32 in uint32 arithmetic."""
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = _mul32(x, np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = _mul32(x, np.uint32(0x846CA68B))
+    return np.uint32(x ^ (x >> np.uint32(16)))
+
+
+@njit(inline="always")
+def _widen(b):
+    return _bits_f32(np.uint32(np.uint32(b) << np.uint32(16)))
+
+
+@njit(inline="always")
+def _round_bf16(x, r16, stochastic):
+    """float32 -> bf16 bits, branch-free (selects), so the loop vectorizes."""
+    u = _f32_bits(x)
+    nearest = np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    rounded = np.uint32(u + (r16 if stochastic else nearest)) >> np.uint32(16)
+    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
+    return np.uint16(quiet_nan if x != x else rounded)
+
+
+def _make_bf16_loop(parallel: bool):
+    """The float32-param / bfloat16-state update, written once (see AdamScalars).
+
+    ``block_key`` is ``mix32(rounding_key ^ hi32(i))``, constant over each
+    2**32-element block: ``step`` hands this loop one block at a time, so
+    here ``lo32(i)`` is just the local index.
+    """
+    rng = prange if parallel else range
+
+    def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
+             unscale, maximize, amsgrad, state_rounding, block_key):  # fmt: skip
+        t = np.float32
+        step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
+        omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
+        l2 = wd != 0
+        stochastic = state_rounding == 2
+        kb = np.uint32(block_key)
+        for i in rng(p.size):
+            gi = g[i]
+            if unscale:
+                gi = gi / scale
+                g[i] = gi
+            if maximize:
+                gi = -gi
+            theta = p[i]
+            if l2:
+                gi = gi + wd * theta
+            theta = theta * decay
+            mi = _widen(m[i])
+            mi = mi + (gi - mi) * omb1
+            vi = _widen(v[i]) * b2
+            vi = vi + omb2 * gi * gi
+            r = _mix32(np.uint32(i) ^ kb)
+            mb = _round_bf16(mi, r & np.uint32(0xFFFF), stochastic)
+            vb = _round_bf16(vi, r >> np.uint32(16), stochastic)
+            m[i] = mb
+            v[i] = vb
+            mi = _widen(mb)  # the update uses the stored values
+            vi = _widen(vb)
+            if amsgrad:
+                vm = _widen(vmax[i])
+                if not (vm > vi or vm != vm):  # np.maximum: a NaN in either operand wins
+                    vm = vi
+                vmax[i] = np.uint16(_f32_bits(vm) >> np.uint32(16))
+                vi = vm
+            denom = np.sqrt(vi) / bc2_sqrt + eps
+            p[i] = theta - step_size * mi / denom
+
+    return loop
+
+
+_serial_bf16 = njit(**_JIT)(_make_bf16_loop(False))
+_parallel_bf16 = njit(parallel=True, **_JIT)(_make_bf16_loop(True))
+_EMPTY_U16 = np.empty(0, np.uint16)
+
+
 def step(
     param: np.ndarray,
     grad: np.ndarray,
@@ -160,16 +275,61 @@ def step(
         exp_avg, exp_avg_sq = exp_avg.reshape(-1), exp_avg_sq.reshape(-1)
         if max_exp_avg_sq is not None:
             max_exp_avg_sq = max_exp_avg_sq.reshape(-1)
-    if max_exp_avg_sq is None:
-        max_exp_avg_sq = exp_avg_sq  # never read or written unless amsgrad
-    args = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *sc)
-    if param.size < config.PARALLEL_MIN_ELEMENTS or _num_threads == 1:
-        _serial(*args)
+    if sc.state_rounding == STATE_SAME_DTYPE:
+        if max_exp_avg_sq is None:
+            max_exp_avg_sq = exp_avg_sq  # never read or written unless amsgrad
+        _launch(_serial, _parallel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *sc))
+        return
+    # bfloat16 states: pass their bits, one launch per 2**32-element block, each
+    # with its hoisted key (the bits depend on the global index only).
+    vmax = _EMPTY_U16 if max_exp_avg_sq is None else max_exp_avg_sq.view(np.uint16)
+    arrays = (param, grad, exp_avg.view(np.uint16), exp_avg_sq.view(np.uint16), vmax)
+    for block, start in enumerate(range(0, max(param.size, 1), _BLOCK)):
+        part = [a[start : start + _BLOCK] if a.size else a for a in arrays]
+        key = mix32(sc.rounding_key ^ block)
+        _launch(_serial_bf16, _parallel_bf16, (*part, *sc[:-1], key))
+
+
+_BLOCK = 1 << 32
+
+
+def _launch(serial, parallel, args) -> None:
+    if args[0].size < config.PARALLEL_MIN_ELEMENTS or _num_threads == 1:
+        serial(*args)
         return
     with _LAUNCH_LOCK:
         # Numba's thread count is thread-local: apply ours in the launching thread.
         numba.set_num_threads(min(_num_threads, numba.config.NUMBA_NUM_THREADS))
-        _parallel(*args)
+        parallel(*args)
+
+
+def _make_unscale(parallel: bool):
+    rng = prange if parallel else range
+
+    def unscale(g, scale):
+        s = g.dtype.type(scale)
+        bad = 0
+        for i in rng(g.size):
+            x = g[i] / s
+            g[i] = x
+            bad += not (x - x == 0)  # x - x is NaN exactly when x is NaN or +-Inf
+        return bad
+
+    return unscale
+
+
+_unscale_serial = njit(**_JIT)(_make_unscale(False))
+_unscale_parallel = njit(parallel=True, **_JIT)(_make_unscale(True))
+
+
+def unscale_and_check(grad: np.ndarray, scale: float) -> bool:
+    """Divide ``grad`` by ``scale`` in place in one pass; True if any result is non-finite."""
+    g = grad.reshape(-1)
+    if g.size < config.PARALLEL_MIN_ELEMENTS or _num_threads == 1:
+        return _unscale_serial(g, scale) != 0
+    with _LAUNCH_LOCK:
+        numba.set_num_threads(min(_num_threads, numba.config.NUMBA_NUM_THREADS))
+        return _unscale_parallel(g, scale) != 0
 
 
 def set_num_threads(n: int) -> None:
