@@ -47,10 +47,20 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
+from fastadam.functional import BFLOAT16
 
 __all__ = ["Adam", "AdamW"]
 
 _DTYPES = (torch.float32, torch.float64)
+_KEEP = torch.preserve_format
+#: Per-optimizer settings (not group keys, so checkpoints stay torch's), with
+#: the defaults an unpickled or torch-made state falls back to.
+_OPTIMIZER_SETTINGS = {
+    "backend": "auto",
+    "state_dtype": None,
+    "state_rounding": "stochastic",
+    "seed": 0,
+}
 
 
 # -- hyperparameter checks ---------------------------------------------------
@@ -207,22 +217,44 @@ def _diagnose_pair(
     return pv, gv
 
 
+def _numpy_of(t: torch.Tensor) -> np.ndarray | None:
+    """Zero-copy NumPy view of a state tensor; bfloat16 through its bits (NumPy has none)."""
+    if t.dtype == torch.bfloat16 and BFLOAT16 is not None:
+        try:
+            return t.view(torch.int16).numpy().view(BFLOAT16)
+        except (RuntimeError, TypeError):
+            return None
+    return _view(t)
+
+
 def _state_view(
-    st: dict[str, Any], key: str, pv: np.ndarray, p: torch.Tensor, gi: int, pi: int
+    st: dict[str, Any],
+    key: str,
+    pv: np.ndarray,
+    sdt: torch.dtype,
+    p: torch.Tensor,
+    gi: int,
+    pi: int,
 ) -> np.ndarray:
-    """NumPy view of ``state[key]``, checked against the parameter's view ``pv``.
+    """NumPy view of ``state[key]`` (dtype ``sdt``), checked against the parameter's view ``pv``.
 
     torch's load_state_dict casts state to the parameter's dtype and device but
     checks no shapes, hence the checks on every step.
     """
     t = st.get(key)
-    a = _view(t) if isinstance(t, torch.Tensor) else None
-    if a is not None and a.dtype == pv.dtype and a.shape == pv.shape and a.flags.c_contiguous:
+    a = _numpy_of(t) if isinstance(t, torch.Tensor) else None
+    want = BFLOAT16 if sdt == torch.bfloat16 else pv.dtype
+    if (
+        a is not None and a.dtype == want and a.shape == pv.shape and a.flags.c_contiguous
+        and t.dtype == sdt
+    ):  # fmt: skip
         return a
     what = f"state[{key!r}] of {_where(gi, pi)}"
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
-    _check_tensor(what, t, p.dtype, p.shape)
+    if t.dtype != sdt:
+        raise TypeError(f"{what} has dtype {t.dtype}; this optimizer keeps {sdt} states")
+    _check_tensor(what, t, sdt, p.shape)
     raise ValueError(f"{what} cannot be viewed as a NumPy array")
 
 
@@ -278,6 +310,12 @@ class Adam(torch.optim.Optimizer):
         decoupled_weight_decay: AdamW's weight decay (see :class:`AdamW`).
         eps_hat: the Keras/TensorFlow/scikit-learn placement of ``eps``
             (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
+        state_dtype: dtype of the moment estimates: None (the parameter's),
+            ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
+            the optimizer memory; stochastically rounded, see ``state_rounding``).
+        state_rounding: ``"stochastic"`` (default) or ``"nearest"``, for bfloat16 states.
+        seed: base seed of stochastic rounding; the parameter at position ``i``
+            (across groups, as numbered in ``state_dict``) uses ``seed + i``.
         backend: ``"auto"`` (the fastest available), ``"numpy"``, ``"numba"`` or ``"c"``;
             one per optimizer (kept out of the param groups, so checkpoints carry none).
 
@@ -307,6 +345,9 @@ class Adam(torch.optim.Optimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         eps_hat: bool = False,
+        state_dtype: torch.dtype | None = None,
+        state_rounding: str = "stochastic",
+        seed: int = 0,
         backend: str = "auto",
     ) -> None:
         del foreach, fused  # always one fused pass per parameter
@@ -317,6 +358,19 @@ class Adam(torch.optim.Optimizer):
         _check_hyper(lr, betas, eps, weight_decay)
         _check_backend(backend)
         self.backend = backend
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype!r}"
+            )
+        if state_rounding not in ("stochastic", "nearest"):
+            raise ValueError(
+                f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self.state_dtype = state_dtype
+        self.state_rounding = state_rounding
+        self.seed = seed
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -343,7 +397,9 @@ class Adam(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["backend"] = self.backend  # torch's __getstate__ keeps only its own three keys
+        # torch's __getstate__ keeps only its own three keys
+        for key in _OPTIMIZER_SETTINGS:
+            state[key] = getattr(self, key)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -351,7 +407,8 @@ class Adam(torch.optim.Optimizer):
         # unpickling. A torch.optim.Adam checkpoint lacks our group keys and
         # carries torch's (foreach, fused, ...), which are harmless here.
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
+        for key, default in _OPTIMIZER_SETTINGS.items():
+            self.__dict__.setdefault(key, default)
         for group in self.param_groups:
             for key, default in self.defaults.items():
                 group.setdefault(key, default)
@@ -360,6 +417,22 @@ class Adam(torch.optim.Optimizer):
                 if st and "step" in st and not torch.is_tensor(st["step"]):
                     # Old-style checkpoints store the step as a number.
                     st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, keeping bfloat16 states bfloat16.
+
+        torch casts loaded state tensors to their parameter's dtype; with
+        ``state_dtype=torch.bfloat16`` they are cast back, which is exact
+        (a bfloat16 value widened to float32 and narrowed again is unchanged).
+        """
+        super().load_state_dict(state_dict)
+        if self.state_dtype is None:
+            return
+        for st in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                t = st.get(key)
+                if torch.is_tensor(t) and t.dtype != self.state_dtype:
+                    st[key] = t.to(self.state_dtype)
 
     # -- stepping ----------------------------------------------------------------
 
@@ -391,9 +464,11 @@ class Adam(torch.optim.Optimizer):
         # back to torch-side diagnostics only to word the error.
         calls: list[tuple[Any, ...]] = []
         pending: list[tuple[dict, Any, Any]] = []
+        index = -1  # the parameter's position across groups, as in state_dict()
         for gi, group in enumerate(self.param_groups):
             kwargs = None
             for pi, p in enumerate(group["params"]):
+                index += 1
                 g = p.grad
                 if g is None:
                     continue
@@ -410,26 +485,34 @@ class Adam(torch.optim.Optimizer):
                     raise ValueError(
                         f"the grad of {_where(gi, pi)} shares memory with the parameter"
                     )
+                sdt = self.state_dtype or p.dtype
+                if sdt == torch.bfloat16 and p.dtype != torch.float32:
+                    raise TypeError(
+                        f"{_where(gi, pi)} has dtype {p.dtype}: state_dtype=torch.bfloat16 "
+                        "needs float32 parameters"
+                    )
                 st = self.state.get(p)
                 if not st:
                     st = {
                         "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg": torch.zeros_like(p, dtype=sdt, memory_format=_KEEP),
+                        "exp_avg_sq": torch.zeros_like(p, dtype=sdt, memory_format=_KEEP),
                     }
                     pending.append((self.state, p, st))
-                mv = _state_view(st, "exp_avg", pv, p, gi, pi)
-                vv = _state_view(st, "exp_avg_sq", pv, p, gi, pi)
+                mv = _state_view(st, "exp_avg", pv, sdt, p, gi, pi)
+                vv = _state_view(st, "exp_avg_sq", pv, sdt, p, gi, pi)
                 vmax = None
                 if kwargs["amsgrad"]:
                     if "max_exp_avg_sq" not in st:  # amsgrad switched on after the state was made
-                        t = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        t = torch.zeros_like(p, dtype=sdt, memory_format=_KEEP)
                         pending.append((st, "max_exp_avg_sq", t))
-                        vmax = t.numpy()
+                        vmax = _numpy_of(t)
                     else:
-                        vmax = _state_view(st, "max_exp_avg_sq", pv, p, gi, pi)
+                        vmax = _state_view(st, "max_exp_avg_sq", pv, sdt, p, gi, pi)
                 step_view, count = _step_view(st, pending, gi, pi)
-                calls.append((pv, gv, mv, vv, vmax, step_view, count + 1, kwargs, p, g))
+                # Each parameter (its position across groups) gets its own random bits.
+                seed = (self.seed + index) % 2**64
+                calls.append((pv, gv, mv, vv, vmax, step_view, count + 1, kwargs, p, g, seed))
 
         # Pass 2: attach new state, then one fused update per parameter.
         for mapping, key, value in pending:
@@ -437,10 +520,11 @@ class Adam(torch.optim.Optimizer):
         backend = self.backend
         touched: list[torch.Tensor] = []
         try:
-            for pv, gv, mv, vv, vmax, step_view, step, kwargs, p, g in calls:
+            for pv, gv, mv, vv, vmax, step_view, step, kwargs, p, g, seed in calls:
                 fastadam.adam_step(
-                    pv, gv, mv, vv, step=step, max_exp_avg_sq=vmax, backend=backend, **kwargs
-                )
+                    pv, gv, mv, vv, step=step, max_exp_avg_sq=vmax, backend=backend,
+                    state_rounding=self.state_rounding, seed=seed, **kwargs,
+                )  # fmt: skip
                 step_view[()] = step  # counted only once the update has happened
                 touched.append(p)
                 if grad_scale is not None:
@@ -500,12 +584,16 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         eps_hat: bool = False,
+        state_dtype: torch.dtype | None = None,
+        state_rounding: str = "stochastic",
+        seed: int = 0,
         backend: str = "auto",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, eps_hat=eps_hat, backend=backend,
+            decoupled_weight_decay=True, eps_hat=eps_hat, state_dtype=state_dtype,
+            state_rounding=state_rounding, seed=seed, backend=backend,
         )  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -322,3 +322,54 @@ def test_digits_cnn_trains_to_the_same_accuracy_with_bf16_states():
     assert acc[None] >= 0.97
     assert acc["bfloat16"] >= 0.97
     assert abs(acc["bfloat16"] - acc[None]) <= 0.01
+
+
+# --- fastadam.torch with bfloat16 states -------------------------------------------
+
+
+def test_torch_dropin_bf16_states_follow_the_numpy_optimizer(backend):
+    torch = pytest.importorskip("torch")
+    import fastadam.torch as ft
+
+    arrays = _params()
+    tparams = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in arrays]
+    topt = ft.AdamW(
+        tparams, lr=1e-2, amsgrad=True, state_dtype=torch.bfloat16, seed=3, backend=backend
+    )
+    nopt = fastadam.AdamW(
+        arrays, lr=1e-2, amsgrad=True, state_dtype="bfloat16", seed=3, backend=backend
+    )
+    for s in range(1, 16):
+        grads = _grads(arrays, s)
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        nopt.step(grads)
+    for tp, a in zip(tparams, arrays):
+        assert np.array_equal(tp.detach().numpy(), a)  # same kernel, same seeds: same bits
+    st = topt.state[tparams[0]]
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["max_exp_avg_sq"].dtype == torch.bfloat16
+
+    # A checkpoint keeps the dtype, and loading it (torch casts states to the
+    # parameter's dtype on load) gives bfloat16 states back, exactly.
+    sd = topt.state_dict()
+    fresh = ft.AdamW(
+        tparams, lr=1e-2, amsgrad=True, state_dtype=torch.bfloat16, seed=3, backend=backend
+    )
+    fresh.load_state_dict(sd)
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert fresh.state[tparams[0]][key].dtype == torch.bfloat16
+        assert torch.equal(fresh.state[tparams[0]][key], st[key])
+
+
+def test_torch_dropin_bf16_needs_float32_params():
+    torch = pytest.importorskip("torch")
+    import fastadam.torch as ft
+
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt = ft.Adam([p], state_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32"):
+        opt.step()
+    with pytest.raises(ValueError, match="state_dtype"):
+        ft.Adam([p], state_dtype=torch.float16)
