@@ -49,10 +49,11 @@ extern "C" {
 /* Return codes. 0 is success; errors are negative and leave every array untouched. */
 #define FA_OK 0
 #define FA_ERR_NULL (-1)     /* a required pointer (array or scalars) is NULL */
-#define FA_ERR_SIZE (-2)     /* n < 0 */
+#define FA_ERR_SIZE (-2)     /* n < 0, n past the address space, or a bad first_index */
 #define FA_ERR_AMSGRAD (-3)  /* amsgrad set but max_exp_avg_sq is NULL */
 #define FA_ERR_OVERLAP (-4)  /* two of the arrays used by the step overlap in memory */
 #define FA_ERR_THREADS (-5)  /* fa_set_num_threads: n < 0 */
+#define FA_ERR_ROUNDING (-6) /* state_rounding does not suit the function (see below) */
 
 /* Constants of one step, in double precision (see the update above). */
 typedef struct fa_adam_scalars {
@@ -68,7 +69,15 @@ typedef struct fa_adam_scalars {
     int unscale;                  /* nonzero: grad /= grad_scale, written back to grad */
     int maximize;                 /* nonzero: ascend instead of descend */
     int amsgrad;                  /* nonzero: keep the running max of v in max_exp_avg_sq */
+    int state_rounding;           /* FA_STATE_* below: how the moments are stored */
+    uint32_t rounding_key;        /* seeds the stochastic-rounding bits of this step */
 } fa_adam_scalars;
+
+/* fa_adam_scalars.state_rounding. fa_adam_f32/f64 need FA_STATE_SAME_DTYPE;
+ * fa_adam_f32_bf16 needs one of the two bfloat16 modes. */
+#define FA_STATE_SAME_DTYPE 0       /* moments have the parameters' type */
+#define FA_STATE_BF16_NEAREST 1     /* bfloat16 moments, rounded to nearest-even */
+#define FA_STATE_BF16_STOCHASTIC 2  /* bfloat16 moments, rounded stochastically */
 
 /*
  * One Adam/AdamW step over n elements of each array, updated in place.
@@ -86,6 +95,52 @@ FA_API int fa_adam_f64(double *param, double *grad, double *exp_avg, double *exp
                        double *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
 
 /*
+ * The same step with float32 param/grad and bfloat16 moments (each uint16_t
+ * holds the upper 16 bits of a float32). sc->state_rounding must be
+ * FA_STATE_BF16_NEAREST or FA_STATE_BF16_STOCHASTIC (else FA_ERR_ROUNDING).
+ * The update runs in float32 on the widened moments (bits << 16, exact); the
+ * new m and v are rounded to bfloat16 and stored, and the parameter update
+ * uses the stored values:
+ *
+ *     u = float32 bits of m (or v), r16 = 16 random bits (below)
+ *     stochastic:    (u + r16) >> 16
+ *     nearest-even:  (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+ *     NaN:           (u >> 16) | 0x0040          (quiet, sign kept)
+ *     m, v = widened stored values; vmax = max(widened vmax, v) (amsgrad; NaN wins)
+ *     denom, p as for float32, from these m and v (or vmax)
+ *
+ * Element i (its index in the whole array, 64-bit) uses the 32 bits
+ *     r = mix32(lo32(i) ^ mix32(rounding_key ^ hi32(i)))
+ * (m takes r & 0xFFFF, v takes r >> 16), with the hash
+ *     x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+ * in uint32 arithmetic: the bits depend on (rounding_key, i) only, never on
+ * the thread count or the CPU variant. Nearest-even ignores rounding_key.
+ */
+FA_API int fa_adam_f32_bf16(float *param, float *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
+                            uint16_t *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
+
+/*
+ * fa_adam_f32_bf16 over elements [first_index, first_index + n) of a larger
+ * logical array whose element first_index is at param[0] (and exp_avg[0], ...):
+ * the random bits are those of the global indices, so stepping an array in
+ * pieces gives the same bits as one call. first_index must be >= 0 and
+ * first_index + n must not overflow int64_t (else FA_ERR_SIZE).
+ */
+FA_API int fa_adam_f32_bf16_at(float *param, float *grad, uint16_t *exp_avg,
+                               uint16_t *exp_avg_sq, uint16_t *max_exp_avg_sq, int64_t n,
+                               int64_t first_index, const fa_adam_scalars *sc);
+
+/*
+ * Mixed-precision loss-scaling helper, one pass: grad[i] = grad[i] / (T)grad_scale
+ * for i in [0, n) (a correctly rounded division, like the unscale of the step),
+ * and *found_inf = 1 if any result is NaN or +-Inf, else 0. grad and found_inf
+ * must not be NULL (even when n == 0, which sets *found_inf = 0).
+ * Returns FA_OK, FA_ERR_NULL or FA_ERR_SIZE (n < 0); nothing is written on error.
+ */
+FA_API int fa_unscale_check_f32(float *grad, int64_t n, double grad_scale, int *found_inf);
+FA_API int fa_unscale_check_f64(double *grad, int64_t n, double grad_scale, int *found_inf);
+
+/*
  * Threads used by later steps that are large enough to be worth splitting
  * (process-wide). n >= 1 sets the count (clamped to 4096); n == 0 restores
  * the default, the number of CPUs this process may run on (its affinity mask).
@@ -95,9 +150,10 @@ FA_API int fa_adam_f64(double *param, double *grad, double *exp_avg, double *exp
 FA_API int fa_set_num_threads(int n);
 FA_API int fa_get_num_threads(void);
 
-/* Which compiled variant runs: "avx512", "avx2" or "baseline". The best one
- * the CPU supports is chosen once; the environment variable FASTADAM_ISA
- * (read once, at the first call) may force a lower one, never a higher one. */
+/* Which compiled variant runs: "avx512" (AVX-512 F, VL and BW), "avx2" or
+ * "baseline". The best one the CPU supports is chosen once; the environment
+ * variable FASTADAM_ISA (read once, at the first call) may force a lower one,
+ * never a higher one. */
 FA_API const char *fa_isa(void);
 
 /* A static, human-readable description of a return code. */

@@ -27,6 +27,17 @@ typedef void (*fa_kernel_f32)(float *param, float *grad, float *exp_avg, float *
                               float *max_exp_avg_sq, int64_t n, const fa_scalars_f32 *s);
 typedef void (*fa_kernel_f64)(double *param, double *grad, double *exp_avg, double *exp_avg_sq,
                               double *max_exp_avg_sq, int64_t n, const fa_scalars_f64 *s);
+/* float32 param/grad, bfloat16 moments. first_index is the index of element 0
+ * in the whole array (the random bits are a function of it), key the step's
+ * rounding_key (unused by the nearest-even kernels). */
+typedef void (*fa_kernel_bf16)(float *param, float *grad, uint16_t *exp_avg,
+                               uint16_t *exp_avg_sq, uint16_t *max_exp_avg_sq, int64_t n,
+                               int64_t first_index, const fa_scalars_f32 *s, uint32_t key);
+/* grad[i] /= scale over [0, n); returns nonzero if any result is NaN or +-Inf.
+ * recip is 0, or the exact reciprocal of a power-of-two scale (then the kernel
+ * multiplies, which gives the same bits). */
+typedef int (*fa_unscale_f32)(float *grad, int64_t n, float scale, float recip);
+typedef int (*fa_unscale_f64)(double *grad, int64_t n, double scale, double recip);
 
 /* Each per-call flag selects a specialised loop instead of branching inside
  * it; a kernel table is indexed by the OR of these bits. */
@@ -36,10 +47,17 @@ typedef void (*fa_kernel_f64)(double *param, double *grad, double *exp_avg, doub
 #define FA_F_MAXIMIZE 8
 #define FA_N_VARIANTS 16
 
+/* bf16 kernels come in two rounding modes, indexed by state_rounding - 1. */
+#define FA_BF16_NEAREST 0
+#define FA_BF16_STOCHASTIC 1
+
 typedef struct fa_kernel_table {
     const char *isa;
     fa_kernel_f32 f32[FA_N_VARIANTS];
     fa_kernel_f64 f64[FA_N_VARIANTS];
+    fa_kernel_bf16 bf16[2][FA_N_VARIANTS];
+    fa_unscale_f32 unscale_f32;
+    fa_unscale_f64 unscale_f64;
 } fa_kernel_table;
 
 /* One table per compiled ISA variant (fastadam_kernel.c with FA_VARIANT set).

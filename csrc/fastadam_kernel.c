@@ -10,6 +10,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "fastadam_internal.h"
 
@@ -18,20 +19,26 @@
 #endif
 
 #define FA_T float
+#define FA_UINT uint32_t
 #define FA_SQRT sqrtf
 #define FA_SUFFIX f32
 #include "fastadam_kernel_impl.h"
 #undef FA_T
+#undef FA_UINT
 #undef FA_SQRT
 #undef FA_SUFFIX
 
 #define FA_T double
+#define FA_UINT uint64_t
 #define FA_SQRT sqrt
 #define FA_SUFFIX f64
 #include "fastadam_kernel_impl.h"
 #undef FA_T
+#undef FA_UINT
 #undef FA_SQRT
 #undef FA_SUFFIX
+
+#include "fastadam_kernel_bf16.h"
 
 #define FA_STR_(x) #x
 #define FA_STR(x) FA_STR_(x)
@@ -44,8 +51,21 @@
             adam_15_##sfx                                                               \
     }
 
+#define FA_BF16_LIST16(mode)                                                             \
+    {                                                                                     \
+        fa_adam_bf16_##mode##_0, fa_adam_bf16_##mode##_1, fa_adam_bf16_##mode##_2,        \
+            fa_adam_bf16_##mode##_3, fa_adam_bf16_##mode##_4, fa_adam_bf16_##mode##_5,    \
+            fa_adam_bf16_##mode##_6, fa_adam_bf16_##mode##_7, fa_adam_bf16_##mode##_8,    \
+            fa_adam_bf16_##mode##_9, fa_adam_bf16_##mode##_10, fa_adam_bf16_##mode##_11,  \
+            fa_adam_bf16_##mode##_12, fa_adam_bf16_##mode##_13, fa_adam_bf16_##mode##_14, \
+            fa_adam_bf16_##mode##_15                                                      \
+    }
+
 const fa_kernel_table FA_TABLE_NAME(FA_VARIANT) = {
     FA_STR(FA_VARIANT),
     FA_LIST16(f32),
     FA_LIST16(f64),
+    {FA_BF16_LIST16(0), FA_BF16_LIST16(1)}, /* [FA_BF16_NEAREST], [FA_BF16_STOCHASTIC] */
+    unscale_f32,
+    unscale_f64,
 };

@@ -1,8 +1,8 @@
 /*
  * fastadam_kernel_impl.h - the element-wise update loop, written once and
  * instantiated per element type by fastadam_kernel.c (which defines FA_T,
- * FA_SQRT and FA_SUFFIX before including this file; no include guard on
- * purpose).
+ * FA_UINT (the unsigned integer of FA_T's width), FA_SQRT and FA_SUFFIX before
+ * including this file; no include guard on purpose).
  *
  * The loop is plain C that GCC -O3 auto-vectorizes for whatever ISA the
  * translation unit is compiled for. Correctness rules it relies on:
@@ -106,6 +106,49 @@ FA_DEFINE_VARIANT(14)
 FA_DEFINE_VARIANT(15)
 
 #undef FA_DEFINE_VARIANT
+
+/*
+ * grad[i] /= scale in place, and whether any quotient is NaN or +-Inf: one
+ * pass instead of NumPy's divide-then-isfinite. z = q - q is +0 for every
+ * finite q and NaN for NaN and both infinities, so OR-ing the bits of z
+ * (without the sign, which makes it immune to the rounding mode's -0) tells
+ * whether any q was non-finite. An integer OR reduction as wide as FA_T
+ * vectorizes on every ISA, SSE2 included (a float reduction would not
+ * without -ffast-math, and SSE2 cannot narrow a double compare's mask).
+ *
+ * recip != 0 means the caller found scale to be a power of two whose
+ * reciprocal is exact (both normal numbers): then grad[i] * recip is the same
+ * real number as grad[i] / scale, so the correctly rounded product has the
+ * quotient's bits (NaN payloads included), and a multiply is several times
+ * cheaper than a divide. Loss scales are powers of two in practice.
+ */
+static inline FA_UINT FA_FN(nonfinite_bits)(FA_T q)
+{
+    const FA_T z = q - q;
+    FA_UINT u;
+    memcpy(&u, &z, sizeof u);
+    return u & ~((FA_UINT)1 << (8 * sizeof(FA_UINT) - 1));
+}
+
+static int FA_FN(unscale)(FA_T *restrict grad, int64_t n, FA_T scale, FA_T recip)
+{
+    FA_UINT bad = 0;
+    if (recip != 0) {
+        for (int64_t i = 0; i < n; i++) {
+            const FA_T q = grad[i] * recip;
+            grad[i] = q;
+            bad |= FA_FN(nonfinite_bits)(q);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const FA_T q = grad[i] / scale; /* a true division, as np.divide does */
+            grad[i] = q;
+            bad |= FA_FN(nonfinite_bits)(q);
+        }
+    }
+    return bad != 0;
+}
+
 #undef FA_FN
 #undef FA_CAT
 #undef FA_CAT_

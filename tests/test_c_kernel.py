@@ -2,8 +2,11 @@
 
 What the generic backend tests cannot see: every compiled ISA variant (forced
 with FASTADAM_ISA in subprocesses) agrees bit for bit with the others and with
-NumPy; the raw C ABI rejects bad arguments with error codes; 1 vs 2 threads,
-concurrent Python threads and fork() after a parallel step all work.
+NumPy, for float32, float64 and bfloat16 states (both roundings) and for the
+fused unscale-and-check; the raw C ABI rejects bad arguments with error codes;
+1 vs 2 threads, concurrent Python threads and fork() after a parallel step all
+work; the stochastic-rounding bits depend on the global element index only
+(also across the 2^32 boundary where the kernel splits its loop).
 
 Run against the *installed* package (``--import-mode=importlib``), or set
 FASTADAM_C_LIBRARY to a library built elsewhere (e.g. a sanitizer build).
@@ -25,7 +28,18 @@ import threading
 import numpy as np
 import pytest
 
-from fastadam._scalars import AdamScalars, compute_scalars
+from fastadam._scalars import (
+    STATE_BF16_NEAREST,
+    STATE_BF16_STOCHASTIC,
+    STATE_SAME_DTYPE,
+    AdamScalars,
+    compute_scalars,
+)
+
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover - ml_dtypes is a test dependency
+    ml_dtypes = None
 
 try:
     from fastadam.backends import c
@@ -40,9 +54,21 @@ ffi, lib = c.ffi, c.lib
 
 # csrc/fastadam.h's return codes
 FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS = range(0, -6, -1)
-FA_CODES = (FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS)
+FA_ERR_ROUNDING = -6
+FA_CODES = (
+    FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS,
+    FA_ERR_ROUNDING,
+)  # fmt: skip
 ARRAY_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 DTYPES = (np.float32, np.float64)
+BF16 = None if ml_dtypes is None else np.dtype(ml_dtypes.bfloat16)
+needs_bf16 = pytest.mark.skipif(BF16 is None, reason="ml_dtypes (bfloat16) is not installed")
+# What a case steps: float32/float64 states, or float32 params with bfloat16
+# states and one of the two roundings (the value is AdamScalars.state_rounding).
+KINDS = {"float32": STATE_SAME_DTYPE, "float64": STATE_SAME_DTYPE}
+if BF16 is not None:
+    KINDS.update({"bf16-nearest": STATE_BF16_NEAREST, "bf16-stochastic": STATE_BF16_STOCHASTIC})
+U32 = np.uint32
 # 0-size, scalars, every tail length around the 4/8/16-lane SIMD widths, a
 # size past the parallel threshold that no SIMD width divides.
 ODD_SIZES = (0, 1, 7, 15, 16, 17, 31, 33, 63, 65, 1000, 1000003)
@@ -72,7 +98,82 @@ def numpy_step(p, g, m, v, vmax, sc: AdamScalars) -> None:
         p -= T(sc.step_size) * m / denom
 
 
-def make_scalars(weight_decay, decoupled, amsgrad, maximize, grad_scale, eps_hat=False, step=3):
+def widen_bf16(a: np.ndarray) -> np.ndarray:
+    """bfloat16 (or its uint16 bits) -> float32, exactly."""
+    return (a.view(np.uint16).astype(U32) << U32(16)).view(np.float32)
+
+
+def round_bf16(x: np.ndarray, r16: np.ndarray | None) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16): nearest-even, or stochastic with 16 random bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(U32)
+    add = U32(0x7FFF) + ((u >> U32(16)) & U32(1)) if r16 is None else r16
+    rounded = (u + add) >> U32(16)
+    is_nan = (u & U32(0x7FFFFFFF)) > U32(0x7F800000)
+    return np.where(is_nan, (u >> U32(16)) | U32(0x0040), rounded).astype(np.uint16)
+
+
+def mix32(x: np.ndarray) -> np.ndarray:
+    """fastadam._scalars.mix32 on uint32 arrays (NumPy integer arithmetic wraps)."""
+    x = x ^ (x >> U32(16))
+    x = x * U32(0x7FEB352D)
+    x = x ^ (x >> U32(15))
+    x = x * U32(0x846CA68B)
+    return x ^ (x >> U32(16))
+
+
+def random_bits(first_index: int, n: int, key: int) -> np.ndarray:
+    """r = mix32(lo32(i) ^ mix32(key ^ hi32(i))) for i in [first_index, first_index + n)."""
+    i = np.arange(n, dtype=np.uint64) + np.uint64(first_index)
+    lo = (i & np.uint64(0xFFFFFFFF)).astype(U32)
+    hi = (i >> np.uint64(32)).astype(U32)
+    return mix32(lo ^ mix32(U32(key) ^ hi))
+
+
+def numpy_step_bf16(p, g, m, v, vmax, sc: AdamScalars, first_index: int = 0) -> None:
+    """The AdamScalars docstring for float32 params and bfloat16 states.
+
+    ``first_index`` is the global index of element 0 (the random bits depend on it).
+    """
+    f32 = np.float32
+    p, g, m, v = (a.reshape(-1) for a in (p, g, m, v))
+    with np.errstate(all="ignore"):
+        if sc.unscale:
+            np.divide(g, f32(sc.grad_scale), out=g)
+        gg = -g if sc.maximize else g
+        if sc.weight_decay != 0.0:
+            gg = gg + f32(sc.weight_decay) * p
+        p *= f32(sc.decay)
+        m_old, v_old = widen_bf16(m), widen_bf16(v)
+        m_new = m_old + (gg - m_old) * f32(sc.one_minus_beta1)
+        v_new = v_old * f32(sc.beta2) + f32(sc.one_minus_beta2) * gg * gg
+        if sc.state_rounding == STATE_BF16_STOCHASTIC:
+            r = random_bits(first_index, p.size, sc.rounding_key)
+            r_m, r_v = r & U32(0xFFFF), r >> U32(16)
+        else:
+            assert sc.state_rounding == STATE_BF16_NEAREST
+            r_m = r_v = None
+        m.view(np.uint16)[...] = round_bf16(m_new, r_m)
+        v.view(np.uint16)[...] = round_bf16(v_new, r_v)
+        second = widen_bf16(v)
+        if sc.amsgrad:
+            vmax = vmax.reshape(-1)
+            second = np.maximum(widen_bf16(vmax), second)
+            vmax.view(np.uint16)[...] = (second.view(U32) >> U32(16)).astype(np.uint16)
+        denom = np.sqrt(second) / f32(sc.bias_correction2_sqrt) + f32(sc.eps)
+        p -= f32(sc.step_size) * widen_bf16(m) / denom
+
+
+def make_scalars(
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+    grad_scale,
+    eps_hat=False,
+    step=3,
+    rounding=STATE_SAME_DTYPE,
+    seed=20240607,
+):
     return compute_scalars(
         step=step,
         lr=1e-2,
@@ -85,6 +186,8 @@ def make_scalars(weight_decay, decoupled, amsgrad, maximize, grad_scale, eps_hat
         maximize=maximize,
         eps_hat=eps_hat,
         grad_scale=grad_scale,
+        state_rounding=rounding,
+        seed=seed,
     )
 
 
@@ -156,9 +259,37 @@ def make_state(n, dtype, seed=0, shape=None):
     return arrays
 
 
+# bfloat16 bit patterns for the states: NaNs (quiet, signalling, negative),
+# infinities, signed zeros, the smallest subnormal, the smallest normal, the largest.
+BF16_SPECIALS = np.array(
+    [0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x8001, 0x0080, 0x7F7F],
+    dtype=np.uint16,
+)
+
+
+def make_state_kind(n, kind, seed=0, shape=None):
+    """make_state for any KINDS entry: bfloat16 states are rounded from float32 ones."""
+    if kind in ("float32", "float64"):
+        return make_state(n, np.dtype(kind), seed=seed, shape=shape)
+    arrays = make_state(n, np.float32, seed=seed)
+    arrays[2:] = [a.astype(BF16) for a in arrays[2:]]
+    if n >= 8:
+        rng = np.random.default_rng(seed + 1)
+        k = max(1, n // 64)
+        for a in arrays[2:]:
+            a.view(np.uint16)[rng.integers(0, n, k)] = rng.choice(BF16_SPECIALS, k)
+    if shape is not None:
+        arrays = [a.reshape(shape) for a in arrays]
+    return arrays
+
+
 def bits(a: np.ndarray) -> np.ndarray:
     """The array's bit patterns, every NaN made the same (payloads are not specified)."""
     a = np.array(a, copy=True).reshape(-1)
+    if a.dtype.itemsize == 2:  # bfloat16
+        u = a.view(np.uint16)
+        u[(u & 0x7FFF) > 0x7F80] = 0x7FC0
+        return u
     a[np.isnan(a)] = np.nan
     return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
 
@@ -186,29 +317,44 @@ def run_c(state, sc):
 
 
 def run_numpy(state, sc):
-    numpy_step(*state, sc)
+    if state[2].dtype == BF16:
+        numpy_step_bf16(*state, sc)
+    else:
+        numpy_step(*state, sc)
 
 
 def all_cases():
-    for dtype in DTYPES:
+    for kind in KINDS:
         for n in ODD_SIZES:
             combos = COMBOS if n != LARGE else COMBOS[::3]  # keep the big size affordable
             for combo in combos:
-                yield f"{np.dtype(dtype).name}-{n}-{combo_id(combo)}", dtype, n, combo
+                yield f"{kind}-{n}-{combo_id(combo)}", kind, n, combo
 
 
-def case_digests(step_fn) -> dict[str, str]:
-    """Digest of the state after one step, for every case (also run in subprocesses)."""
+def case_digests(step_fn, unscale_fn) -> dict[str, str]:
+    """Digest of the state after one step, for every case (also run in subprocesses),
+    and of the unscaled gradient and flag for every size and float dtype."""
     out = {}
-    for case, dtype, n, combo in all_cases():
-        state = make_state(n, dtype, seed=n)
-        step_fn(state, make_scalars(**combo))
+    for case, kind, n, combo in all_cases():
+        state = make_state_kind(n, kind, seed=n)
+        step_fn(state, make_scalars(**combo, rounding=KINDS[kind]))
         out[case] = digest(state)
+    for dtype in DTYPES:
+        for n in ODD_SIZES:
+            grad = make_state(n, dtype, seed=n)[1]
+            found = unscale_fn(grad, 3.0)
+            out[f"unscale-{np.dtype(dtype).name}-{n}"] = f"{digest([grad])}-{found}"
     return out
 
 
+def numpy_unscale(grad, scale) -> bool:
+    with np.errstate(all="ignore"):
+        np.divide(grad, grad.dtype.type(scale), out=grad)
+    return not np.isfinite(grad).all()
+
+
 def _c_digests_for_subprocess() -> dict:
-    return {"isa": c.isa(), "digests": case_digests(run_c)}
+    return {"isa": c.isa(), "digests": case_digests(run_c, c.unscale_and_check)}
 
 
 # ------------------------------------------------------------------- tests --
@@ -243,7 +389,7 @@ def supported_isas() -> list[str]:
         flags = _cpu_flags()
         if "avx2" in flags:
             isas.append("avx2")
-        if {"avx512f", "avx512vl"} <= flags:
+        if {"avx512f", "avx512vl", "avx512bw"} <= flags:
             isas.append("avx512")
     return isas
 
@@ -256,12 +402,12 @@ def test_best_isa_is_selected():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "n", "combo"),
-    [pytest.param(dtype, n, combo, id=case) for case, dtype, n, combo in all_cases()],
+    ("kind", "n", "combo"),
+    [pytest.param(kind, n, combo, id=case) for case, kind, n, combo in all_cases()],
 )
-def test_bit_identical_to_numpy(dtype, n, combo):
-    sc = make_scalars(**combo)
-    ours, ref = make_state(n, dtype, seed=n), make_state(n, dtype, seed=n)
+def test_bit_identical_to_numpy(kind, n, combo):
+    sc = make_scalars(**combo, rounding=KINDS[kind])
+    ours, ref = make_state_kind(n, kind, seed=n), make_state_kind(n, kind, seed=n)
     run_c(ours, sc)
     run_numpy(ref, sc)
     assert_bits_equal(ours, ref)
@@ -269,9 +415,9 @@ def test_bit_identical_to_numpy(dtype, n, combo):
 
 def test_matches_lead_reference_backend():
     ref_mod = pytest.importorskip("fastadam.backends.reference")
-    for dtype, combo in itertools.product(DTYPES, COMBOS):
-        sc = make_scalars(**combo)
-        ours, ref = make_state(1000, dtype, seed=5), make_state(1000, dtype, seed=5)
+    for kind, combo in itertools.product(KINDS, COMBOS):
+        sc = make_scalars(**combo, rounding=KINDS[kind])
+        ours, ref = make_state_kind(1000, kind, seed=5), make_state_kind(1000, kind, seed=5)
         run_c(ours, sc)
         p, g, m, v, vmax = ref
         ref_mod.step(p, g, m, v, vmax if sc.amsgrad else None, sc)
@@ -281,9 +427,9 @@ def test_matches_lead_reference_backend():
 @pytest.mark.parametrize("shape", [(), (3, 4), (2, 0, 5), (5, 1, 7)])
 def test_any_shape(shape):
     n = int(np.prod(shape))
-    for dtype in DTYPES:
-        sc = make_scalars(0.1, False, True, False, 2.0)
-        ours = make_state(n, dtype, seed=1, shape=shape)
+    for kind, rounding in KINDS.items():
+        sc = make_scalars(0.1, False, True, False, 2.0, rounding=rounding)
+        ours = make_state_kind(n, kind, seed=1, shape=shape)
         ref = [a.copy() for a in ours]
         run_c(ours, sc)
         run_numpy(ref, sc)
@@ -295,12 +441,13 @@ def test_any_shape(shape):
 def test_misaligned_views_and_no_out_of_bounds(offset, n):
     """Arrays that start off a vector boundary; guard elements around them stay untouched."""
     guard = 37
-    for dtype in DTYPES:
-        sc = make_scalars(0.1, False, True, True, 3.0)
-        src = make_state(n, dtype, seed=2)
+    for kind, rounding in KINDS.items():
+        sc = make_scalars(0.1, False, True, True, 3.0, rounding=rounding)
+        src = make_state_kind(n, kind, seed=2)
         bufs = []
         for a in src:
-            buf = np.full(n + offset + guard, 12345.0, dtype=dtype)
+            # 12288 = 3 * 2^12: exact in bfloat16 too
+            buf = np.full(n + offset + guard, 12288.0, dtype=a.dtype)
             buf[offset : offset + n] = a
             bufs.append(buf)
         views = [b[offset : offset + n] for b in bufs]
@@ -309,12 +456,12 @@ def test_misaligned_views_and_no_out_of_bounds(offset, n):
         run_numpy(src, sc)
         assert_bits_equal(views, src)
         for b in bufs:
-            assert np.all(b[:offset] == 12345.0) and np.all(b[offset + n :] == 12345.0)
+            assert np.all(b[:offset] == 12288.0) and np.all(b[offset + n :] == 12288.0)
 
 
 def test_isa_variants_bit_identical(tmp_path):
     """Each variant the CPU supports, forced in a subprocess, gives NumPy's bits."""
-    expected = case_digests(run_numpy)
+    expected = case_digests(run_numpy, numpy_unscale)
     script = textwrap.dedent(
         f"""
         import importlib.util, json
@@ -378,22 +525,209 @@ def test_thread_count_api(restore_threads):
     assert lib.fa_get_num_threads() == cpus
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def shifted(arrays):
+    """Copies that start one element into their buffers: the 64-byte split points move."""
+    return [np.concatenate([a[:1], a])[1:] for a in arrays]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("n", [LARGE, (1 << 20) + 5])
-def test_threads_bit_identical(restore_threads, dtype, n):
-    sc = make_scalars(0.1, False, True, True, 3.0)
+def test_threads_bit_identical(restore_threads, kind, n):
+    sc = make_scalars(0.1, False, True, True, 3.0, rounding=KINDS[kind])
     results = []
     for threads in (1, 2, 3):
         c.set_num_threads(threads)
-        state = make_state(n, dtype, seed=7)
-        # Start one element in: the 64-byte split points move.
-        state = [np.concatenate([a[:1], a])[1:] for a in state]
+        state = shifted(make_state_kind(n, kind, seed=7))
         run_c(state, sc)
         results.append(state)
-    ref = make_state(n, dtype, seed=7)
+    ref = make_state_kind(n, kind, seed=7)
     run_numpy(ref, sc)
     for r in results:
         assert_bits_equal(r, ref)
+
+
+# ------------------------------------------------------------ bfloat16 --
+
+
+def _bf16_at(state, first_index: int, sc: AdamScalars) -> int:
+    """fa_adam_f32_bf16_at over the whole of ``state`` (raw ABI)."""
+    p, g, m, v, vmax = state
+    ptrs = [ffi.from_buffer(a) for a in (p, g, m, v, vmax)]
+    return lib.fa_adam_f32_bf16_at(*ptrs, p.size, first_index, ffi.new("fa_adam_scalars *", sc))
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    "first_index",
+    [
+        (1 << 32) - 30_000,  # the 2^32 boundary inside the first thread's share
+        (1 << 32) - 70_000,  # ... inside the second's (2 threads)
+        (1 << 32) + 5,
+        (7 << 40) + 3,
+    ],
+)
+def test_bf16_random_bits_follow_the_global_index(restore_threads, first_index):
+    """The bits are those of the global index, across the kernel's 2^32 loop split,
+    for any thread count and when the array is stepped in pieces."""
+    n = 100_003
+    sc = make_scalars(0.1, False, True, True, 3.0, rounding=STATE_BF16_STOCHASTIC)
+    ref = make_state_kind(n, "bf16-stochastic", seed=9)
+    numpy_step_bf16(*ref, sc, first_index=first_index)
+    zero_based = make_state_kind(n, "bf16-stochastic", seed=9)
+    numpy_step_bf16(*zero_based, sc)
+    # The control: the high index bits change the result.
+    assert np.any(bits(zero_based[2]) != bits(ref[2]))
+    for threads in (1, 2, 3):
+        c.set_num_threads(threads)
+        state = shifted(make_state_kind(n, "bf16-stochastic", seed=9))
+        assert _bf16_at(state, first_index, sc) == FA_OK
+        assert_bits_equal(state, ref)
+    c.set_num_threads(2)
+    state = make_state_kind(n, "bf16-stochastic", seed=9)
+    for lo, hi in ((0, 12_345), (12_345, 40_000), (40_000, n)):
+        assert _bf16_at([a[lo:hi] for a in state], first_index + lo, sc) == FA_OK
+    assert_bits_equal(state, ref)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rounding", [STATE_BF16_NEAREST, STATE_BF16_STOCHASTIC])
+def test_bf16_rounding_edge_values(rounding):
+    """Ties, overflow to Inf, NaN payloads and subnormals through the rounding.
+
+    beta1 = 0 and exp_avg = 0 make the new m exactly the gradient, so the
+    rounding sees chosen float32 bit patterns; NaN bits are compared exactly.
+    """
+    patterns = np.array(
+        [
+            0x3F808000, 0x3F818000, 0xBF808000,  # ties: to even (down, up, negative)
+            0x3F808001, 0x3F807FFF,  # just above / below a tie
+            0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF,  # the largest floats: to +-Inf, or not
+            0x7F800000, 0xFF800000,  # infinities
+            0x7FC00000, 0x7F800001, 0x7F80FFFF, 0xFF80FFFF, 0xFFFFFFFF,  # NaNs
+            0x00000001, 0x00008000, 0x00018000, 0x80000001, 0x007FFFFF,  # subnormals
+            0x3F800000, 0x12345678, 0xC2F6E979,  # ordinary values
+        ],
+        dtype=U32,
+    )  # fmt: skip
+    nearest = {  # float32 bits -> bfloat16 bits, worked out by hand
+        0x3F808000: 0x3F80, 0x3F818000: 0x3F82, 0xBF808000: 0xBF80, 0x3F808001: 0x3F81,
+        0x3F807FFF: 0x3F80, 0x7F7FFFFF: 0x7F80, 0xFF7FFFFF: 0xFF80, 0x7F7F7FFF: 0x7F7F,
+        0x7F800000: 0x7F80, 0xFF800000: 0xFF80, 0x7FC00000: 0x7FC0, 0x7F800001: 0x7FC0,
+        0x7F80FFFF: 0x7FC0, 0xFF80FFFF: 0xFFC0, 0xFFFFFFFF: 0xFFFF, 0x00000001: 0x0000,
+        0x00008000: 0x0000, 0x00018000: 0x0002, 0x80000001: 0x8000, 0x007FFFFF: 0x0080,
+        0x3F800000: 0x3F80,
+    }  # fmt: skip
+    n = 3 * len(patterns) + 5  # through the vector loop and its tail
+    grad = np.resize(patterns, n).view(np.float32)
+    sc = compute_scalars(1, 1e-2, 0.0, 0.999, 1e-8, 0.0, False, False, False, False, None,
+                         rounding, 99)  # fmt: skip
+    state = [np.ones(n, np.float32), grad.copy(), np.zeros(n, BF16), np.zeros(n, BF16), None]
+    ref = [a if a is None else a.copy() for a in state]
+    run_c(state, sc)
+    numpy_step_bf16(*ref, sc)
+    np.testing.assert_array_equal(state[2].view(np.uint16), ref[2].view(np.uint16))
+    got = state[2].view(np.uint16)
+    u = grad.view(U32)
+    if rounding == STATE_BF16_NEAREST:
+        for i in range(n):
+            if int(u[i]) in nearest:
+                assert got[i] == nearest[int(u[i])], f"{u[i]:#010x} -> {got[i]:#06x}"
+    else:  # one of the two neighbours; NaN stays NaN with its sign; Inf stays Inf
+        is_nan = (u & U32(0x7FFFFFFF)) > U32(0x7F800000)
+        np.testing.assert_array_equal(got[is_nan], (u[is_nan] >> U32(16)) | U32(0x40))
+        down = u[~is_nan] >> U32(16)
+        assert np.all((got[~is_nan] == down) | (got[~is_nan] == down + U32(1)))
+        exact = (u & U32(0xFFFF)) == 0
+        np.testing.assert_array_equal(got[exact], u[exact] >> U32(16))
+
+
+@needs_bf16
+def test_bf16_stochastic_rounding_is_unbiased():
+    """Values between two bfloat16 neighbours round up in proportion to their position."""
+    n = 200_000
+    frac = (np.arange(n) % 97) / 97.0 * 0.4  # all in the lower part: nearest rounds down
+    lo = np.float32(1.0)
+    ulp = np.float32(2.0**-7)  # bfloat16 spacing in [1, 2)
+    g = (lo + ulp * frac).astype(np.float32)
+    sc = compute_scalars(1, 1e-2, 0.0, 0.999, 1e-8, 0.0, False, False, False, False, None,
+                         STATE_BF16_STOCHASTIC, 5)  # fmt: skip
+    state = [np.ones(n, np.float32), g.copy(), np.zeros(n, BF16), np.zeros(n, BF16), None]
+    run_c(state, sc)
+    stored = widen_bf16(state[2]).astype(np.float64)
+    # Element k's error has mean 0 and variance f(1-f) ulp^2 (f = frac[k] < 0.4):
+    # the mean over n elements has a standard deviation under 1.1e-3 ulp.
+    bias = (stored - g.astype(np.float64)).mean() / float(ulp)
+    assert abs(bias) < 0.01, bias
+    nearest = widen_bf16(round_bf16(g, None)).astype(np.float64)
+    nearest_bias = (nearest - g.astype(np.float64)).mean() / float(ulp)
+    assert nearest_bias < -0.15  # the control: round-to-nearest loses ~0.2 ulp here
+
+
+# -------------------------------------------------------- unscale + check --
+
+
+def clean_grad(n, dtype, seed=0):
+    return np.random.default_rng(seed).standard_normal(n).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n", [*ODD_SIZES, 300_007])
+def test_unscale_and_check_matches_numpy(dtype, n):
+    # Powers of two take the library's multiply-by-the-exact-reciprocal path
+    # (also at the edges of the normal range, where it must fall back to dividing).
+    scales = (3.0, 0.1, 1e-45, 1e300, 65536.0, 1.0, 0.125, -4.0, 2.0**-20)
+    edges = (2.0**126, 2.0**127, 2.0**-126, 2.0**-127, 2.0**-149, 2.0**1022, 2.0**-1074)
+    for scale in scales + (edges if n in (33, 1000) else ()):
+        for grad in (make_state(n, dtype, seed=n)[1], clean_grad(n, dtype, seed=n)):
+            expected = grad.copy()
+            found_expected = numpy_unscale(expected, scale)
+            found = c.unscale_and_check(grad, scale)
+            assert isinstance(found, bool)
+            assert found == found_expected, (scale, n)
+            assert_bits_equal([grad], [expected], names=["grad"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_unscale_and_check_finds_every_position(dtype):
+    """One non-finite value anywhere (vector body, tail, either thread) sets the flag."""
+    n = 200_003
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 1, 15, 16, n // 2, n - 17, n - 1):
+            grad = clean_grad(n, dtype, seed=pos)
+            assert not c.unscale_and_check(grad.copy(), 3.0)
+            grad[pos] = bad
+            assert c.unscale_and_check(grad, 3.0), (bad, pos)
+    # finite input, overflow in the quotient
+    grad = clean_grad(1000, dtype)
+    grad[700] = np.finfo(dtype).max
+    assert c.unscale_and_check(grad, 0.5)
+    assert np.isinf(grad[700])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_unscale_and_check_threads(restore_threads, dtype):
+    n = 1_000_003
+    ref = make_state(n, dtype, seed=4)[1]
+    found_ref = numpy_unscale(ref, 3.0)
+    for threads in (1, 2, 3):
+        c.set_num_threads(threads)
+        grad = shifted([make_state(n, dtype, seed=4)[1]])[0]
+        assert c.unscale_and_check(grad, 3.0) == found_ref
+        assert_bits_equal([grad], [ref], names=["grad"])
+        clean = clean_grad(n, dtype)
+        assert not c.unscale_and_check(clean, 3.0)
+
+
+def test_unscale_and_check_rejects():
+    assert c.unscale_and_check(np.zeros(0, np.float32), 2.0) is False
+    with pytest.raises(TypeError):
+        c.unscale_and_check(np.zeros(4, np.float16), 2.0)
+    g = np.ones(4, np.float32)
+    g.flags.writeable = False
+    with pytest.raises(ValueError):
+        c.unscale_and_check(g, 2.0)
+    with pytest.raises((ValueError, BufferError)):  # not contiguous
+        c.unscale_and_check(np.ones(8, np.float32)[::2], 2.0)
 
 
 def test_concurrent_python_threads(restore_threads):
@@ -510,6 +844,79 @@ def test_abi_rejects_bad_arguments(dtype):
         np.testing.assert_array_equal(bits(a), bits(b))
     sc.amsgrad = 0
     assert fn(*ptrs[:4], ffi.NULL, 8, sc) == FA_OK
+
+
+@needs_bf16
+def test_abi_bf16_rejects_bad_arguments():
+    arrays = make_state_kind(8, "bf16-nearest", seed=3)
+    ptrs = [ffi.from_buffer(a) for a in arrays]
+    sc = ffi.new("fa_adam_scalars *", make_scalars(0.1, False, True, False, None, rounding=1))
+    fn, at = lib.fa_adam_f32_bf16, lib.fa_adam_f32_bf16_at
+    before = [a.copy() for a in arrays]
+    for i in range(4):
+        args = list(ptrs)
+        args[i] = ffi.NULL
+        assert fn(*args, 8, sc) == FA_ERR_NULL
+        assert fn(*args, 0, sc) == FA_ERR_NULL
+    assert fn(*ptrs, 8, ffi.NULL) == FA_ERR_NULL
+    assert fn(*ptrs, -1, sc) == FA_ERR_SIZE
+    assert fn(*ptrs, 1 << 62, sc) == FA_ERR_SIZE  # param's bytes would pass the address space
+    assert fn(*ptrs[:4], ffi.NULL, 8, sc) == FA_ERR_AMSGRAD
+    assert at(*ptrs, 8, -1, sc) == FA_ERR_SIZE
+    assert at(*ptrs, 8, (1 << 63) - 8, sc) == FA_ERR_SIZE  # last index would overflow
+    for bad in (0, 3, -1):
+        sc.state_rounding = bad
+        assert fn(*ptrs, 8, sc) == FA_ERR_ROUNDING
+        assert fn(*ptrs, 0, sc) == FA_ERR_ROUNDING
+    sc.state_rounding = 2
+    # mixed element sizes: param is 32 bytes, the moments 16
+    assert fn(*ptrs[:2], ptrs[0] + 30, *ptrs[3:], 8, sc) == FA_ERR_OVERLAP
+    assert fn(*ptrs[:3], ptrs[2] + 14, ptrs[4], 8, sc) == FA_ERR_OVERLAP
+    for a, b in zip(arrays, before, strict=True):
+        np.testing.assert_array_equal(bits(a), bits(b))  # errors wrote nothing
+    assert at(*ptrs, 8, (1 << 63) - 9, sc) == FA_OK  # the very last indices exist
+    assert fn(*ptrs, 0, sc) == FA_OK
+
+
+@needs_bf16
+def test_abi_bf16_overlap_detection_is_exact():
+    sc = ffi.new("fa_adam_scalars *", make_scalars(0.0, False, False, False, None, rounding=1))
+    buf = np.zeros(64, np.float32)
+    f = ffi.cast("float *", ffi.from_buffer(buf))
+    h = ffi.cast("uint16_t *", f + 16)  # the moments after param [0, 8) and grad [8, 16)
+    assert lib.fa_adam_f32_bf16(f, f + 8, h, h + 8, ffi.NULL, 8, sc) == FA_OK
+    assert lib.fa_adam_f32_bf16(f, f + 8, h, h + 7, ffi.NULL, 8, sc) == FA_ERR_OVERLAP
+    h_in_grad = ffi.cast("uint16_t *", f + 15)  # its first 2 bytes are grad's last element
+    assert lib.fa_adam_f32_bf16(f, f + 8, h_in_grad, h + 8, ffi.NULL, 8, sc) == FA_ERR_OVERLAP
+
+
+def test_abi_rounding_mode_must_match_the_function():
+    for dtype, fn in ((np.float32, lib.fa_adam_f32), (np.float64, lib.fa_adam_f64)):
+        arrays, ptrs, sc = _raw_args(dtype=dtype)
+        before = [a.copy() for a in arrays]
+        for bad in (1, 2, -1):
+            sc.state_rounding = bad
+            assert fn(*ptrs, 8, sc) == FA_ERR_ROUNDING
+        for a, b in zip(arrays, before, strict=True):
+            np.testing.assert_array_equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_abi_unscale_check_rejects_bad_arguments(dtype):
+    fn = lib.fa_unscale_check_f32 if dtype == np.float32 else lib.fa_unscale_check_f64
+    grad = make_state(8, dtype, seed=1)[1]
+    before = grad.copy()
+    ptr = ffi.from_buffer(grad)
+    found = ffi.new("int *", 7)
+    assert fn(ffi.NULL, 8, 2.0, found) == FA_ERR_NULL
+    assert fn(ffi.NULL, 0, 2.0, found) == FA_ERR_NULL
+    assert fn(ptr, 8, 2.0, ffi.NULL) == FA_ERR_NULL
+    assert fn(ptr, -1, 2.0, found) == FA_ERR_SIZE
+    assert fn(ptr, 1 << 62, 2.0, found) == FA_ERR_SIZE
+    assert found[0] == 7  # not written on error
+    np.testing.assert_array_equal(bits(grad), bits(before))
+    assert fn(ptr, 0, 2.0, found) == FA_OK and found[0] == 0
+    np.testing.assert_array_equal(bits(grad), bits(before))
 
 
 def test_abi_overlap_detection_is_exact():

@@ -152,3 +152,18 @@ def test_eps_hat_matches_scikit_learn():
             )
     for b, (p, _, _) in ours.items():
         np.testing.assert_allclose(p, sk_params[0], rtol=1e-12, atol=1e-13, err_msg=b)
+
+
+def test_weight_decay_that_rounds_to_zero_in_float32_still_counts(backend):
+    """Found by hypothesis: wd=3e-242 is 0 in float32 but not in float64.
+
+    Whether the L2 term is applied is decided on the float64 value (as torch
+    does), so with an infinite parameter the gradient becomes 0*inf = NaN on
+    every backend alike.
+    """
+    state = tuple(np.array([x], np.float32) for x in (np.inf, 1e-40, -0.0, 0.0, 0.0))
+    ref = copy_state(state)
+    run_step(ref, "numpy", step=1, lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=3.13e-242)
+    run_step(state, backend, step=1, lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=3.13e-242)
+    assert np.isnan(ref[2][0])  # exp_avg took the NaN gradient
+    assert_bit_identical(state, ref)

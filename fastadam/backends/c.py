@@ -44,12 +44,21 @@ typedef struct fa_adam_scalars {
     int unscale;
     int maximize;
     int amsgrad;
+    int state_rounding;
+    uint32_t rounding_key;
 } fa_adam_scalars;
 
 int fa_adam_f32(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
                 void *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
 int fa_adam_f64(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
                 void *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
+int fa_adam_f32_bf16(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
+                     void *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);
+int fa_adam_f32_bf16_at(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
+                        void *max_exp_avg_sq, int64_t n, int64_t first_index,
+                        const fa_adam_scalars *sc);
+int fa_unscale_check_f32(void *grad, int64_t n, double grad_scale, int *found_inf);
+int fa_unscale_check_f64(void *grad, int64_t n, double grad_scale, int *found_inf);
 int fa_set_num_threads(int n);
 int fa_get_num_threads(void);
 const char *fa_isa(void);
@@ -106,7 +115,24 @@ _new = ffi.new
 _NULL = ffi.NULL
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
-_KERNELS = {_FLOAT32: lib.fa_adam_f32, _FLOAT64: lib.fa_adam_f64}
+
+
+def _bfloat16_dtype() -> np.dtype | None:
+    """ml_dtypes' bfloat16, if installed (the only way NumPy arrays hold bfloat16)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+_BFLOAT16 = _bfloat16_dtype()
+# (param dtype, state dtype) -> kernel. The states' dtype picks the kernel; the
+# scalars' state_rounding must agree with it (the library checks that).
+_KERNELS = {(_FLOAT32, _FLOAT32): lib.fa_adam_f32, (_FLOAT64, _FLOAT64): lib.fa_adam_f64}
+if _BFLOAT16 is not None:
+    _KERNELS[_FLOAT32, _BFLOAT16] = lib.fa_adam_f32_bf16
+_UNSCALE = {_FLOAT32: lib.fa_unscale_check_f32, _FLOAT64: lib.fa_unscale_check_f64}
 
 
 _last_struct: tuple = (None, None)  # (AdamScalars, its C struct), replaced as one object
@@ -137,13 +163,19 @@ def step(
     max_exp_avg_sq: np.ndarray | None,
     sc: AdamScalars,
 ) -> None:
-    """One Adam/AdamW update in place (arrays already validated by the caller)."""
+    """One Adam/AdamW update in place (arrays already validated by the caller).
+
+    param and grad are float32 or float64 with the moments of the same dtype,
+    or float32 with bfloat16 moments (``sc.state_rounding`` 1 or 2).
+    """
     n = param.size
     if n == 0:
         return
-    kernel = _KERNELS.get(param.dtype)
+    kernel = _KERNELS.get((param.dtype, exp_avg.dtype))
     if kernel is None:
-        raise TypeError(f"C backend: unsupported dtype {param.dtype}")
+        raise TypeError(
+            f"C backend: unsupported dtypes param={param.dtype}, exp_avg={exp_avg.dtype}"
+        )
     scalars = _struct_for(sc)
     # from_buffer hands C the arrays' own memory (no copy) and keeps each
     # buffer exported, hence alive, until the call returns. The library checks
@@ -163,6 +195,30 @@ def step(
         raise RuntimeError(
             f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
         )
+
+
+def unscale_and_check(grad: np.ndarray, scale: float) -> bool:
+    """Divide ``grad`` in place by ``scale`` and say whether any result is NaN or +-Inf.
+
+    One pass over a validated C-contiguous writeable float32/float64 array of
+    any shape: the same bits as ``np.divide(grad, grad.dtype.type(scale),
+    out=grad)`` and the same answer as ``not np.isfinite(grad).all()`` after it.
+    """
+    n = grad.size
+    if n == 0:
+        return False
+    kernel = _UNSCALE.get(grad.dtype)
+    if kernel is None:
+        raise TypeError(f"C backend: unsupported dtype {grad.dtype}")
+    # A fresh out-parameter per call: concurrent Python threads (cffi drops the
+    # GIL) must not share one.
+    found = _new("int *")
+    rc = kernel(_from_buffer(grad, require_writable=True), n, scale, found)
+    if rc:
+        raise RuntimeError(
+            f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
+        )
+    return bool(found[0])
 
 
 def set_num_threads(n: int) -> None:

@@ -110,10 +110,10 @@ def _make_loop(parallel: bool):
         state_rounding,  # unused: this loop's states have the params' dtype
         rounding_key,
     ):
+        l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
         t = p.dtype.type  # cast every constant once: float32 math stays float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
-        l2 = wd != 0
         for i in rng(p.size):
             gi = g[i]
             if unscale:
@@ -216,10 +216,10 @@ def _make_bf16_loop(parallel: bool):
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
              unscale, maximize, amsgrad, state_rounding, block_key):  # fmt: skip
+        l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
         t = np.float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
-        l2 = wd != 0
         stochastic = state_rounding == 2
         kb = np.uint32(block_key)
         for i in rng(p.size):
