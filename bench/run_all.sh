@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Regenerate every number in BENCHMARKS.md into bench/results/ (about 6 minutes
+# on 2 cores). Run it on a quiet machine: `python -m fastadam bench` prints how
+# many cores other processes kept busy, and warns when that is not ~0.
+#
+#   bash bench/run_all.sh            # uses `python` from PATH
+#   PYTHON=/tmp/venv/bin/python bash bench/run_all.sh
+#
+# Runs against the checkout it lives in (PYTHONPATH), so set FASTADAM_C_LIBRARY
+# to a built libfastadam_c.so if the checkout has none.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+out=bench/results
+mkdir -p "$out"
+
+# 1. The default sweep (2^12..2^24 float32, every backend), table + JSON + plot.
+$PY -m fastadam bench --markdown --no-progress \
+    --json "$out/default.json" --plot "$out/default.png" | tee "$out/default.md"
+
+# 1b. The same sizes against a roofline measured at every size (in-cache
+#     ceilings), and single-threaded (the per-element compute cost).
+$PY -m fastadam bench --markdown --no-progress --roofline-per-size --sizes 2^12,2^16,2^18,2^20,2^22,2^24 \
+    --backends numba,c,torch-fused --no-per-call --plot "$out/per-size.png" | tee "$out/per-size.md"
+$PY -m fastadam bench --markdown --no-progress --roofline-per-size --threads 1 \
+    --sizes 2^10,2^12,2^14,2^16 --backends numba,c --no-per-call | tee "$out/single-thread.md"
+
+# 2. float64 at a few sizes.
+$PY -m fastadam bench --markdown --no-progress --dtype float64 --sizes 2^16,2^20,2^24 \
+    --no-per-call --json "$out/float64.json" | tee "$out/float64.md"
+
+# 3. Thread scaling, 1 -> 2 threads, at 2^24 and 2^26 (the roofline is measured
+#    with the same thread count, so compare GB/s across the two files).
+for t in 1 2; do
+    $PY -m fastadam bench --markdown --no-progress --threads "$t" --sizes 2^24,2^26 \
+        --backends numpy,numba,c,torch-fused --no-per-call \
+        --json "$out/threads-$t.json" | tee "$out/threads-$t.md"
+done
+
+# 4. The model-shaped benchmark (FlatParams vs a list of arrays vs torch).
+$PY -m pytest bench/test_bench_model.py --benchmark-only -q \
+    --benchmark-columns=min,median,rounds | tee "$out/model.txt"
+
+# 5. Start-up of the Numba backend with a warm on-disk cache.
+$PY bench/first_call.py --runs 5 | tee "$out/first_call.txt"

@@ -1,0 +1,890 @@
+"""``fastadam bench``: how close each backend's Adam step comes to the memory roofline.
+
+An Adam step is memory-bound. In float32 it reads θ, g, m, v and writes θ, m, v
+back: 7 × 4 = 28 bytes per element (56 in float64), for a handful of flops. So
+the yardstick is not a FLOP count but the bandwidth the machine can sustain on
+that exact access pattern. This command measures, in order:
+
+1. **the roofline**: a trivial Numba kernel that moves the same bytes as a step
+   (``p += g; m += g; v += g*g``: reads four arrays, writes three in place),
+   vectorized and parallel over the same thread count, best of several runs at
+   the largest size measured (or at every size, ``--roofline-per-size``), per dtype;
+2. **each backend at each size**: median seconds per step (after warm-up),
+   effective GB/s, fraction of the roofline, speed-up over the NumPy reference
+   and over ``torch.optim.Adam(fused=True)`` (when torch is installed; torch's
+   ``fused=True`` and ``foreach=True`` optimizers are measured too, over one
+   tensor of ``n`` elements that shares the NumPy buffers);
+3. **the per-call cost** of a 1,024-element float32 step, validation included.
+
+It then prints a table (``--markdown`` for Markdown), checks the project's speed
+targets, and optionally writes ``--json`` records and a ``--plot``.
+
+Only the public API is used (:func:`fastadam.adam_step`,
+:func:`fastadam.set_num_threads`, ...), so what is measured is what a user gets.
+
+Run ``python -m fastadam bench --help`` or ``fastadam-bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import fastadam
+
+#: Backend names this command knows, in table order.
+FASTADAM_BACKENDS: tuple[str, ...] = ("numpy", "numba", "c")
+TORCH_BACKENDS: tuple[str, ...] = ("torch-fused", "torch-foreach")
+ALL_BACKENDS: tuple[str, ...] = FASTADAM_BACKENDS + TORCH_BACKENDS
+
+#: Default sweep (elements). With the default --min-time the whole run takes
+#: about a minute on 2 cores.
+DEFAULT_SIZES: tuple[int, ...] = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
+#: Elements of the per-call-cost step (small enough that the call overhead,
+#: validation included, dominates).
+PER_CALL_N = 1024
+#: Refuse sizes past this: four float64 arrays of 2^30 elements are 32 GiB.
+MAX_SIZE = 1 << 30
+
+#: Default seconds spent timing each (backend, size) pair.
+DEFAULT_MIN_TIME = 1.0
+#: Timed calls per measurement: at least this many (even past --min-time, so
+#: the largest sizes still get a meaningful median) and at most that many.
+MIN_REPEATS = 5
+MAX_REPEATS = 200_000
+
+#: Project speed targets (see BENCHMARKS.md).
+TARGET_LARGE_N = 1 << 24  # "large": at least this many float32 elements
+TARGET_ROOFLINE_FRACTION = 0.90
+TARGET_SPEEDUP_VS_NUMPY = 6.0
+TARGET_SPEEDUP_VS_TORCH_LARGE = 1.0
+TARGET_IN_CACHE = (1 << 16, 1 << 20)  # inclusive range of "in cache" sizes
+TARGET_SPEEDUP_VS_TORCH_IN_CACHE = 2.0
+TARGET_PER_CALL_US = {"c": 5.0, "numba": 10.0}
+
+_PLOT_HINT = "--plot needs matplotlib, which is optional: pip install 'fastadam[plot]'"
+
+
+class BenchError(Exception):
+    """A usage error the command reports in one line before exiting with status 2."""
+
+
+# -- argument parsing ------------------------------------------------------------
+
+
+def parse_size(token: str) -> int:
+    """One size: ``2^k`` (or ``2**k``) or a plain positive integer, in elements."""
+    t = token.strip()
+    try:
+        if "^" in t or "**" in t:
+            base, exp = t.replace("**", "^").split("^")
+            if base.strip() != "2":
+                raise ValueError
+            n = 1 << int(exp)
+        else:
+            n = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad size {token!r}: expected 2^k (e.g. 2^20) or a positive integer"
+        ) from None
+    if not 1 <= n <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"bad size {token!r}: must be between 1 and 2^{MAX_SIZE.bit_length() - 1} elements"
+        )
+    return n
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"2^16,2^20,4096"`` -> ``[4096, 65536, 1048576]`` (sorted, duplicates dropped)."""
+    tokens = [t for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise argparse.ArgumentTypeError("--sizes is empty: give e.g. 2^16,2^20")
+    return sorted({parse_size(t) for t in tokens})
+
+
+def parse_backends(text: str) -> list[str]:
+    """``"numba,c,torch-fused"`` -> the names, checked against :data:`ALL_BACKENDS`."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--backends is empty")
+    for name in names:
+        if name not in ALL_BACKENDS:
+            raise argparse.ArgumentTypeError(
+                f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}"
+            )
+    return [b for b in ALL_BACKENDS if b in names]  # table order, no duplicates
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return x
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser (``prog`` is the name shown in usage lines)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Measure fastadam's Adam step against the machine's memory roofline "
+            "(28 bytes/element float32, 56 float64), the NumPy reference and torch."
+        ),
+        epilog=(
+            "Sizes are elements per array: 2^k or plain integers. The default run "
+            "(2^12..2^24 float32, every installed backend) takes about a minute on 2 cores."
+        ),
+    )
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=list(DEFAULT_SIZES),
+        metavar="LIST",
+        help="comma-separated sizes in elements, e.g. 2^16,2^20,1000000 "
+        "(default: 2^12,2^16,2^20,2^22,2^24)",
+    )
+    p.add_argument(
+        "--backends",
+        type=parse_backends,
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(ALL_BACKENDS)} "
+        "(default: every one that is installed)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "both"),
+        default="float32",
+        help="(default: float32)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="threads for fastadam (set_num_threads), the roofline kernel and torch "
+        "(default: fastadam.get_num_threads())",
+    )
+    p.add_argument(
+        "--min-time",
+        type=_positive_float,
+        default=DEFAULT_MIN_TIME,
+        metavar="SECONDS",
+        help=f"time spent timing each backend at each size (default: {DEFAULT_MIN_TIME}); "
+        f"at least {MIN_REPEATS} timed steps are taken whatever it says",
+    )
+    p.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="exactly N timed steps per measurement after one warm-up step, "
+        "instead of --min-time (for smoke tests; medians of few steps are noisy)",
+    )
+    p.add_argument(
+        "--roofline-per-size",
+        action="store_true",
+        help="measure the roofline at every size (in-cache sizes get their own ceiling) "
+        "instead of only at the largest",
+    )
+    p.add_argument(
+        "--no-per-call",
+        action="store_true",
+        help=f"skip the per-call cost measurement ({PER_CALL_N}-element float32 step)",
+    )
+    p.add_argument("--json", metavar="FILE", default=None, help="write the records as JSON")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="plot GB/s against size (needs matplotlib: pip install 'fastadam[plot]')",
+    )
+    p.add_argument(
+        "--markdown", action="store_true", help="print the header and tables as Markdown"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+# -- formatting ----------------------------------------------------------------
+
+
+def format_n(n: int) -> str:
+    """``2^20`` for powers of two, the plain number otherwise."""
+    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+
+
+def format_seconds(s: float) -> str:
+    """A duration with a unit that keeps 3-4 significant digits."""
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1.0:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.3f} s"
+
+
+def _fmt_ratio(x: float | None, suffix: str = "×") -> str:
+    return "-" if x is None else f"{x:.2f}{suffix}"
+
+
+def render_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool, right: Sequence[bool]
+) -> str:
+    """Aligned plain-text columns, or a Markdown table (``right``: right-align column i)."""
+    if markdown:
+        sep = ["---:" if r else "---" for r in right]
+        lines = [headers, sep, *rows]
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        cols = zip(cells, widths, right, strict=True)
+        padded = (c.rjust(w) if r else c.ljust(w) for c, w, r in cols)
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# -- what is measured ----------------------------------------------------------
+
+
+def bytes_per_element(dtype: np.dtype | str) -> int:
+    """Bytes one Adam step moves per element: 4 arrays read + 3 written."""
+    return 7 * np.dtype(dtype).itemsize
+
+
+def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """(θ, g, m, v): ``n`` elements each, mid-training-like values.
+
+    No gradient is exactly zero and v > 0, so neither moment decays towards the
+    subnormal range over many steps (subnormal arithmetic is slow on x86 and
+    would measure the FPU instead of memory).
+    """
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n, dtype=dt)
+    g = rng.standard_normal(n, dtype=dt)
+    g[g == 0] = 1  # vanishingly rare, but a zero gradient would let m decay to subnormal
+    m = rng.standard_normal(n, dtype=dt)
+    m *= 0.1
+    v = rng.random(n, dtype=dt)
+    v *= 0.01
+    v += 1e-4
+    return p, g, m, v
+
+
+def _fastadam_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], None]:
+    p, g, m, v = state
+    steps = itertools.count(1)  # a real training loop's step counter
+    adam_step = fastadam.adam_step
+
+    def run() -> None:
+        adam_step(p, g, m, v, step=next(steps), lr=1e-3, backend=backend)
+
+    return run
+
+
+def _torch_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
+    import torch
+
+    p, g = state[0], state[1]
+    # The same memory as the NumPy arrays: torch steps the very buffer fastadam does.
+    tp = torch.from_numpy(p).requires_grad_(True)
+    tp.grad = torch.from_numpy(g)
+    kind = {"torch-fused": {"fused": True}, "torch-foreach": {"foreach": True}}[backend]
+    opt = torch.optim.Adam([tp], lr=1e-3, **kind)
+    return opt.step
+
+
+def make_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
+    """A no-argument callable doing one Adam step of ``backend`` over ``state``."""
+    if backend in TORCH_BACKENDS:
+        return _torch_step(backend, state)
+    return _fastadam_step(backend, state)
+
+
+def time_calls(
+    fn: Callable[[], Any], *, min_time: float, repeat: int | None, best: bool = False
+) -> tuple[float, int]:
+    """(median seconds per call, or the minimum if ``best``; number of timed calls).
+
+    Warm-up first (JIT loading, torch's lazy state, page faults, caches): one call
+    with ``repeat``, otherwise at least two calls and about a tenth of
+    ``min_time``. Each call is timed on its own: the median of single calls is
+    robust to the odd descheduling on a shared machine.
+    """
+    clock = time.perf_counter
+    if repeat is not None:
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = clock()
+            fn()
+            times.append(clock() - t0)
+    else:
+        t_end = clock() + min_time / 10
+        for i in itertools.count():
+            fn()
+            if i >= 1 and clock() >= t_end:
+                break
+        times = []
+        t_end = clock() + min_time
+        while True:
+            t0 = clock()
+            fn()
+            t1 = clock()
+            times.append(t1 - t0)
+            if len(times) >= MAX_REPEATS or (len(times) >= MIN_REPEATS and t1 >= t_end):
+                break
+    return (min(times) if best else statistics.median(times)), len(times)
+
+
+_roofline_kernel: Callable[..., None] | None = None
+
+
+def _get_roofline_kernel() -> Callable[..., None]:
+    """The roofline kernel, compiled on first use (and cached on disk)."""
+    global _roofline_kernel
+    if _roofline_kernel is None:
+        # fastadam's Numba backend picks Numba's threading layer when it loads;
+        # load it first so the roofline runs on the same layer as the backend.
+        fastadam.available_backends()
+        import numba
+
+        # error_model="numpy": no ZeroDivisionError bookkeeping, nothing that
+        # blocks vectorization. No allocation: every element is updated in place.
+        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        def move_step_bytes(p, g, m, v):  # pragma: no cover - compiled
+            for i in numba.prange(p.size):
+                gi = g[i]
+                p[i] += gi
+                m[i] += gi
+                v[i] += gi * gi  # stays >= 0, like a second moment
+
+        _roofline_kernel = move_step_bytes
+    return _roofline_kernel
+
+
+def measure_roofline(
+    n: int, dtype: np.dtype | str, threads: int, *, min_time: float, repeat: int | None
+) -> float:
+    """Best-case GB/s of the step's access pattern (4 reads + 3 writes) over ``n`` elements.
+
+    Best of several runs, not the median: this is the upper bound a step can
+    reach on this machine, with ``threads`` Numba threads.
+    """
+    import numba
+
+    kernel = _get_roofline_kernel()
+    dt = np.dtype(dtype)
+    arrays = [np.full(n, x, dtype=dt) for x in (1.0, 0.5, 0.1, 0.01)]  # np.full touches every page
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    best, _ = time_calls(lambda: kernel(*arrays), min_time=min_time, repeat=repeat, best=True)
+    return bytes_per_element(dt) * n / best / 1e9
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU-seconds of the whole machine, CPU-seconds of this process) so far.
+
+    Linux only (``/proc/stat``); None elsewhere. The difference over the run is
+    what *other* processes took from the cores being measured.
+    """
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    guest = sum(ticks[8:10])  # already counted in user/nice
+    busy = sum(ticks) - idle - guest
+    hz = os.sysconf("SC_CLK_TCK")
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / hz, me.ru_utime + me.ru_stime
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, threads, library versions, ISA, threading layer."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run in this process yet
+        layer = None
+    torch_version = None
+    if "torch" in sys.modules:
+        torch_version = sys.modules["torch"].__version__
+    elif importlib.util.find_spec("torch") is not None:
+        torch_version = "installed, not loaded"
+    isa = None
+    try:
+        # Optional extra: the C library says which SIMD variant it dispatched to.
+        isa = fastadam.backends.get("c").isa()
+    except Exception:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "threads": threads,
+        "fastadam": fastadam.__version__,
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threading_layer": layer,
+        "torch": torch_version,
+        "c_isa": isa,
+        "backends_unavailable": fastadam.unavailable_reasons(),
+    }
+
+
+Roofline = dict[str, dict[int, float]]  # dtype -> {n: GB/s}
+
+
+def roofline_for(roofline: Roofline, dtype: str, n: int) -> float | None:
+    """The roofline a record of ``n`` elements is compared with.
+
+    The one measured at ``n`` with ``--roofline-per-size``, otherwise the one
+    measured at the largest size.
+    """
+    per_size = roofline.get(dtype)
+    if not per_size:
+        return None
+    return per_size.get(n, per_size[max(per_size)])
+
+
+def header_lines(info: dict[str, Any], roofline: Roofline) -> list[str]:
+    """The header printed above the tables."""
+    lines = [
+        f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
+        f"{info['platform']}",
+        f"threads: {info['threads']} (fastadam, roofline kernel and torch alike)",
+        f"versions: fastadam {info['fastadam']}, python {info['python']}, numpy {info['numpy']}, "
+        f"numba {info['numba']} (threading layer {info['numba_threading_layer']}), "
+        f"torch {info['torch'] or 'not installed'}",
+        f"C backend ISA: {info['c_isa'] or 'n/a'}",
+    ]
+    busy = info.get("others_busy_cores")
+    if busy is not None:
+        lines.append(f"other processes: {busy:.2f} cores busy on average during the run")
+    for name, why in info["backends_unavailable"].items():
+        lines.append(f"unavailable: {name}: {why}")
+    for dt, per_size in roofline.items():
+        at = ", ".join(f"{gbps:.1f} GB/s at n={format_n(n)}" for n, gbps in per_size.items())
+        lines.append(
+            f"roofline {dt}: {at} ({bytes_per_element(dt)} B/element moved by "
+            "p+=g; m+=g; v+=g*g in Numba, best of runs)"
+        )
+    return lines
+
+
+# -- records, tables, targets -------------------------------------------------------
+
+
+def _record(
+    kind: str, backend: str, n: int, dtype: str, median: float, repeats: int, threads: int,
+    roofline_gbps: float | None,
+) -> dict[str, Any]:
+    gbps = bytes_per_element(dtype) * n / median / 1e9
+    return {
+        "kind": kind,
+        "backend": backend,
+        "n": n,
+        "dtype": dtype,
+        "median_s": median,
+        "repeats": repeats,
+        "gbps": gbps,
+        "roofline_gbps": roofline_gbps,
+        "roofline_fraction": None if roofline_gbps is None else gbps / roofline_gbps,
+        "speedup_vs_numpy": None,
+        "threads": threads,
+    }
+
+
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    """Fill ``speedup_vs_numpy`` and ``speedup_vs_torch_fused`` from records of the same size."""
+    by_key = {(r["kind"], r["backend"], r["n"], r["dtype"]): r for r in records}
+    for r in records:
+        key = (r["kind"], r["n"], r["dtype"])
+        ref = by_key.get((key[0], "numpy", *key[1:]))
+        if ref is not None:
+            r["speedup_vs_numpy"] = ref["median_s"] / r["median_s"]
+        tf = by_key.get((key[0], "torch-fused", *key[1:]))
+        if tf is not None:
+            r["speedup_vs_torch_fused"] = tf["median_s"] / r["median_s"]
+
+
+def sweep_table(records: list[dict[str, Any]], markdown: bool) -> str:
+    """The main table: one row per (dtype, size, backend)."""
+    with_torch = any("speedup_vs_torch_fused" in r for r in records)
+    headers = ["backend", "dtype", "n", "median/step", "GB/s", "roofline", "vs numpy"]
+    if with_torch:
+        headers.append("vs torch-fused")
+    rows = []
+    for r in records:
+        frac = r["roofline_fraction"]
+        row = [
+            r["backend"],
+            r["dtype"],
+            format_n(r["n"]),
+            format_seconds(r["median_s"]),
+            f"{r['gbps']:.1f}",
+            "-" if frac is None else f"{frac * 100:.0f}%",
+            _fmt_ratio(r["speedup_vs_numpy"]),
+        ]
+        if with_torch:
+            row.append(_fmt_ratio(r.get("speedup_vs_torch_fused")))
+        rows.append(row)
+    right = [False, False, True, True, True, True, True, True][: len(headers)]
+    return render_table(headers, rows, markdown, right)
+
+
+def per_call_table(records: list[dict[str, Any]], markdown: bool) -> str:
+    """Per-call cost of a small step, with the target where there is one."""
+    rows = []
+    for r in records:
+        us = r["median_s"] * 1e6
+        target = TARGET_PER_CALL_US.get(r["backend"])
+        verdict = "-" if target is None else ("met" if us <= target else "NOT MET")
+        rows.append(
+            [r["backend"], f"{us:.2f}", "-" if target is None else f"<= {target:g}", verdict]
+        )
+    return render_table(
+        ["backend", "median µs/call", "target µs", ""], rows, markdown, [False, True, True, False]
+    )
+
+
+def evaluate_targets(
+    records: list[dict[str, Any]], per_call: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each speed target that the measured data can decide: what, measured, goal, met."""
+    out: list[dict[str, Any]] = []
+
+    def check(r: dict[str, Any], what: str, value: float | None, goal: float, lower: bool) -> None:
+        if value is None:
+            return
+        out.append(
+            {
+                "backend": r["backend"],
+                "n": r["n"],
+                "target": what,
+                "value": value,
+                "goal": goal,
+                "met": value <= goal if lower else value >= goal,
+            }
+        )
+
+    for r in records:
+        if r["backend"] not in ("c", "numba") or r["dtype"] != "float32":
+            continue
+        if r["n"] >= TARGET_LARGE_N:
+            check(r, "fraction of roofline", r["roofline_fraction"], TARGET_ROOFLINE_FRACTION,
+                  False)
+            check(r, "speed-up vs numpy", r["speedup_vs_numpy"], TARGET_SPEEDUP_VS_NUMPY, False)
+            check(
+                r,
+                "speed-up vs torch fused",
+                r.get("speedup_vs_torch_fused"),
+                TARGET_SPEEDUP_VS_TORCH_LARGE,
+                False,
+            )
+        elif TARGET_IN_CACHE[0] <= r["n"] <= TARGET_IN_CACHE[1]:
+            check(
+                r,
+                "speed-up vs torch fused (in cache)",
+                r.get("speedup_vs_torch_fused"),
+                TARGET_SPEEDUP_VS_TORCH_IN_CACHE,
+                False,
+            )
+    for r in per_call:
+        goal = TARGET_PER_CALL_US.get(r["backend"])
+        if goal is not None:
+            check(r, f"µs per {format_n(r['n'])}-element call", r["median_s"] * 1e6, goal, True)
+    return out
+
+
+def targets_table(targets: list[dict[str, Any]], markdown: bool) -> str:
+    rows = [
+        [
+            t["backend"],
+            format_n(t["n"]),
+            t["target"],
+            f"{t['value']:.2f}",
+            ("<= " if t["target"].startswith("µs") else ">= ") + f"{t['goal']:g}",
+            "met" if t["met"] else "NOT MET",
+        ]
+        for t in targets
+    ]
+    return render_table(
+        ["backend", "n", "target", "measured", "goal", ""],
+        rows,
+        markdown,
+        [False, True, False, True, True, False],
+    )
+
+
+def write_plot(
+    records: list[dict[str, Any]], roofline: Roofline, path: str, title: str
+) -> None:
+    """GB/s against size (log2 x axis), one line per backend and dtype, rooflines dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+    keys = sorted(
+        {(r["dtype"], r["backend"]) for r in records},
+        key=lambda k: (k[0], ALL_BACKENDS.index(k[1])),
+    )
+    styles = {"float32": "-", "float64": ":"}
+    palette = ("tab:gray", "tab:blue", "tab:red", "tab:green", "tab:olive")
+    colors = dict(zip(ALL_BACKENDS, palette, strict=True))
+    multi = len({k[0] for k in keys}) > 1
+    for dt, backend in keys:
+        rs = sorted(
+            (r for r in records if r["dtype"] == dt and r["backend"] == backend),
+            key=lambda r: r["n"],
+        )
+        label = f"{backend} {dt}" if multi else backend
+        ax.plot([r["n"] for r in rs], [r["gbps"] for r in rs], styles[dt], marker="o",
+                color=colors[backend], label=label)
+    for dt, per_size in roofline.items():
+        if len(per_size) == 1:  # measured at the largest size: a ceiling for all sizes
+            ((n, gbps),) = per_size.items()
+            ax.axhline(gbps, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"roofline {dt}: {gbps:.0f} GB/s (at {format_n(n)})", (0.01, gbps),
+                        xycoords=("axes fraction", "data"), xytext=(0, 3),
+                        textcoords="offset points", va="bottom", fontsize=8)
+        else:
+            ns = sorted(per_size)
+            ax.plot(ns, [per_size[n] for n in ns], "--", color="black", linewidth=1,
+                    label=f"roofline {dt}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("elements per array")
+    ax.set_ylabel("effective GB/s (7 × itemsize bytes/element)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- the command -----------------------------------------------------------------
+
+
+def _resolve_backends(requested: list[str] | None) -> tuple[list[str], list[str]]:
+    """(backends to run, notes about default ones skipped); raise if a named one cannot run."""
+    has_torch = importlib.util.find_spec("torch") is not None
+    available = set(fastadam.available_backends())
+    reasons = fastadam.unavailable_reasons()
+    if requested is None:
+        run, notes = [], []
+        for b in ALL_BACKENDS:
+            if b in TORCH_BACKENDS and not has_torch:
+                notes.append(f"skipping {b}: torch is not installed "
+                             "(pip install 'fastadam[torch]')")
+            elif b in FASTADAM_BACKENDS and b not in available:
+                notes.append(f"skipping {b}: {reasons.get(b, 'unavailable')}")
+            else:
+                run.append(b)
+        return run, notes
+    for b in requested:
+        if b in TORCH_BACKENDS and not has_torch:
+            raise BenchError(f"backend {b!r} needs torch, which is not installed")
+        if b in FASTADAM_BACKENDS and b not in available:
+            why = reasons.get(b, "unknown reason")
+            raise BenchError(f"backend {b!r} is unavailable here: {why}")
+    return list(requested), []
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the benchmark; return the exit status (0 ok, 2 usage error).
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``prog`` is the name in usage lines.
+    """
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, message already printed)
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except BenchError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        # Check before measuring anything: a minute of work then a crash is rude.
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError(_PLOT_HINT) from None
+    backends, notes = _resolve_backends(args.backends)
+    for note in notes:
+        print(note, file=sys.stderr)
+    if not backends:
+        raise BenchError("no backend to measure")
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    sizes: list[int] = args.sizes
+
+    uses_torch = any(b in TORCH_BACKENDS for b in backends)
+    if uses_torch:
+        import torch
+    if args.threads is not None:
+        fastadam.set_num_threads(args.threads)
+    threads = fastadam.get_num_threads()
+    if uses_torch:
+        # Same thread count for torch, or the comparison says nothing.
+        torch.set_num_threads(threads)
+
+    from tqdm import tqdm
+
+    cpu_before = _cpu_seconds()
+    wall_before = time.perf_counter()
+    per_call = not args.no_per_call
+    roof_sizes = sizes if args.roofline_per_size else [max(sizes)]
+    total = len(dtypes) * (len(roof_sizes) + len(sizes) * len(backends))
+    total += len(backends) if per_call else 0
+    bar = tqdm(total=total, file=sys.stderr, unit="run", disable=True if args.no_progress else None,
+               leave=False, dynamic_ncols=True)
+    timing = {"min_time": args.min_time, "repeat": args.repeat}
+    roofline: Roofline = {}
+    records: list[dict[str, Any]] = []
+    per_call_records: list[dict[str, Any]] = []
+    try:
+        for dt in dtypes:
+            roofline[dt] = {}
+            for n in reversed(roof_sizes):  # largest first: the one that always counts
+                bar.set_description(f"roofline {dt} {format_n(n)}")
+                roofline[dt][n] = measure_roofline(n, dt, threads, **timing)
+                bar.update()
+            roofline[dt] = dict(sorted(roofline[dt].items()))
+        for dt in dtypes:
+            for n in sizes:
+                state = make_state(n, dt)
+                for b in backends:
+                    bar.set_description(f"{b} {dt} {format_n(n)}")
+                    median, reps = time_calls(make_step(b, state), **timing)
+                    records.append(
+                        _record("sweep", b, n, dt, median, reps, threads,
+                                roofline_for(roofline, dt, n))
+                    )
+                    bar.update()
+                del state
+        if per_call:
+            state = make_state(PER_CALL_N, "float32")
+            for b in backends:
+                bar.set_description(f"{b} per call")
+                median, reps = time_calls(make_step(b, state), **timing)
+                per_call_records.append(
+                    _record("per_call", b, PER_CALL_N, "float32", median, reps, threads,
+                            roofline_for(roofline, "float32", max(sizes)))
+                )
+                bar.update()
+    finally:
+        bar.close()
+    wall = time.perf_counter() - wall_before
+    add_speedups(records)
+    add_speedups(per_call_records)
+
+    info = machine_info(threads)
+    cpu_after = _cpu_seconds()
+    if cpu_before is not None and cpu_after is not None:
+        others = max(0.0, (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1]))
+        info["others_busy_cores"] = others / wall
+    md = args.markdown
+    out = []
+    for line in header_lines(info, roofline):
+        out.append(f"- {line}" if md else line)
+    out += ["", "Adam step (median of timed steps; GB/s counts 7 × itemsize bytes per element):",
+            ""]
+    out.append(sweep_table(records, md))
+    if per_call_records:
+        out += ["", f"Per-call cost, {PER_CALL_N}-element float32 step (validation included):", ""]
+        out.append(per_call_table(per_call_records, md))
+    targets = evaluate_targets(records, per_call_records)
+    if targets:
+        out += ["", "Speed targets:", "", targets_table(targets, md)]
+    print("\n".join(out))
+
+    # The roofline must bound every backend at the size it was measured at; if
+    # one beats it, the machine was busy during the roofline run (or the kernel
+    # is not at the memory limit) and every fraction above is suspect.
+    for r in records:
+        gbps = roofline[r["dtype"]].get(r["n"])
+        if gbps is not None and r["gbps"] > 1.05 * gbps:
+            print(
+                f"warning: {r['backend']} ({r['gbps']:.1f} GB/s) beat the {r['dtype']} roofline "
+                f"({gbps:.1f} GB/s) at n={format_n(r['n'])}: was the machine busy? "
+                "rerun to confirm",
+                file=sys.stderr,
+            )
+
+    busy = info.get("others_busy_cores")
+    if busy is not None and busy > 0.1:
+        print(
+            f"warning: other processes kept {busy:.2f} of {info['usable_cores']} cores busy "
+            "during the run: the numbers above are not those of a quiet machine",
+            file=sys.stderr,
+        )
+
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump(records + per_call_records, f, indent=1)
+            f.write("\n")
+    if args.plot is not None:
+        title = f"fastadam Adam step, {info['cpu']}, {threads} threads"
+        write_plot(records, roofline, args.plot, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

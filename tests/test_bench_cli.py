@@ -1,0 +1,231 @@
+"""The benchmark command line (``python -m fastadam bench`` / ``fastadam-bench``).
+
+These tests check what the command accepts, refuses and writes, on tiny sizes
+with one timed step per measurement. They never judge the timings themselves
+(speed is the benchmark's business, not the tests').
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastadam
+from fastadam import bench
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+REQUIRED_FIELDS = (
+    "backend", "n", "dtype", "median_s", "gbps", "roofline_fraction", "speedup_vs_numpy", "threads",
+)
+
+
+@pytest.fixture
+def restore_threads():
+    """main() sets process-wide thread counts (fastadam's and torch's): put them back."""
+    before = fastadam.get_num_threads()
+    torch_before = None
+    if HAS_TORCH:
+        import torch
+
+        torch_before = torch.get_num_threads()
+    yield
+    fastadam.set_num_threads(before)
+    if torch_before is not None:
+        import torch
+
+        torch.set_num_threads(torch_before)
+
+
+def _env_for_subprocess() -> dict[str, str]:
+    # The child must import the same fastadam as this process (source tree or installed).
+    env = dict(os.environ)
+    pkg_parent = str(Path(fastadam.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+# -- a real (tiny) run ----------------------------------------------------------------
+
+
+def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_threads):
+    backends = ["numpy", "numba"] + (["torch-fused"] if HAS_TORCH else [])
+    out_json = tmp_path / "bench.json"
+    argv = [
+        "--sizes", "2^10,4096",
+        "--backends", ",".join(backends),
+        "--threads", "1",
+        "--repeat", "1",
+        "--no-progress",
+        "--markdown",
+        "--json", str(out_json),
+    ]
+    if HAS_MPL:
+        argv += ["--plot", str(tmp_path / "bench.png")]
+    assert bench.main(argv) == 0
+    stdout = capsys.readouterr().out
+
+    records = json.loads(out_json.read_text())
+    sweep = [r for r in records if r["kind"] == "sweep"]
+    per_call = [r for r in records if r["kind"] == "per_call"]
+    assert sorted((r["backend"], r["n"]) for r in sweep) == sorted(
+        (b, n) for b in backends for n in (1024, 4096)
+    )
+    assert sorted(r["backend"] for r in per_call) == sorted(backends)
+    for r in records:
+        for field in REQUIRED_FIELDS:
+            assert field in r, (field, r)
+        assert r["dtype"] == "float32"
+        assert r["threads"] == 1
+        assert r["median_s"] > 0
+        # GB/s is the 28 bytes/element float32 step over the median time.
+        assert math.isclose(r["gbps"], 28 * r["n"] / r["median_s"] / 1e9, rel_tol=1e-9)
+        assert math.isclose(r["roofline_fraction"], r["gbps"] / r["roofline_gbps"], rel_tol=1e-9)
+        numpy_row = next(
+            x
+            for x in records
+            if (x["kind"], x["n"], x["backend"]) == (r["kind"], r["n"], "numpy")
+        )
+        assert math.isclose(r["speedup_vs_numpy"], numpy_row["median_s"] / r["median_s"])
+        if HAS_TORCH:
+            assert "speedup_vs_torch_fused" in r
+        else:
+            assert "speedup_vs_torch_fused" not in r
+
+    # The roofline is measured at the largest size and reported in the header.
+    assert "roofline float32:" in stdout and "at n=2^12" in stdout
+    assert "threading layer" in stdout
+    lines = stdout.splitlines()
+    assert sum(line.startswith("| numba | float32 | 2^1") for line in lines) == 2  # the sweep
+    assert sum(line.startswith("| numba | 2^10 | µs per") for line in lines) == 1  # targets
+    if HAS_MPL:
+        assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- argument checking (nothing is measured) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2^16", [65536]),
+        ("2^10, 4096,2**3", [8, 1024, 4096]),
+        ("1000,1000,2^0", [1, 1000]),
+    ],
+)
+def test_parse_sizes_accepts_powers_and_ints(text, expected):
+    assert bench.parse_sizes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["2^x", "3^4", "0", "-5", "abc", "1.5", ",", "2^40"])
+def test_bad_size_is_a_usage_error(bad, capsys):
+    assert bench.main(["--sizes", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err
+    assert "size" in err
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    assert bench.main(["--backends", "numpy,cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown backend 'cuda'" in err
+    assert "torch-fused" in err  # the message lists the valid names
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
+    # A None entry in sys.modules makes `import matplotlib` raise ImportError.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "x.png"
+    assert bench.main(["--sizes", "2^10", "--repeat", "1", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'fastadam[plot]'" in err
+    assert not png.exists()
+
+
+def test_render_table_aligns_columns():
+    text = bench.render_table(
+        ["name", "value"], [["a", "1.5"], ["longer", "10.25"]], markdown=False, right=[False, True]
+    )
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "value"]
+    # Right-aligned numbers end in the same column; the name column is padded.
+    assert lines[2].index("1.5") + 3 == lines[3].index("10.25") + 5
+    assert lines[2].startswith("a     ")
+    md = bench.render_table(["name", "value"], [["a", "1.5"]], markdown=True, right=[False, True])
+    assert md.splitlines() == ["| name | value |", "| --- | ---: |", "| a | 1.5 |"]
+
+
+def _rec(backend, n, median_s, kind="sweep", roofline_gbps=100.0):
+    r = bench._record(kind, backend, n, "float32", median_s, 5, 2, roofline_gbps)
+    return r
+
+
+def test_speedups_and_targets_are_computed_from_the_records():
+    n = 1 << 24
+    records = [
+        _rec("numpy", n, 1.0),
+        _rec("c", n, 0.1),  # 10x numpy, 4.70 GB/s
+        _rec("numba", n, 0.2),  # 5x numpy
+        _rec("torch-fused", n, 0.15),
+        _rec("c", 1 << 16, 1e-5),
+        _rec("torch-fused", 1 << 16, 1.5e-5),  # c is 1.5x: in-cache target (2x) missed
+    ]
+    bench.add_speedups(records)
+    assert records[1]["speedup_vs_numpy"] == pytest.approx(10.0)
+    assert records[2]["speedup_vs_torch_fused"] == pytest.approx(0.75)
+    assert records[4]["speedup_vs_numpy"] is None  # no numpy row at 2^16
+    per_call = [_rec("c", 1024, 4e-6, kind="per_call"), _rec("numba", 1024, 12e-6, kind="per_call")]
+    got = {
+        (t["backend"], t["n"], t["target"]): t["met"]
+        for t in bench.evaluate_targets(records, per_call)
+    }
+    assert got == {
+        ("c", n, "fraction of roofline"): False,  # 4.7 GB/s of 100
+        ("c", n, "speed-up vs numpy"): True,
+        ("c", n, "speed-up vs torch fused"): True,
+        ("numba", n, "fraction of roofline"): False,
+        ("numba", n, "speed-up vs numpy"): False,
+        ("numba", n, "speed-up vs torch fused"): False,
+        ("c", 1 << 16, "speed-up vs torch fused (in cache)"): False,
+        ("c", 1024, "µs per 2^10-element call"): True,
+        ("numba", 1024, "µs per 2^10-element call"): False,
+    }
+
+
+# -- python -m fastadam ---------------------------------------------------------------
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastadam", *args],
+        capture_output=True,
+        text=True,
+        env=_env_for_subprocess(),
+        timeout=120,
+    )
+
+
+def test_module_bench_help():
+    proc = _run_module("bench", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m fastadam bench" in proc.stdout
+    for option in ("--sizes", "--backends", "--dtype", "--threads", "--json", "--plot"):
+        assert option in proc.stdout
+
+
+@pytest.mark.parametrize("args", [(), ("frobnicate",)])
+def test_module_without_a_known_command_prints_usage_and_exits_2(args):
+    proc = _run_module(*args)
+    assert proc.returncode == 2
+    assert "usage: python -m fastadam <command>" in proc.stderr
+    assert "bench" in proc.stderr
+    if args:
+        assert "unknown command 'frobnicate'" in proc.stderr

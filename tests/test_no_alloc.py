@@ -1,0 +1,146 @@
+"""The fast kernels update in place: no memory proportional to the array size.
+
+A step that allocated a temporary per array would double the memory traffic
+of a memory-bound update (and the peak memory of a large model). Three views:
+
+* ``tracemalloc`` sees every allocation made through Python's and NumPy's
+  allocators: the fast backends' peak during a 2^20-element step stays tiny,
+  while the NumPy reference (the control, so the check can fail) allocates
+  whole-array temporaries;
+* the process's peak resident memory (``ru_maxrss``) also sees what C's
+  ``malloc`` or Numba's runtime would allocate, which tracemalloc cannot: it
+  must not grow during a large step on a fast backend (again with NumPy as
+  the control);
+* the Numba kernels load from the on-disk cache in a fresh process instead of
+  being compiled again (a cache miss costs seconds at every start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import FAST_BACKENDS, make_state
+
+import fastadam
+
+N = 1 << 20  # past the parallel threshold, so the threaded path is the one checked
+PEAK_LIMIT = 64 * 1024  # bytes: a few Python objects per call, nothing per element
+
+
+def _traced_peak_of_one_step(backend: str) -> int:
+    p, g, m, v, _ = make_state(N, np.float32)
+    # Warm-up outside the trace: JIT cache loading, thread pools, lazy imports.
+    fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, backend=backend)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fastadam.adam_step(p, g, m, v, step=2, lr=1e-3, backend=backend)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def test_fast_backend_step_allocates_nothing_per_element(fast_backend):
+    peak = _traced_peak_of_one_step(fast_backend)
+    assert peak < PEAK_LIMIT, f"{fast_backend}: {peak} bytes traced during a {N}-element step"
+
+
+def test_numpy_reference_allocates_temporaries():
+    # The control: the measurement does see whole-array temporaries.
+    peak = _traced_peak_of_one_step("numpy")
+    assert peak >= N * 4, f"numpy reference: only {peak} bytes traced"
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    pkg_parent = str(Path(fastadam.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run_child(code: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        env=_child_env(),
+        timeout=300,
+        cwd=tempfile.gettempdir(),  # not the repo root, where the source tree would shadow it
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+_RSS_CHILD = """
+    import json, resource, sys
+    import numpy as np
+    import fastadam
+
+    def maxrss_bytes():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    backends = sys.argv[1:]
+    small = [np.ones(1 << 20, np.float32) for _ in range(4)]
+    for b in backends:  # warm-up: cache loading and thread pools, at a parallel size
+        fastadam.adam_step(*small, step=1, lr=1e-3, backend=b)
+    n = 1 << 24
+    rng = np.random.default_rng(0)
+    big = [rng.random(n, dtype=np.float32) + 0.5 for _ in range(4)]  # every page touched
+    growth = {}
+    for b in backends:  # numpy last: its temporaries raise the high-water mark for good
+        before = maxrss_bytes()
+        fastadam.adam_step(*big, step=2, lr=1e-3, backend=b)
+        growth[b] = maxrss_bytes() - before
+    print(json.dumps(growth))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+def test_peak_resident_memory_does_not_grow_during_a_large_step():
+    backends = [b for b in FAST_BACKENDS if b in fastadam.available_backends()]
+    if not backends:
+        pytest.skip("no fast backend loads here")
+    growth = json.loads(_run_child(_RSS_CHILD, *backends, "numpy"))
+    array_bytes = (1 << 24) * 4
+    for b in backends:
+        assert growth[b] < array_bytes // 4, f"{b}: peak RSS grew by {growth[b]} bytes"
+    # The control: one whole-array temporary would show up.
+    assert growth["numpy"] >= array_bytes, growth
+
+
+_CACHE_CHILD = """
+    import json
+    import numpy as np
+    import fastadam
+    from fastadam.backends import numba_
+
+    for dtype in (np.float32, np.float64):
+        for n in (1000, 1 << 17):  # the serial kernel, then the parallel one
+            a = [np.ones(n, dtype) for _ in range(4)]
+            fastadam.adam_step(*a, step=1, lr=1e-3, backend="numba")
+    stats = {}
+    for name in ("_serial", "_parallel"):
+        s = getattr(numba_, name).stats
+        stats[name] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
+    print(json.dumps(stats))
+"""
+
+
+def test_numba_kernels_load_from_the_disk_cache_in_a_fresh_process():
+    if "numba" not in fastadam.available_backends():
+        pytest.skip(fastadam.unavailable_reasons().get("numba", "numba unavailable"))
+    _run_child(_CACHE_CHILD)  # fills the cache if it was cold (or stale)
+    stats = json.loads(_run_child(_CACHE_CHILD))
+    for name, (hits, misses) in stats.items():
+        assert misses == 0, f"{name}: {misses} signature(s) compiled again instead of loaded"
+        assert hits >= 2, f"{name}: {hits} cache hits for float32 + float64"
