@@ -178,9 +178,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "float64", "both"),
+        choices=("float32", "float64", "bf16", "both", "all"),
         default="float32",
-        help="(default: float32)",
+        help="float32, float64, bf16 (float32 params with bfloat16 optimizer states, "
+        "20 B/element), both (float32 and float64) or all (default: float32)",
     )
     p.add_argument(
         "--threads",
@@ -273,8 +274,18 @@ def render_table(
 # -- what is measured ----------------------------------------------------------
 
 
+#: The pseudo-dtype of a step with float32 params/grads and bfloat16 states.
+BF16_STATES = "bf16"
+
+
 def bytes_per_element(dtype: np.dtype | str) -> int:
-    """Bytes one Adam step moves per element: 4 arrays read + 3 written."""
+    """Bytes one Adam step moves per element: 4 arrays read + 3 written.
+
+    With bfloat16 states: θ and g (4 B) read, θ written; m, v (2 B) read and
+    written: 3*4 + 4*2 = 20 B.
+    """
+    if dtype == BF16_STATES:
+        return 20
     return 7 * np.dtype(dtype).itemsize
 
 
@@ -285,6 +296,11 @@ def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray
     subnormal range over many steps (subnormal arithmetic is slow on x86 and
     would measure the FPU instead of memory).
     """
+    if dtype == BF16_STATES:
+        from .functional import BFLOAT16
+
+        p, g, m, v = make_state(n, "float32", seed)
+        return p, g, m.astype(BFLOAT16), v.astype(BFLOAT16)
     dt = np.dtype(dtype)
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(n, dtype=dt)
@@ -364,11 +380,11 @@ def time_calls(
     return (min(times) if best else statistics.median(times)), len(times)
 
 
-_roofline_kernel: Callable[..., None] | None = None
+_roofline_kernel: tuple[Callable[..., None], Callable[..., None]] | None = None
 
 
-def _get_roofline_kernel() -> Callable[..., None]:
-    """The roofline kernel, compiled on first use (and cached on disk)."""
+def _get_roofline_kernel() -> tuple[Callable[..., None], Callable[..., None]]:
+    """The roofline kernels (float states, bfloat16 states), compiled on first use."""
     global _roofline_kernel
     if _roofline_kernel is None:
         # fastadam's Numba backend picks Numba's threading layer when it loads;
@@ -386,7 +402,15 @@ def _get_roofline_kernel() -> Callable[..., None]:
                 m[i] += gi
                 v[i] += gi * gi  # stays >= 0, like a second moment
 
-        _roofline_kernel = move_step_bytes
+        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        def move_bf16_step_bytes(p, g, m, v):  # pragma: no cover - compiled
+            # m, v: the bfloat16 states' bits (uint16), read and written.
+            for i in numba.prange(p.size):
+                p[i] += g[i]
+                m[i] ^= 1
+                v[i] ^= 1
+
+        _roofline_kernel = (move_step_bytes, move_bf16_step_bytes)
     return _roofline_kernel
 
 
@@ -400,12 +424,18 @@ def measure_roofline(
     """
     import numba
 
-    kernel = _get_roofline_kernel()
-    dt = np.dtype(dtype)
-    arrays = [np.full(n, x, dtype=dt) for x in (1.0, 0.5, 0.1, 0.01)]  # np.full touches every page
+    float_kernel, bf16_kernel = _get_roofline_kernel()
+    if dtype == BF16_STATES:
+        kernel = bf16_kernel
+        arrays = [np.full(n, x, dtype=np.float32) for x in (1.0, 0.5)]
+        arrays += [np.full(n, x, dtype=np.uint16) for x in (0x3DCC, 0x3C23)]
+    else:
+        kernel = float_kernel
+        # np.full touches every page
+        arrays = [np.full(n, x, dtype=np.dtype(dtype)) for x in (1.0, 0.5, 0.1, 0.01)]
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     best, _ = time_calls(lambda: kernel(*arrays), min_time=min_time, repeat=repeat, best=True)
-    return bytes_per_element(dt) * n / best / 1e9
+    return bytes_per_element(dtype) * n / best / 1e9
 
 
 def _cpu_seconds() -> tuple[float, float] | None:
@@ -526,7 +556,13 @@ def header_lines(info: dict[str, Any], roofline: Roofline) -> list[str]:
 
 
 def _record(
-    kind: str, backend: str, n: int, dtype: str, median: float, repeats: int, threads: int,
+    kind: str,
+    backend: str,
+    n: int,
+    dtype: str,
+    median: float,
+    repeats: int,
+    threads: int,
     roofline_gbps: float | None,
 ) -> dict[str, Any]:
     gbps = bytes_per_element(dtype) * n / median / 1e9
@@ -614,6 +650,7 @@ def evaluate_targets(
                 "target": what,
                 "value": value,
                 "goal": goal,
+                "lower_is_better": lower,
                 "met": value <= goal if lower else value >= goal,
             }
         )
@@ -622,8 +659,9 @@ def evaluate_targets(
         if r["backend"] not in ("c", "numba") or r["dtype"] != "float32":
             continue
         if r["n"] >= TARGET_LARGE_N:
-            check(r, "fraction of roofline", r["roofline_fraction"], TARGET_ROOFLINE_FRACTION,
-                  False)
+            check(
+                r, "fraction of roofline", r["roofline_fraction"], TARGET_ROOFLINE_FRACTION, False
+            )
             check(r, "speed-up vs numpy", r["speedup_vs_numpy"], TARGET_SPEEDUP_VS_NUMPY, False)
             check(
                 r,
@@ -640,6 +678,15 @@ def evaluate_targets(
                 TARGET_SPEEDUP_VS_TORCH_IN_CACHE,
                 False,
             )
+    # bfloat16 states move 20 instead of 28 B/element: the step should take <= 0.75 of
+    # the float32-state step at memory-bound sizes.
+    by_key = {(r["backend"], r["n"], r["dtype"]): r for r in records}
+    for r in records:
+        f32 = by_key.get((r["backend"], r["n"], "float32"))
+        if r["dtype"] == BF16_STATES and r["backend"] in ("c", "numba") and f32:
+            if r["n"] >= TARGET_LARGE_N:
+                ratio = r["median_s"] / f32["median_s"]
+                check(r, "bf16-state time / float32-state time", ratio, 0.75, True)
     for r in per_call:
         goal = TARGET_PER_CALL_US.get(r["backend"])
         if goal is not None:
@@ -654,7 +701,7 @@ def targets_table(targets: list[dict[str, Any]], markdown: bool) -> str:
             format_n(t["n"]),
             t["target"],
             f"{t['value']:.2f}",
-            ("<= " if t["target"].startswith("µs") else ">= ") + f"{t['goal']:g}",
+            ("<= " if t["lower_is_better"] else ">= ") + f"{t['goal']:g}",
             "met" if t["met"] else "NOT MET",
         ]
         for t in targets
@@ -667,9 +714,7 @@ def targets_table(targets: list[dict[str, Any]], markdown: bool) -> str:
     )
 
 
-def write_plot(
-    records: list[dict[str, Any]], roofline: Roofline, path: str, title: str
-) -> None:
+def write_plot(records: list[dict[str, Any]], roofline: Roofline, path: str, title: str) -> None:
     """GB/s against size (log2 x axis), one line per backend and dtype, rooflines dashed."""
     import matplotlib
 
@@ -691,19 +736,37 @@ def write_plot(
             key=lambda r: r["n"],
         )
         label = f"{backend} {dt}" if multi else backend
-        ax.plot([r["n"] for r in rs], [r["gbps"] for r in rs], styles[dt], marker="o",
-                color=colors[backend], label=label)
+        ax.plot(
+            [r["n"] for r in rs],
+            [r["gbps"] for r in rs],
+            styles[dt],
+            marker="o",
+            color=colors[backend],
+            label=label,
+        )
     for dt, per_size in roofline.items():
         if len(per_size) == 1:  # measured at the largest size: a ceiling for all sizes
             ((n, gbps),) = per_size.items()
             ax.axhline(gbps, color="black", linestyle="--", linewidth=1)
-            ax.annotate(f"roofline {dt}: {gbps:.0f} GB/s (at {format_n(n)})", (0.01, gbps),
-                        xycoords=("axes fraction", "data"), xytext=(0, 3),
-                        textcoords="offset points", va="bottom", fontsize=8)
+            ax.annotate(
+                f"roofline {dt}: {gbps:.0f} GB/s (at {format_n(n)})",
+                (0.01, gbps),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 3),
+                textcoords="offset points",
+                va="bottom",
+                fontsize=8,
+            )
         else:
             ns = sorted(per_size)
-            ax.plot(ns, [per_size[n] for n in ns], "--", color="black", linewidth=1,
-                    label=f"roofline {dt}")
+            ax.plot(
+                ns,
+                [per_size[n] for n in ns],
+                "--",
+                color="black",
+                linewidth=1,
+                label=f"roofline {dt}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("elements per array")
     ax.set_ylabel("effective GB/s (7 × itemsize bytes/element)")
@@ -727,8 +790,9 @@ def _resolve_backends(requested: list[str] | None) -> tuple[list[str], list[str]
         run, notes = [], []
         for b in ALL_BACKENDS:
             if b in TORCH_BACKENDS and not has_torch:
-                notes.append(f"skipping {b}: torch is not installed "
-                             "(pip install 'fastadam[torch]')")
+                notes.append(
+                    f"skipping {b}: torch is not installed (pip install 'fastadam[torch]')"
+                )
             elif b in FASTADAM_BACKENDS and b not in available:
                 notes.append(f"skipping {b}: {reasons.get(b, 'unavailable')}")
             else:
@@ -772,7 +836,14 @@ def _run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     if not backends:
         raise BenchError("no backend to measure")
-    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    dtypes = {"both": ["float32", "float64"], "all": ["float32", "float64", BF16_STATES]}.get(
+        args.dtype, [args.dtype]
+    )
+    # torch has no float32-param/bfloat16-state Adam to compare with
+    backends_for = {
+        dt: [b for b in backends if not (dt == BF16_STATES and b in TORCH_BACKENDS)]
+        for dt in dtypes
+    }
     sizes: list[int] = args.sizes
 
     uses_torch = any(b in TORCH_BACKENDS for b in backends)
@@ -791,10 +862,16 @@ def _run(args: argparse.Namespace) -> int:
     wall_before = time.perf_counter()
     per_call = not args.no_per_call
     roof_sizes = sizes if args.roofline_per_size else [max(sizes)]
-    total = len(dtypes) * (len(roof_sizes) + len(sizes) * len(backends))
+    total = sum(len(roof_sizes) + len(sizes) * len(backends_for[dt]) for dt in dtypes)
     total += len(backends) if per_call else 0
-    bar = tqdm(total=total, file=sys.stderr, unit="run", disable=True if args.no_progress else None,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        file=sys.stderr,
+        unit="run",
+        disable=True if args.no_progress else None,
+        leave=False,
+        dynamic_ncols=True,
+    )
     timing = {"min_time": args.min_time, "repeat": args.repeat}
     roofline: Roofline = {}
     records: list[dict[str, Any]] = []
@@ -810,12 +887,13 @@ def _run(args: argparse.Namespace) -> int:
         for dt in dtypes:
             for n in sizes:
                 state = make_state(n, dt)
-                for b in backends:
+                for b in backends_for[dt]:
                     bar.set_description(f"{b} {dt} {format_n(n)}")
                     median, reps = time_calls(make_step(b, state), **timing)
                     records.append(
-                        _record("sweep", b, n, dt, median, reps, threads,
-                                roofline_for(roofline, dt, n))
+                        _record(
+                            "sweep", b, n, dt, median, reps, threads, roofline_for(roofline, dt, n)
+                        )
                     )
                     bar.update()
                 del state
@@ -825,8 +903,16 @@ def _run(args: argparse.Namespace) -> int:
                 bar.set_description(f"{b} per call")
                 median, reps = time_calls(make_step(b, state), **timing)
                 per_call_records.append(
-                    _record("per_call", b, PER_CALL_N, "float32", median, reps, threads,
-                            roofline_for(roofline, "float32", max(sizes)))
+                    _record(
+                        "per_call",
+                        b,
+                        PER_CALL_N,
+                        "float32",
+                        median,
+                        reps,
+                        threads,
+                        roofline_for(roofline, "float32", max(sizes)),
+                    )
                 )
                 bar.update()
     finally:
@@ -844,8 +930,11 @@ def _run(args: argparse.Namespace) -> int:
     out = []
     for line in header_lines(info, roofline):
         out.append(f"- {line}" if md else line)
-    out += ["", "Adam step (median of timed steps; GB/s counts 7 × itemsize bytes per element):",
-            ""]
+    out += [
+        "",
+        "Adam step (median of timed steps; GB/s counts 7 × itemsize bytes per element):",
+        "",
+    ]
     out.append(sweep_table(records, md))
     if per_call_records:
         out += ["", f"Per-call cost, {PER_CALL_N}-element float32 step (validation included):", ""]
