@@ -4,7 +4,7 @@
 # many cores other processes kept busy, and warns when that is not ~0.
 #
 #   bash bench/run_all.sh            # uses `python` from PATH
-#   PYTHON=/tmp/venv/bin/python bash bench/run_all.sh
+#   PYTHON=.venv/bin/python bash bench/run_all.sh
 #
 # Runs against the checkout it lives in (PYTHONPATH), so set FASTADAM_C_LIBRARY
 # to a built libfastadam_c.so if the checkout has none.
