@@ -211,7 +211,7 @@ def run_config(ranks: int, threads: int, mode: str, opts: dict) -> dict[str, Any
                 [sys.executable, str(Path(__file__).resolve()), "--rank-of", spec],
                 cwd=tmp,
                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            )  # fmt: skip
+            )
             for r in range(ranks)
         ]
         try:

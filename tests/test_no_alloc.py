@@ -113,7 +113,11 @@ def test_peak_resident_memory_does_not_grow_during_a_large_step():
     backends = [b for b in FAST_BACKENDS if b in fastadam.available_backends()]
     if not backends:
         pytest.skip("no fast backend loads here")
-    growth = json.loads(_run_child(_RSS_CHILD, *backends, "numpy"))
+    # One process per backend: a cold-cache Numba compile in the same process
+    # would raise the high-water mark above the NumPy control's temporaries.
+    growth = {}
+    for b in [*backends, "numpy"]:
+        growth.update(json.loads(_run_child(_RSS_CHILD, b)))
     array_bytes = (1 << 24) * 4
     for b in backends:
         assert growth[b] < array_bytes // 4, f"{b}: peak RSS grew by {growth[b]} bytes"
