@@ -547,7 +547,8 @@ def header_lines(info: dict[str, Any], roofline: Roofline) -> list[str]:
         at = ", ".join(f"{gbps:.1f} GB/s at n={format_n(n)}" for n, gbps in per_size.items())
         lines.append(
             f"roofline {dt}: {at} ({bytes_per_element(dt)} B/element moved by "
-            "p+=g; m+=g; v+=g*g in Numba, best of runs)"
+            + ("p+=g; m^=1; v^=1 on bf16 bits" if dt == BF16_STATES else "p+=g; m+=g; v+=g*g")
+            + " in Numba, best of runs)"
         )
     return lines
 
