@@ -111,6 +111,16 @@ def _check_step(step: object) -> int:
     return step
 
 
+def check_state_rounding(state_rounding: object) -> int:
+    """The ``AdamScalars.state_rounding`` code of "stochastic" or "nearest"; else ValueError."""
+    rounding = _ROUNDINGS.get(state_rounding) if isinstance(state_rounding, str) else None
+    if rounding is None:
+        raise ValueError(
+            f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
+        )
+    return rounding
+
+
 def _check_seed(seed: object) -> int:
     if isinstance(seed, bool):
         raise TypeError("seed must be an int, got bool")
@@ -281,11 +291,7 @@ def adam_step(
     rounding = STATE_SAME_DTYPE
     if exp_avg.dtype is not param.dtype and exp_avg.dtype != param.dtype:
         # validated above: bfloat16 states of float32 params
-        rounding = _ROUNDINGS.get(state_rounding) if isinstance(state_rounding, str) else None
-        if rounding is None:
-            raise ValueError(
-                f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
-            )
+        rounding = check_state_rounding(state_rounding)
         seed = _check_seed(seed)
     kernel = backends.get(backend)
     if found_inf:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from .functional import BFLOAT16, _check_array, _check_seed, adam_step
+from .functional import BFLOAT16, _check_array, _check_seed, adam_step, check_state_rounding
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -95,10 +95,7 @@ class Adam:
         backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
         self.backend = backend
         self.state_dtype = _resolve_state_dtype(state_dtype)
-        if state_rounding not in ("stochastic", "nearest"):
-            raise ValueError(
-                f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
-            )
+        check_state_rounding(state_rounding)
         self.state_rounding = state_rounding
         self.seed = _check_seed(seed)
         self.defaults: dict[str, Any] = {

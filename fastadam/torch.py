@@ -47,7 +47,7 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
-from fastadam.functional import BFLOAT16
+from fastadam.functional import BFLOAT16, check_state_rounding
 
 __all__ = ["Adam", "AdamW"]
 
@@ -362,10 +362,7 @@ class Adam(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype!r}"
             )
-        if state_rounding not in ("stochastic", "nearest"):
-            raise ValueError(
-                f"state_rounding must be 'stochastic' or 'nearest', got {state_rounding!r}"
-            )
+        check_state_rounding(state_rounding)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self.state_dtype = state_dtype
