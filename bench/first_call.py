@@ -55,7 +55,10 @@ def run_child(backend: str) -> dict[str, float]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     out = subprocess.run(
         [sys.executable, "-c", CHILD, backend],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     return json.loads(out)
 

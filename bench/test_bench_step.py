@@ -32,8 +32,14 @@ CASES = [
 
 @pytest.mark.parametrize("dtype, n, backend", CASES)
 def test_adam_step(
-    benchmark, report_gbps, require_backend, shared_state, schedule, dtype: str, n: int,
-    backend: str
+    benchmark,
+    report_gbps,
+    require_backend,
+    shared_state,
+    schedule,
+    dtype: str,
+    n: int,
+    backend: str,
 ) -> None:
     require_backend(backend)
     state = shared_state(n, dtype)

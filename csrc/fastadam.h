@@ -115,6 +115,9 @@ FA_API int fa_adam_f64(double *param, double *grad, double *exp_avg, double *exp
  *     x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
  * in uint32 arithmetic: the bits depend on (rounding_key, i) only, never on
  * the thread count or the CPU variant. Nearest-even ignores rounding_key.
+ * compute_scalars gives bfloat16 steps bias_correction2_sqrt == 1.0 (the
+ * bias correction folded into step_size and eps); the kernel then skips that
+ * (exact) division, one divider operation fewer per element.
  */
 FA_API int fa_adam_f32_bf16(float *param, float *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
                             uint16_t *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc);

@@ -48,11 +48,24 @@ class AdamScalars(NamedTuple):
     ``r = mix32(lo32(i) ^ mix32(rounding_key ^ hi32(i)))``, with
     :func:`mix32` and ``rounding_key`` from :func:`rounding_key`: a counter-based
     hash, so the bits depend on (seed, step, i) alone, not on threads or splits.
+
+    For bfloat16 states :func:`compute_scalars` also folds the second bias
+    correction into the other constants, the "epsilon-hat" form of the same
+    update (Kingma & Ba, section 2)::
+
+        step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+        eps = eps * sqrt(1 - beta2^t)
+        bias_correction2_sqrt = 1.0
+
+    Equal to the form above in exact arithmetic, it saves one float32 divide per
+    element (kernels skip dividing by a ``bias_correction2_sqrt`` of 1.0, which
+    is exact), one of the savings that bring a bf16-state step near memory speed. The
+    float32/float64 paths keep torch's form, for bit-parity with torch.
     """
 
-    step_size: float  # lr / (1 - beta1^t); eps_hat: lr * sqrt(1 - beta2^t) / (1 - beta1^t)
-    bias_correction2_sqrt: float  # sqrt(1 - beta2^t); eps_hat: 1.0 (dividing by it is exact)
-    eps: float
+    step_size: float  # lr / (1 - beta1^t); eps_hat, bf16: lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+    bias_correction2_sqrt: float  # sqrt(1 - beta2^t); eps_hat, bf16: 1.0 (dividing is exact)
+    eps: float  # bf16 states (without eps_hat): eps * sqrt(1 - beta2^t)
     one_minus_beta1: float
     beta2: float
     one_minus_beta2: float
@@ -126,9 +139,13 @@ def compute_scalars(
     """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
-    if eps_hat:
+    eps_value = eps
+    if eps_hat or state_rounding != STATE_SAME_DTYPE:
+        # bf16 states: the epsilon-hat form of the same update (see AdamScalars).
         step_size = lr * math.sqrt(bias_correction2) / bias_correction1
         bc2_sqrt = 1.0
+        if not eps_hat:
+            eps_value = eps * math.sqrt(bias_correction2)
     else:
         step_size = lr / bias_correction1
         bc2_sqrt = math.sqrt(bias_correction2)
@@ -139,7 +156,7 @@ def compute_scalars(
     return AdamScalars(
         step_size,
         bc2_sqrt,
-        eps,
+        eps_value,
         1.0 - beta1,
         beta2,
         1.0 - beta2,

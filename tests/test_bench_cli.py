@@ -24,7 +24,14 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 REQUIRED_FIELDS = (
-    "backend", "n", "dtype", "median_s", "gbps", "roofline_fraction", "speedup_vs_numpy", "threads",
+    "backend",
+    "n",
+    "dtype",
+    "median_s",
+    "gbps",
+    "roofline_fraction",
+    "speedup_vs_numpy",
+    "threads",
 )
 
 
@@ -60,13 +67,18 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
     backends = ["numpy", "numba"] + (["torch-fused"] if HAS_TORCH else [])
     out_json = tmp_path / "bench.json"
     argv = [
-        "--sizes", "2^10,4096",
-        "--backends", ",".join(backends),
-        "--threads", "1",
-        "--repeat", "1",
+        "--sizes",
+        "2^10,4096",
+        "--backends",
+        ",".join(backends),
+        "--threads",
+        "1",
+        "--repeat",
+        "1",
         "--no-progress",
         "--markdown",
-        "--json", str(out_json),
+        "--json",
+        str(out_json),
     ]
     if HAS_MPL:
         argv += ["--plot", str(tmp_path / "bench.png")]
@@ -90,9 +102,7 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
         assert math.isclose(r["gbps"], 28 * r["n"] / r["median_s"] / 1e9, rel_tol=1e-9)
         assert math.isclose(r["roofline_fraction"], r["gbps"] / r["roofline_gbps"], rel_tol=1e-9)
         numpy_row = next(
-            x
-            for x in records
-            if (x["kind"], x["n"], x["backend"]) == (r["kind"], r["n"], "numpy")
+            x for x in records if (x["kind"], x["n"], x["backend"]) == (r["kind"], r["n"], "numpy")
         )
         assert math.isclose(r["speedup_vs_numpy"], numpy_row["median_s"] / r["median_s"])
         if HAS_TORCH:

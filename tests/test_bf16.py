@@ -67,6 +67,46 @@ def test_fast_backend_matches_reference(fast_backend, rounding, combo):
     assert diffs == dict.fromkeys("pgmvx", 0), diffs
 
 
+def test_bf16_scalars_fold_the_second_bias_correction():
+    """bf16 steps use the epsilon-hat form: no divide by sqrt(1 - beta2^t) in the loop.
+
+    It is the same update in exact arithmetic; float32 states keep torch's form.
+    """
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+              decoupled_weight_decay=False, amsgrad=False, maximize=False, eps_hat=False,
+              grad_scale=None)  # fmt: skip
+    for step in (1, 7, 1000):
+        f32 = fastadam._scalars.compute_scalars(step, **kw)
+        bf16 = fastadam._scalars.compute_scalars(step, **kw, state_rounding=2, seed=1)
+        assert f32.bias_correction2_sqrt != 1.0 and bf16.bias_correction2_sqrt == 1.0
+        sqrt_v = np.array([0.0, 1e-12, 1e-6, 1e-3, 1.0, 1e3])
+        torch_form = f32.step_size / (sqrt_v / f32.bias_correction2_sqrt + f32.eps)
+        folded = bf16.step_size / (sqrt_v + bf16.eps)
+        np.testing.assert_allclose(folded, torch_form, rtol=1e-14)
+
+
+@pytest.mark.parametrize("rounding", [1, 2])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fast_backend_matches_reference_with_any_scalars(fast_backend, rounding, amsgrad):
+    """The kernels skip the divide and the decay multiply only where they are exact.
+
+    compute_scalars always gives bf16 steps bias_correction2_sqrt == 1.0, so the
+    general loop (which divides) is reached only with scalars made otherwise,
+    as a C caller may: it must follow the reference too.
+    """
+    sc = fastadam._scalars.compute_scalars(
+        3, 1e-2, 0.9, 0.999, 1e-8, 0.01, True, amsgrad, False, False, None, rounding, 4
+    )
+    for bc2, decay in ((0.3, sc.decay), (1.0, 1.0), (1.0, sc.decay), (0.3, 1.0)):
+        scalars = sc._replace(bias_correction2_sqrt=bc2, decay=decay)
+        ref = bf16_state(70_001, seed=3)
+        fast = [a.copy() for a in ref]
+        for state, name in ((ref, "numpy"), (fast, fast_backend)):
+            p, g, m, v, vmax = state
+            fastadam.backends.get(name).step(p, g, m, v, vmax if amsgrad else None, scalars)
+        assert_bit_identical(fast, ref)
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 131_075])
 def test_odd_sizes(fast_backend, n):
     ref = bf16_state(n, seed=n)
@@ -121,6 +161,33 @@ def test_stochastic_rounding_is_unbiased():
     assert set(np.unique(out)) == {1.0, 1.0 + 2.0**-7}
     assert abs(out.mean() - float(x[0])) < 2e-5  # 4 sigma of the binomial noise is ~1.1e-5
     assert abs((out > 1.0).mean() - 0.25) < 0.005
+
+
+def test_random_bits_look_independent():
+    """Within one step: the 16-bit halves uniform, unrelated to each other and to
+    their neighbours'; across steps: unrelated for the same element.
+
+    A cheaper one-multiply hash we tried failed this (neighbour correlation
+    -0.38: rounding decisions of adjacent elements tied together).
+    """
+    n = 1 << 20
+    r = reference.random_bits(n, fastadam._scalars.rounding_key(5, 3))
+    r_next = reference.random_bits(n, fastadam._scalars.rounding_key(5, 4))
+    halves = {"m": r & np.uint32(0xFFFF), "v": r >> np.uint32(16)}
+    u = {k: h.astype(np.float64) / 65536 for k, h in halves.items()}
+
+    def corr(a, b):
+        return abs(np.corrcoef(a, b)[0, 1])
+
+    bound = 6 / np.sqrt(n)  # 6 sigma of a sample correlation of independent draws
+    assert corr(u["m"], u["v"]) < bound
+    for k in "mv":
+        top = np.bincount((halves[k] >> np.uint32(8)).astype(np.int64), minlength=256)
+        chi2 = ((top - n / 256) ** 2 / (n / 256)).sum()
+        assert chi2 < 255 + 8 * np.sqrt(2 * 255), (k, chi2)  # df = 255
+        for lag in (1, 2, 3, 1024):
+            assert corr(u[k][:-lag], u[k][lag:]) < bound, (k, lag)
+    assert corr(u["m"], (r_next & np.uint32(0xFFFF)).astype(np.float64)) < bound
 
 
 def test_random_bits_depend_on_seed_step_and_index_only():
