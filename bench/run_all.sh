@@ -44,3 +44,8 @@ $PY -m pytest bench/test_bench_model.py --benchmark-only -q \
 
 # 5. Start-up of the Numba backend with a warm on-disk cache.
 $PY bench/first_call.py --runs 5 | tee "$out/first_call.txt"
+
+# 6. bfloat16 optimizer states against float32 states, in blocks and interleaved.
+$PY -m fastadam bench --markdown --no-progress --dtype all --sizes 2^24,2^26 \
+    --backends numba,c --no-per-call | tee "$out/bf16.md"
+$PY bench/bf16_ratio.py | tee "$out/bf16-ratio.md"
