@@ -13,12 +13,10 @@ ratio (the issue's target: <= 0.75 at 2^24 elements and above).
 from __future__ import annotations
 
 import argparse
-import time
-
-import numpy as np
+import statistics
 
 import fastadam
-from fastadam.bench import make_state
+from fastadam.bench import _fastadam_step, make_state, time_calls
 
 
 def main() -> None:
@@ -31,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         fastadam.set_num_threads(args.threads)
-    print(f"threads: {fastadam.get_num_threads()}; ns per element, median of "
-          f"{args.rounds} rounds x {args.calls} steps each")  # fmt: skip
+    print(f"threads: {fastadam.get_num_threads()}; ns per element, median over "
+          f"{args.rounds} rounds of the median of {args.calls} steps")  # fmt: skip
     print("| backend | n | float32 states | bf16 states | ratio |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for e in (int(s) for s in args.sizes.split(",")):
@@ -40,17 +38,15 @@ def main() -> None:
         p, g, m32, v32 = make_state(n, "float32")
         _, _, m16, v16 = make_state(n, "bf16")
         for backend in args.backends.split(","):
-            times: dict[str, list[float]] = {"f32": [], "bf16": []}
-            step = 0
+            steps = {
+                "f32": _fastadam_step(backend, (p, g, m32, v32)),
+                "bf16": _fastadam_step(backend, (p, g, m16, v16)),
+            }
+            rounds: dict[str, list[float]] = {"f32": [], "bf16": []}
             for _ in range(args.rounds):
-                for name, (m, v) in (("f32", (m32, v32)), ("bf16", (m16, v16))):
-                    for _ in range(args.calls + 1):  # the first call of a block is not timed
-                        step += 1
-                        t0 = time.perf_counter()
-                        fastadam.adam_step(p, g, m, v, step=step, lr=1e-3, backend=backend)
-                        times[name].append(time.perf_counter() - t0)
-                    times[name].pop(-args.calls - 1)
-            f32, bf16 = (np.median(times[k]) / n * 1e9 for k in ("f32", "bf16"))
+                for name, fn in steps.items():  # one untimed warm-up call per block
+                    rounds[name].append(time_calls(fn, min_time=0.0, repeat=args.calls)[0])
+            f32, bf16 = (statistics.median(rounds[k]) / n * 1e9 for k in ("f32", "bf16"))
             print(f"| {backend} | 2^{e} | {f32:.3f} | {bf16:.3f} | {bf16 / f32:.2f} |")
 
 

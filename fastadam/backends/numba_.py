@@ -260,6 +260,8 @@ def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: boo
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
              unscale, maximize, amsgrad_flag, state_rounding, block_key):  # fmt: skip
+        # amsgrad_flag and state_rounding are the AdamScalars fields, unused here:
+        # this loop's closure fixes amsgrad and the rounding mode at compile time.
         l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
         t = np.float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
