@@ -62,16 +62,76 @@ static inline uint32_t fa_mix32(uint32_t x)
 }
 
 /*
+ * The update of element i, whose random bits are mix32(lo ^ hkey) (see
+ * fa_adam_bf16_body). divide == 0 skips dividing by bias_correction2_sqrt and
+ * decoupled == 0 skips multiplying by decay; the caller only does so when
+ * they are 1.0, where the operation is exact, so the bits are the same (a
+ * signalling-NaN parameter is quieted by the final subtraction either way).
+ * This loop sits at the edge of keeping up with memory: the divide alone cost
+ * ~10%, the multiply ~12%.
+ */
+static inline __attribute__((always_inline)) void fa_adam_bf16_element(
+    float *restrict param, float *restrict grad, uint16_t *restrict exp_avg,
+    uint16_t *restrict exp_avg_sq, uint16_t *restrict max_exp_avg_sq, int64_t i, uint32_t lo,
+    uint32_t hkey, const fa_scalars_f32 c, const int l2, const int ams, const int unscale,
+    const int maximize, const int stochastic, const int divide, const int decoupled)
+{
+    float g = grad[i];
+    if (unscale) {
+        g = g / c.grad_scale;
+        grad[i] = g;
+    }
+    if (maximize)
+        g = -g;
+    float p = param[i];
+    if (l2)
+        g = g + c.weight_decay * p;
+    if (decoupled)
+        p = p * c.decay;
+
+    const float m_old = fa_widen_bf16(exp_avg[i]);
+    const float v_old = fa_widen_bf16(exp_avg_sq[i]);
+    const uint32_t um = fa_f32_bits(m_old + (g - m_old) * c.one_minus_beta1);
+    const uint32_t uv = fa_f32_bits(v_old * c.beta2 + c.one_minus_beta2 * g * g);
+
+    uint32_t add_m, add_v;
+    if (stochastic) {
+        const uint32_t r = fa_mix32(lo ^ hkey);
+        add_m = r & 0xFFFFu;
+        add_v = r >> 16;
+    } else {
+        add_m = 0x7FFFu + ((um >> 16) & 1u);
+        add_v = 0x7FFFu + ((uv >> 16) & 1u);
+    }
+    const uint32_t mb = fa_round_bf16(um, add_m);
+    const uint32_t vb = fa_round_bf16(uv, add_v);
+    exp_avg[i] = (uint16_t)mb;
+    exp_avg_sq[i] = (uint16_t)vb;
+    const float m = fa_bits_f32(mb << 16);
+    const float v = fa_bits_f32(vb << 16);
+
+    float second = v;
+    if (ams) {
+        /* Both operands are bfloat16 values, so the max is one too and
+         * storing its top half is exact. A NaN in either wins; a tie
+         * (+0 vs -0) returns v, the second operand, as np.maximum does. */
+        const float old = fa_widen_bf16(max_exp_avg_sq[i]);
+        second = (old > v || old != old) ? old : v;
+        max_exp_avg_sq[i] = (uint16_t)(fa_f32_bits(second) >> 16);
+    }
+    const float root = sqrtf(second);
+    const float denom = (divide ? root / c.bias_correction2_sqrt : root) + c.eps;
+    param[i] = p - c.step_size * m / denom;
+}
+
+/*
  * n <= 2^32 elements whose global indices share their upper 32 bits; lo0 is
  * the low 32 bits of element 0's index, and hkey = mix32(key ^ hi32(index)),
  * hoisted out of the loop by the caller. Element j then draws
- * r = mix32((lo0 + j) ^ hkey), on a uint32 induction variable (wrapping
- * only after the last element of a segment that ends at a 2^32 boundary).
- * divide == 0 skips dividing by bias_correction2_sqrt and decoupled == 0 skips
- * multiplying by decay; the caller only does so when they are 1.0, where the
- * operation is exact, so the bits are the same (a signalling-NaN parameter is
- * quieted by the final subtraction either way). This loop sits at the edge
- * of keeping up with memory: the divide alone cost ~10%, the multiply ~12%.
+ * r = mix32((lo0 + j) ^ hkey), on uint32 arithmetic (wrapping only after the
+ * last element of a segment that ends at a 2^32 boundary). Two cache lines of
+ * param at a time (a constant trip count, vectorized whole), prefetching
+ * ahead like fastadam_kernel_impl.h, then the last partial block.
  */
 static inline __attribute__((always_inline)) void fa_adam_bf16_body(
     float *restrict param, float *restrict grad, uint16_t *restrict exp_avg,
@@ -79,66 +139,36 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
     uint32_t hkey, const fa_scalars_f32 *s, const int l2, const int ams, const int unscale,
     const int maximize, const int stochastic, const int divide, const int decoupled)
 {
-    const float step_size = s->step_size;
-    const float bc2_sqrt = s->bias_correction2_sqrt;
-    const float eps = s->eps;
-    const float one_minus_beta1 = s->one_minus_beta1;
-    const float beta2 = s->beta2;
-    const float one_minus_beta2 = s->one_minus_beta2;
-    const float weight_decay = s->weight_decay;
-    const float decay = s->decay;
-    const float grad_scale = s->grad_scale;
-
-    uint32_t lo = lo0;
-    for (int64_t i = 0; i < n; i++, lo++) {
-        float g = grad[i];
-        if (unscale) {
-            g = g / grad_scale;
-            grad[i] = g;
-        }
-        if (maximize)
-            g = -g;
-        float p = param[i];
-        if (l2)
-            g = g + weight_decay * p;
-        if (decoupled)
-            p = p * decay;
-
-        const float m_old = fa_widen_bf16(exp_avg[i]);
-        const float v_old = fa_widen_bf16(exp_avg_sq[i]);
-        const uint32_t um = fa_f32_bits(m_old + (g - m_old) * one_minus_beta1);
-        const uint32_t uv = fa_f32_bits(v_old * beta2 + one_minus_beta2 * g * g);
-
-        uint32_t add_m, add_v;
-        if (stochastic) {
-            const uint32_t r = fa_mix32(lo ^ hkey);
-            add_m = r & 0xFFFFu;
-            add_v = r >> 16;
-        } else {
-            add_m = 0x7FFFu + ((um >> 16) & 1u);
-            add_v = 0x7FFFu + ((uv >> 16) & 1u);
-        }
-        const uint32_t mb = fa_round_bf16(um, add_m);
-        const uint32_t vb = fa_round_bf16(uv, add_v);
-        exp_avg[i] = (uint16_t)mb;
-        exp_avg_sq[i] = (uint16_t)vb;
-        const float m = fa_bits_f32(mb << 16);
-        const float v = fa_bits_f32(vb << 16);
-
-        float second = v;
-        if (ams) {
-            /* Both operands are bfloat16 values, so the max is one too and
-             * storing its top half is exact. A NaN in either wins; a tie
-             * (+0 vs -0) returns v, the second operand, as np.maximum does. */
-            const float old = fa_widen_bf16(max_exp_avg_sq[i]);
-            second = (old > v || old != old) ? old : v;
-            max_exp_avg_sq[i] = (uint16_t)(fa_f32_bits(second) >> 16);
-        }
-        const float root = sqrtf(second);
-        const float denom = (divide ? root / bc2_sqrt : root) + eps;
-        param[i] = p - step_size * m / denom;
+    enum { BLOCK = 32, AHEAD = FA_PREFETCH_BYTES / sizeof(float) };
+    const fa_scalars_f32 c = *s;
+    int64_t j = 0;
+    for (; j + BLOCK <= n; j += BLOCK) {
+        FA_PREFETCH(param + j, AHEAD);
+        FA_PREFETCH(param + j + 16, AHEAD);
+        FA_PREFETCH(grad + j, AHEAD);
+        FA_PREFETCH(grad + j + 16, AHEAD);
+        FA_PREFETCH(exp_avg + j, AHEAD);
+        FA_PREFETCH(exp_avg_sq + j, AHEAD);
+        if (ams)
+            FA_PREFETCH(max_exp_avg_sq + j, AHEAD);
+#pragma GCC ivdep
+        for (int64_t i = j; i < j + BLOCK; i++)
+            fa_adam_bf16_element(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i,
+                                 lo0 + (uint32_t)i, hkey, c, l2, ams, unscale, maximize,
+                                 stochastic, divide, decoupled);
     }
+    for (; j < n; j++)
+        fa_adam_bf16_element(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j,
+                             lo0 + (uint32_t)j, hkey, c, l2, ams, unscale, maximize, stochastic,
+                             divide, decoupled);
 }
+
+#if defined(__AVX512BW__)
+#include "fastadam_kernel_bf16_avx512.h"
+#define FA_BF16_BODY fa_adam_bf16_body_avx512
+#else
+#define FA_BF16_BODY fa_adam_bf16_body
+#endif
 
 /*
  * The loop for one (flags, rounding mode, divide, decoupled), in a function of
@@ -151,7 +181,7 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
         uint16_t *restrict exp_avg_sq, uint16_t *restrict max_exp_avg_sq, int64_t n,          \
         uint32_t lo0, uint32_t hkey, const fa_scalars_f32 *s)                                 \
     {                                                                                         \
-        fa_adam_bf16_body(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, lo0, hkey, s,  \
+        FA_BF16_BODY(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, lo0, hkey, s,       \
                           ((bits) & FA_F_L2) != 0, ((bits) & FA_F_AMSGRAD) != 0,              \
                           ((bits) & FA_F_UNSCALE) != 0, ((bits) & FA_F_MAXIMIZE) != 0,        \
                           (mode) == FA_BF16_STOCHASTIC, divide, decoupled);                   \
@@ -226,3 +256,4 @@ FA_DEFINE_BF16_MODES(15)
 #undef FA_DEFINE_BF16_MODES
 #undef FA_DEFINE_BF16
 #undef FA_DEFINE_BF16_SEGMENT
+#undef FA_BF16_BODY

@@ -21,9 +21,53 @@
 #define FA_FN(name) FA_CAT(name, FA_SUFFIX)
 
 /*
- * The body. l2/ams/unscale/maximize are compile-time constants at every call
- * site below, so each instantiation keeps only its own operations and the
- * loop has no branches on them.
+ * The update of element i. l2/ams/unscale/maximize are compile-time constants
+ * at every call site below, so each instantiation keeps only its own
+ * operations and the loop has no branches on them. The constants come in a
+ * local copy (c), so the compiler knows the stores to the arrays cannot
+ * change them and keeps them in (broadcast) registers.
+ */
+static inline __attribute__((always_inline)) void FA_FN(adam_element)(
+    FA_T *restrict param, FA_T *restrict grad, FA_T *restrict exp_avg,
+    FA_T *restrict exp_avg_sq, FA_T *restrict max_exp_avg_sq, int64_t i,
+    const FA_CAT(fa_scalars, FA_SUFFIX) c, const int l2, const int ams, const int unscale,
+    const int maximize)
+{
+    FA_T g = grad[i];
+    if (unscale) {
+        g = g / c.grad_scale; /* a true division, as NumPy does: not g * (1/scale) */
+        grad[i] = g;
+    }
+    if (maximize)
+        g = -g;
+    FA_T p = param[i];
+    if (l2)
+        g = g + c.weight_decay * p; /* uses p before the decoupled decay */
+    p = p * c.decay;                /* exact when decay == 1.0, so always applied */
+
+    const FA_T m = exp_avg[i] + (g - exp_avg[i]) * c.one_minus_beta1;
+    /* (v * beta2) + ((one_minus_beta2 * g) * g): C's left-to-right
+     * association matches NumPy's evaluation of the same expression. */
+    const FA_T v = exp_avg_sq[i] * c.beta2 + c.one_minus_beta2 * g * g;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+
+    FA_T second = v;
+    if (ams) {
+        /* np.maximum(vmax, v): a NaN in either operand wins, and on a tie
+         * (+0 vs -0) the second operand is returned, like NumPy. */
+        const FA_T old = max_exp_avg_sq[i];
+        second = (old > v || old != old) ? old : v;
+        max_exp_avg_sq[i] = second;
+    }
+    const FA_T denom = FA_SQRT(second) / c.bias_correction2_sqrt + c.eps;
+    param[i] = p - c.step_size * m / denom;
+}
+
+/*
+ * The loop: one cache line of param at a time (a constant trip count, which
+ * GCC vectorizes whole), prefetching FA_PREFETCH_BYTES ahead in every array
+ * (see fastadam_internal.h), then the last partial line.
  */
 static inline __attribute__((always_inline)) void FA_FN(adam_body)(
     FA_T *restrict param, FA_T *restrict grad, FA_T *restrict exp_avg,
@@ -31,49 +75,26 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
     const FA_CAT(fa_scalars, FA_SUFFIX) *s,
     const int l2, const int ams, const int unscale, const int maximize)
 {
-    /* Copy the constants to locals: the compiler then knows the stores to the
-     * arrays cannot change them, and keeps them in (broadcast) registers. */
-    const FA_T step_size = s->step_size;
-    const FA_T bc2_sqrt = s->bias_correction2_sqrt;
-    const FA_T eps = s->eps;
-    const FA_T one_minus_beta1 = s->one_minus_beta1;
-    const FA_T beta2 = s->beta2;
-    const FA_T one_minus_beta2 = s->one_minus_beta2;
-    const FA_T weight_decay = s->weight_decay;
-    const FA_T decay = s->decay;
-    const FA_T grad_scale = s->grad_scale;
-
-    for (int64_t i = 0; i < n; i++) {
-        FA_T g = grad[i];
-        if (unscale) {
-            g = g / grad_scale; /* a true division, as NumPy does: not g * (1/scale) */
-            grad[i] = g;
-        }
-        if (maximize)
-            g = -g;
-        FA_T p = param[i];
-        if (l2)
-            g = g + weight_decay * p; /* uses p before the decoupled decay */
-        p = p * decay;                /* exact when decay == 1.0, so always applied */
-
-        const FA_T m = exp_avg[i] + (g - exp_avg[i]) * one_minus_beta1;
-        /* (v * beta2) + ((one_minus_beta2 * g) * g): C's left-to-right
-         * association matches NumPy's evaluation of the same expression. */
-        const FA_T v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-
-        FA_T second = v;
-        if (ams) {
-            /* np.maximum(vmax, v): a NaN in either operand wins, and on a tie
-             * (+0 vs -0) the second operand is returned, like NumPy. */
-            const FA_T old = max_exp_avg_sq[i];
-            second = (old > v || old != old) ? old : v;
-            max_exp_avg_sq[i] = second;
-        }
-        const FA_T denom = FA_SQRT(second) / bc2_sqrt + eps;
-        param[i] = p - step_size * m / denom;
+    enum { LINE = 64 / sizeof(FA_T), AHEAD = FA_PREFETCH_BYTES / sizeof(FA_T) };
+    const FA_CAT(fa_scalars, FA_SUFFIX) c = *s;
+    int64_t j = 0;
+    for (; j + LINE <= n; j += LINE) {
+        FA_PREFETCH(param + j, AHEAD);
+        FA_PREFETCH(grad + j, AHEAD);
+        FA_PREFETCH(exp_avg + j, AHEAD);
+        FA_PREFETCH(exp_avg_sq + j, AHEAD);
+        if (ams)
+            FA_PREFETCH(max_exp_avg_sq + j, AHEAD);
+        /* the arrays do not overlap (checked by the caller); GCC forgets
+         * their restrict through the inlined call and would test it per line */
+#pragma GCC ivdep
+        for (int64_t i = j; i < j + LINE; i++)
+            FA_FN(adam_element)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, c, l2, ams,
+                                unscale, maximize);
     }
+    for (; j < n; j++)
+        FA_FN(adam_element)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, c, l2, ams,
+                            unscale, maximize);
 }
 
 /* One out-of-line function per flag combination (the bit values are the
