@@ -125,6 +125,27 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_element(
 }
 
 /*
+ * Prefetch FA_PREFETCH_BYTES of param ahead (the same element distance in the
+ * moments) for the FA_BF16_BLOCK elements from j: two lines of each float32
+ * array, one of each bfloat16 one.
+ */
+#define FA_BF16_BLOCK 32
+static inline __attribute__((always_inline)) void fa_prefetch_bf16_block(
+    const float *param, const float *grad, const uint16_t *exp_avg, const uint16_t *exp_avg_sq,
+    const uint16_t *max_exp_avg_sq, int64_t j, const int ams)
+{
+    enum { AHEAD = FA_PREFETCH_BYTES / sizeof(float) };
+    FA_PREFETCH(param + j, AHEAD);
+    FA_PREFETCH(param + j + 16, AHEAD);
+    FA_PREFETCH(grad + j, AHEAD);
+    FA_PREFETCH(grad + j + 16, AHEAD);
+    FA_PREFETCH(exp_avg + j, AHEAD);
+    FA_PREFETCH(exp_avg_sq + j, AHEAD);
+    if (ams)
+        FA_PREFETCH(max_exp_avg_sq + j, AHEAD);
+}
+
+/*
  * n <= 2^32 elements whose global indices share their upper 32 bits; lo0 is
  * the low 32 bits of element 0's index, and hkey = mix32(key ^ hi32(index)),
  * hoisted out of the loop by the caller. Element j then draws
@@ -139,20 +160,12 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
     uint32_t hkey, const fa_scalars_f32 *s, const int l2, const int ams, const int unscale,
     const int maximize, const int stochastic, const int divide, const int decoupled)
 {
-    enum { BLOCK = 32, AHEAD = FA_PREFETCH_BYTES / sizeof(float) };
     const fa_scalars_f32 c = *s;
     int64_t j = 0;
-    for (; j + BLOCK <= n; j += BLOCK) {
-        FA_PREFETCH(param + j, AHEAD);
-        FA_PREFETCH(param + j + 16, AHEAD);
-        FA_PREFETCH(grad + j, AHEAD);
-        FA_PREFETCH(grad + j + 16, AHEAD);
-        FA_PREFETCH(exp_avg + j, AHEAD);
-        FA_PREFETCH(exp_avg_sq + j, AHEAD);
-        if (ams)
-            FA_PREFETCH(max_exp_avg_sq + j, AHEAD);
+    for (; j + FA_BF16_BLOCK <= n; j += FA_BF16_BLOCK) {
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, ams);
 #pragma GCC ivdep
-        for (int64_t i = j; i < j + BLOCK; i++)
+        for (int64_t i = j; i < j + FA_BF16_BLOCK; i++)
             fa_adam_bf16_element(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i,
                                  lo0 + (uint32_t)i, hkey, c, l2, ams, unscale, maximize,
                                  stochastic, divide, decoupled);
@@ -257,3 +270,4 @@ FA_DEFINE_BF16_MODES(15)
 #undef FA_DEFINE_BF16
 #undef FA_DEFINE_BF16_SEGMENT
 #undef FA_BF16_BODY
+#undef FA_BF16_BLOCK

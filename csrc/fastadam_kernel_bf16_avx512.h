@@ -93,17 +93,11 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx512(
                                                     13, 14, 15));
     const __m512i sixteen = _mm512_set1_epi32(16);
 
-    enum { AHEAD = FA_PREFETCH_BYTES / sizeof(float) };
+    /* each block is two vectors of 16 lanes and one 64-byte vector of moment words */
+    _Static_assert(FA_BF16_BLOCK == 32, "the loop below handles 32 elements at a time");
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        FA_PREFETCH(param + i, AHEAD);
-        FA_PREFETCH(param + i + 16, AHEAD);
-        FA_PREFETCH(grad + i, AHEAD);
-        FA_PREFETCH(grad + i + 16, AHEAD);
-        FA_PREFETCH(exp_avg + i, AHEAD);
-        FA_PREFETCH(exp_avg_sq + i, AHEAD);
-        if (ams)
-            FA_PREFETCH(max_exp_avg_sq + i, AHEAD);
+    for (; i + FA_BF16_BLOCK <= n; i += FA_BF16_BLOCK) {
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, ams);
         const __m512i m_words = _mm512_loadu_si512(exp_avg + i);
         const __m512i v_words = _mm512_loadu_si512(exp_avg_sq + i);
         __m512i vmax_words = _mm512_setzero_si512();
