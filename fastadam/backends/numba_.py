@@ -121,14 +121,21 @@ def _prefetch_block(typingctx, a, first):
 
 
 @njit(inline="always")
-def _element(p, g, m, v, vmax, i, consts, flags):
-    """The update of element ``i``; ``consts`` in the arrays' dtype, ``flags`` bools.
+def _prefetch_arrays(p, g, m, v, vmax, first, amsgrad):
+    """_prefetch_block on each array of a step (vmax only with amsgrad)."""
+    _prefetch_block(p, first)
+    _prefetch_block(g, first)
+    _prefetch_block(m, first)
+    _prefetch_block(v, first)
+    if amsgrad:
+        _prefetch_block(vmax, first)
 
-    Inlined by Numba into each loop, so the flags fold as constants where they
-    are; ``i`` must be unsigned (see _make_loop).
-    """
-    step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
-    unscale, maximize, amsgrad, l2 = flags
+
+@njit(inline="always")
+def _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, decoupled):
+    """Element ``i``'s gradient (unscaled and written back if ``unscale``, negated
+    if ``maximize``, plus L2 weight decay) and its parameter (times ``decay`` if
+    ``decoupled``), as both update loops start."""
     gi = g[i]
     if unscale:
         gi = gi / scale
@@ -137,8 +144,23 @@ def _element(p, g, m, v, vmax, i, consts, flags):
         gi = -gi
     theta = p[i]
     if l2:
-        gi = gi + wd * theta
-    theta = theta * decay
+        gi = gi + wd * theta  # uses theta before the decoupled decay
+    if decoupled:
+        theta = theta * decay
+    return gi, theta
+
+
+@njit(inline="always")
+def _element(p, g, m, v, vmax, i, consts, flags):
+    """The update of element ``i``; ``consts`` in the arrays' dtype, ``flags`` bools.
+
+    Inlined by Numba into each loop, so the flags fold as constants where they
+    are; ``i`` must be unsigned (see _make_loop).
+    """
+    step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
+    unscale, maximize, amsgrad, l2 = flags
+    # decay always applied: exact when it is 1.0
+    gi, theta = _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, True)
     mi = m[i]
     mi = mi + (gi - mi) * omb1
     vi = v[i] * b2
@@ -179,12 +201,7 @@ def _make_loop(parallel: bool):
         ahead = _PREFETCH_BYTES // p.itemsize
         for block in rng(full):
             first = block * _BLOCK
-            _prefetch_block(p, first + ahead)
-            _prefetch_block(g, first + ahead)
-            _prefetch_block(m, first + ahead)
-            _prefetch_block(v, first + ahead)
-            if amsgrad:
-                _prefetch_block(vmax, first + ahead)
+            _prefetch_arrays(p, g, m, v, vmax, first + ahead, amsgrad)
             for i in range(first, first + _BLOCK):
                 _element(p, g, m, v, vmax, np.uint64(i), consts, flags)
         for i in range(full * _BLOCK, n):
@@ -297,17 +314,7 @@ def _bf16_element(p, g, m, v, vmax, i, block_key, consts, flags):
     """The float32-param / bfloat16-state update of element ``i`` (see _make_bf16_loop)."""
     step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
     unscale, maximize, l2, stochastic, divide, amsgrad, decoupled = flags
-    gi = g[i]
-    if unscale:
-        gi = gi / scale
-        g[i] = gi
-    if maximize:
-        gi = -gi
-    theta = p[i]
-    if l2:
-        gi = gi + wd * theta
-    if decoupled:
-        theta = theta * decay
+    gi, theta = _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, decoupled)
     mi = _widen(m[i])
     mi = mi + (gi - mi) * omb1
     vi = _widen(v[i]) * b2
@@ -362,16 +369,11 @@ def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: boo
         kb = np.uint32(block_key)
         n = p.size
         full = n // _BLOCK
+        ahead = _PREFETCH_BYTES // p.itemsize
         for block in rng(full):
             _prefer_512_bit_vectors()
             first = block * _BLOCK
-            ahead = first + _PREFETCH_BYTES // 4  # float32 param
-            _prefetch_block(p, ahead)
-            _prefetch_block(g, ahead)
-            _prefetch_block(m, ahead)
-            _prefetch_block(v, ahead)
-            if amsgrad:
-                _prefetch_block(vmax, ahead)
+            _prefetch_arrays(p, g, m, v, vmax, first + ahead, amsgrad)
             for i in range(first, first + _BLOCK):
                 _bf16_element(p, g, m, v, vmax, np.uint64(i), kb, consts, flags)
         for i in range(full * _BLOCK, n):
