@@ -120,29 +120,18 @@ def _prefetch_block(typingctx, a, first):
     return types.none(a, first), codegen
 
 
-@njit(inline="always")
-def _prefetch_arrays(p, g, m, v, vmax, first, amsgrad):
-    """_prefetch_block on each array of a step (vmax only with amsgrad)."""
-    _prefetch_block(p, first)
-    _prefetch_block(g, first)
-    _prefetch_block(m, first)
-    _prefetch_block(v, first)
-    if amsgrad:
-        _prefetch_block(vmax, first)
+# The helpers below take and return scalars only. A helper handed an array, even
+# inlined, makes Numba count a reference to it for every element it is called on
+# (an atomic increment and decrement each): that made the serial loops ~100x
+# slower. So every load and store is in the loop itself.
 
 
 @njit(inline="always")
-def _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, decoupled):
-    """Element ``i``'s gradient (unscaled and written back if ``unscale``, negated
-    if ``maximize``, plus L2 weight decay) and its parameter (times ``decay`` if
-    ``decoupled``), as both update loops start."""
-    gi = g[i]
-    if unscale:
-        gi = gi / scale
-        g[i] = gi
+def _gradient(gi, theta, wd, decay, maximize, l2, decoupled):
+    """The gradient as the update uses it (negated if ``maximize``, plus L2 weight
+    decay) and the parameter (times ``decay`` if ``decoupled``)."""
     if maximize:
         gi = -gi
-    theta = p[i]
     if l2:
         gi = gi + wd * theta  # uses theta before the decoupled decay
     if decoupled:
@@ -151,37 +140,22 @@ def _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, decoupled):
 
 
 @njit(inline="always")
-def _element(p, g, m, v, vmax, i, consts, flags):
-    """The update of element ``i``; ``consts`` in the arrays' dtype, ``flags`` bools.
+def _moments(gi, mi, vi, omb1, b2, omb2):
+    """The new first and second moments, before any rounding to a storage dtype."""
+    return mi + (gi - mi) * omb1, vi * b2 + omb2 * gi * gi
 
-    Inlined by Numba into each loop, so the flags fold as constants where they
-    are; ``i`` must be unsigned (see _make_loop).
-    """
-    step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
-    unscale, maximize, amsgrad, l2 = flags
-    # decay always applied: exact when it is 1.0
-    gi, theta = _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, True)
-    mi = m[i]
-    mi = mi + (gi - mi) * omb1
-    vi = v[i] * b2
-    vi = vi + omb2 * gi * gi
-    m[i] = mi
-    v[i] = vi
-    if amsgrad:
-        vm = vmax[i]
-        if not (vm > vi or vm != vm):  # np.maximum: a NaN in either operand wins
-            vm = vi
-        vmax[i] = vm
-        vi = vm
-    denom = np.sqrt(vi) / bc2_sqrt + eps
-    p[i] = theta - step_size * mi / denom
+
+@njit(inline="always")
+def _running_max(vm, vi):
+    """np.maximum(vm, vi): a NaN in either operand wins."""
+    return vm if (vm > vi or vm != vm) else vi
 
 
 def _make_loop(parallel: bool):
     """The update loop, written once; compiled serial and parallel.
 
-    Blocks of _BLOCK elements (prefetching ahead once per block), then the
-    last partial block. The element index is unsigned: with a signed one Numba
+    Blocks of _BLOCK elements, prefetching ahead once per block; the last block
+    may be partial. The element index is unsigned: with a signed one Numba
     guards every access against negative (wrap-around) indices and LLVM leaves
     the block loop scalar (2.4x slower).
     """
@@ -194,18 +168,31 @@ def _make_loop(parallel: bool):
         t = p.dtype.type  # cast every constant once: float32 math stays float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
-        consts = (step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale)
-        flags = (unscale, maximize, amsgrad, l2)
         n = p.size
-        full = n // _BLOCK
         ahead = _PREFETCH_BYTES // p.itemsize
-        for block in rng(full):
+        for block in rng((n + _BLOCK - 1) // _BLOCK):
             first = block * _BLOCK
-            _prefetch_arrays(p, g, m, v, vmax, first + ahead, amsgrad)
-            for i in range(first, first + _BLOCK):
-                _element(p, g, m, v, vmax, np.uint64(i), consts, flags)
-        for i in range(full * _BLOCK, n):
-            _element(p, g, m, v, vmax, np.uint64(i), consts, flags)
+            _prefetch_block(p, first + ahead)
+            _prefetch_block(g, first + ahead)
+            _prefetch_block(m, first + ahead)
+            _prefetch_block(v, first + ahead)
+            if amsgrad:
+                _prefetch_block(vmax, first + ahead)
+            for j in range(first, min(first + _BLOCK, n)):
+                i = np.uint64(j)
+                gi = g[i]
+                if unscale:
+                    gi = gi / scale
+                    g[i] = gi
+                # decay always applied: exact when it is 1.0
+                gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, True)
+                mi, vi = _moments(gi, m[i], v[i], omb1, b2, omb2)
+                m[i] = mi
+                v[i] = vi
+                if amsgrad:
+                    vi = _running_max(vmax[i], vi)
+                    vmax[i] = vi
+                p[i] = theta - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
 
     return loop
 
@@ -310,35 +297,13 @@ def _nearest_even(x):
 
 
 @njit(inline="always")
-def _bf16_element(p, g, m, v, vmax, i, block_key, consts, flags):
-    """The float32-param / bfloat16-state update of element ``i`` (see _make_bf16_loop)."""
-    step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
-    unscale, maximize, l2, stochastic, divide, amsgrad, decoupled = flags
-    gi, theta = _gradient(p, g, i, wd, decay, scale, unscale, maximize, l2, decoupled)
-    mi = _widen(m[i])
-    mi = mi + (gi - mi) * omb1
-    vi = _widen(v[i]) * b2
-    vi = vi + omb2 * gi * gi
+def _round_states(mi, vi, i, block_key, stochastic):
+    """The bf16 bits of the new moments: stochastic rounding with the random bits
+    of element ``i`` (low half for ``mi``, high half for ``vi``), else nearest-even."""
     if stochastic:
         r = _random_bits(i, block_key)
-        mb = _round_bf16(mi, r & np.uint32(0xFFFF))
-        vb = _round_bf16(vi, r >> np.uint32(16))
-    else:
-        mb = _round_bf16(mi, _nearest_even(mi))
-        vb = _round_bf16(vi, _nearest_even(vi))
-    m[i] = mb
-    v[i] = vb
-    mi = _widen(mb)  # the update uses the stored values
-    vi = _widen(vb)
-    if amsgrad:
-        vm = _widen(vmax[i])
-        if not (vm > vi or vm != vm):  # np.maximum: a NaN in either operand wins
-            vm = vi
-        vmax[i] = np.uint16(_f32_bits(vm) >> np.uint32(16))
-        vi = vm
-    root = np.sqrt(vi)
-    denom = (root / bc2_sqrt if divide else root) + eps
-    p[i] = theta - step_size * mi / denom
+        return _round_bf16(mi, r & np.uint32(0xFFFF)), _round_bf16(vi, r >> np.uint32(16))
+    return _round_bf16(mi, _nearest_even(mi)), _round_bf16(vi, _nearest_even(vi))
 
 
 def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: bool, decoupled: bool):
@@ -364,20 +329,36 @@ def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: boo
         t = np.float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
-        consts = (step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale)
-        flags = (unscale, maximize, l2, stochastic, divide, amsgrad, decoupled)
         kb = np.uint32(block_key)
         n = p.size
-        full = n // _BLOCK
         ahead = _PREFETCH_BYTES // p.itemsize
-        for block in rng(full):
+        for block in rng((n + _BLOCK - 1) // _BLOCK):
             _prefer_512_bit_vectors()
             first = block * _BLOCK
-            _prefetch_arrays(p, g, m, v, vmax, first + ahead, amsgrad)
-            for i in range(first, first + _BLOCK):
-                _bf16_element(p, g, m, v, vmax, np.uint64(i), kb, consts, flags)
-        for i in range(full * _BLOCK, n):
-            _bf16_element(p, g, m, v, vmax, np.uint64(i), kb, consts, flags)
+            _prefetch_block(p, first + ahead)
+            _prefetch_block(g, first + ahead)
+            _prefetch_block(m, first + ahead)
+            _prefetch_block(v, first + ahead)
+            if amsgrad:
+                _prefetch_block(vmax, first + ahead)
+            for j in range(first, min(first + _BLOCK, n)):
+                i = np.uint64(j)
+                gi = g[i]
+                if unscale:
+                    gi = gi / scale
+                    g[i] = gi
+                gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, decoupled)
+                mi, vi = _moments(gi, _widen(m[i]), _widen(v[i]), omb1, b2, omb2)
+                mb, vb = _round_states(mi, vi, i, kb, stochastic)
+                m[i] = mb
+                v[i] = vb
+                mi = _widen(mb)  # the update uses the stored values
+                vi = _widen(vb)
+                if amsgrad:
+                    vi = _running_max(_widen(vmax[i]), vi)
+                    vmax[i] = np.uint16(_f32_bits(vi) >> np.uint32(16))
+                root = np.sqrt(vi)
+                p[i] = theta - step_size * mi / ((root / bc2_sqrt if divide else root) + eps)
 
     return loop
 
