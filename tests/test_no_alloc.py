@@ -176,7 +176,7 @@ def _serial_loop_llvm(kind: str) -> str:
         py_loop = numba_._make_loop(False)
         arrays = (p, g, m, v, v)
     else:
-        py_loop = numba_._make_bf16_loop(False, True, True, True, True)
+        py_loop = numba_._make_bf16_loop(False, True, True, True, True, True)
         m16, v16 = (np.zeros(n, np.uint16) for _ in range(2))
         arrays = (p, g, m16, v16, np.zeros(n, np.uint16))
     loop = njit(**{**numba_._JIT, "cache": False})(py_loop)

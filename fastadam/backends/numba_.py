@@ -226,27 +226,33 @@ def _bits_f32(typingctx, u):
 
 
 @intrinsic
-def _random_bits(typingctx, i, block_key):
-    """``mix32(lo32(i) ^ block_key)`` (fastadam._scalars.mix32) as 32-bit LLVM operations.
+def _random_bits(typingctx, first, k, block_key):
+    """``mix32(lo32(first + k) ^ block_key)`` (fastadam._scalars.mix32), all in
+    32-bit LLVM operations.
 
-    In Numba's own integer arithmetic the index stays 64 bits wide and the loop
-    vectorized to 64-bit multiplies (vpmullq), several times slower.
+    In Numba's own integer arithmetic the index is 64 bits wide: the loop
+    vectorized to 64-bit multiplies (vpmullq), several times slower, and even
+    truncated at once it kept two vectors of 64-bit indices per 16 lanes. With
+    ``k`` a 32-bit loop counter, LLVM counts the lanes in 32 bits.
     """
-    if not isinstance(i, types.Integer):
+    if not (isinstance(first, types.Integer) and isinstance(k, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         i32 = ir.IntType(32)
 
-        def xorshift(x, k):
-            return builder.xor(x, builder.lshr(x, ir.Constant(i32, k)))
+        def lo32(x):
+            return x if x.type.width == 32 else builder.trunc(x, i32)
 
-        x = builder.xor(builder.trunc(args[0], i32), args[1])
+        def xorshift(x, s):
+            return builder.xor(x, builder.lshr(x, ir.Constant(i32, s)))
+
+        x = builder.xor(builder.add(lo32(args[0]), lo32(args[1])), args[2])
         x = builder.mul(xorshift(x, 16), ir.Constant(i32, 0x7FEB352D))
         x = builder.mul(xorshift(x, 15), ir.Constant(i32, 0x846CA68B))
         return xorshift(x, 16)
 
-    return types.uint32(i, types.uint32), codegen
+    return types.uint32(first, k, types.uint32), codegen
 
 
 @intrinsic
@@ -297,16 +303,19 @@ def _nearest_even(x):
 
 
 @njit(inline="always")
-def _round_states(mi, vi, i, block_key, stochastic):
+def _round_states(mi, vi, first, k, block_key, stochastic):
     """The bf16 bits of the new moments: stochastic rounding with the random bits
-    of element ``i`` (low half for ``mi``, high half for ``vi``), else nearest-even."""
+    of element ``first + k`` (low half for ``mi``, high half for ``vi``), else
+    nearest-even."""
     if stochastic:
-        r = _random_bits(i, block_key)
+        r = _random_bits(first, k, block_key)
         return _round_bf16(mi, r & np.uint32(0xFFFF)), _round_bf16(vi, r >> np.uint32(16))
     return _round_bf16(mi, _nearest_even(mi)), _round_bf16(vi, _nearest_even(vi))
 
 
-def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: bool, decoupled: bool):
+def _make_bf16_loop(
+    parallel: bool, stochastic: bool, divide: bool, amsgrad: bool, decoupled: bool, unscale: bool
+):
     """The float32-param / bfloat16-state update, written once (see AdamScalars).
 
     The flags are compile-time constants, so each compiled loop holds only its
@@ -314,7 +323,9 @@ def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: boo
     (multiply by decay) are skipped where those are 1.0, which is exact and is
     every bf16 step compute_scalars makes for Adam. This loop is at the edge of
     keeping up with memory, and each of those two operations cost ~10%; with
-    ``amsgrad`` a run-time flag, LLVM left the loop scalar (2.4x slower).
+    ``amsgrad`` a run-time flag, LLVM left the loop scalar (2.4x slower), and
+    with ``unscale`` one, LLVM divided every gradient by the scale whether or
+    not the flag was set (the divider is this loop's busiest unit).
     ``block_key`` is ``mix32(rounding_key ^ hi32(i))``, constant over each
     2**32-element block: ``step`` hands this loop one block at a time, so here
     ``lo32(i)`` is just the local index. Blocks and prefetch as in _make_loop.
@@ -322,9 +333,9 @@ def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: boo
     rng = prange if parallel else range
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
-             unscale, maximize, amsgrad_flag, state_rounding, block_key):  # fmt: skip
-        # amsgrad_flag and state_rounding are the AdamScalars fields, unused here:
-        # this loop's closure fixes amsgrad and the rounding mode at compile time.
+             unscale_flag, maximize, amsgrad_flag, state_rounding, block_key):  # fmt: skip
+        # unscale_flag, amsgrad_flag and state_rounding are AdamScalars fields, unused
+        # here: this loop's closure fixes them at compile time.
         l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
         t = np.float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
@@ -341,15 +352,15 @@ def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: boo
             _prefetch_block(v, first + ahead)
             if amsgrad:
                 _prefetch_block(vmax, first + ahead)
-            for j in range(first, min(first + _BLOCK, n)):
-                i = np.uint64(j)
+            for k in range(np.int32(min(_BLOCK, n - first))):
+                i = np.uint64(first + k)
                 gi = g[i]
                 if unscale:
                     gi = gi / scale
                     g[i] = gi
                 gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, decoupled)
                 mi, vi = _moments(gi, _widen(m[i]), _widen(v[i]), omb1, b2, omb2)
-                mb, vb = _round_states(mi, vi, i, kb, stochastic)
+                mb, vb = _round_states(mi, vi, first, k, kb, stochastic)
                 m[i] = mb
                 v[i] = vb
                 mi = _widen(mb)  # the update uses the stored values
@@ -400,6 +411,7 @@ def step(
         sc.bias_correction2_sqrt != 1.0,
         sc.amsgrad,
         sc.decay != 1.0,
+        sc.unscale,
     )
     serial, parallel = _bf16_loop(False, *flags), _bf16_loop(True, *flags)
     for block, start in enumerate(range(0, max(param.size, 1), _KEY_BLOCK)):
