@@ -323,6 +323,35 @@ def _round_states(mi, vi, first, k, block_key, stochastic):
     return _round_bf16(mi, _nearest_even(mi)), _round_bf16(vi, _nearest_even(vi))
 
 
+_NO_BITS = np.uint16(0)  # stands in for max_exp_avg_sq's bits without amsgrad
+
+
+@njit(inline="always")
+def _bf16_element(gi, theta, mb, vb, vmb, first, k, block_key, consts, flags):
+    """The float32-param / bfloat16-state update of element ``first + k``, on values.
+
+    Takes the element's gradient, parameter and moment bits (``vmb`` only read
+    with amsgrad) and returns their new values; the gradient comes back divided
+    by the scale with ``unscale``, for the loop to store.
+    """
+    step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
+    unscale, maximize, l2, stochastic, divide, amsgrad, decoupled = flags
+    if unscale:
+        gi = gi / scale
+    g_out = gi
+    gi, theta = _gradient(gi, theta, wd, decay, maximize, l2, decoupled)
+    mi, vi = _moments(gi, _widen(mb), _widen(vb), omb1, b2, omb2)
+    mb, vb = _round_states(mi, vi, first, k, block_key, stochastic)
+    mi = _widen(mb)  # the update uses the stored values
+    vi = _widen(vb)
+    if amsgrad:
+        vi = _running_max(_widen(vmb), vi)
+        vmb = np.uint16(_f32_bits(vi) >> np.uint32(16))
+    root = np.sqrt(vi)
+    theta = theta - step_size * mi / ((root / bc2_sqrt if divide else root) + eps)
+    return g_out, theta, mb, vb, vmb
+
+
 def _make_bf16_loop(
     parallel: bool, stochastic: bool, divide: bool, amsgrad: bool, decoupled: bool, unscale: bool
 ):
@@ -350,10 +379,13 @@ def _make_bf16_loop(
         t = np.float32
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
+        consts = (step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale)
+        flags = (unscale, maximize, l2, stochastic, divide, amsgrad, decoupled)
         kb = np.uint32(block_key)
         n = p.size
         ahead = _PREFETCH_BYTES // p.itemsize
-        for block in rng((n + _BLOCK - 1) // _BLOCK):
+        full = n // _BLOCK
+        for block in rng(full):
             _prefer_512_bit_vectors()
             first = block * _BLOCK
             _prefetch_block(p, first + ahead)
@@ -362,24 +394,27 @@ def _make_bf16_loop(
             _prefetch_block(v, first + ahead)
             if amsgrad:
                 _prefetch_block(vmax, first + ahead)
-            for k in range(np.int32(min(_BLOCK, n - first))):
+            for k in range(np.int32(_BLOCK)):
                 i = np.uint64(first + k)
-                gi = g[i]
+                vm = vmax[i] if amsgrad else _NO_BITS
+                gi, p[i], m[i], v[i], vm = _bf16_element(
+                    g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
+                )
                 if unscale:
-                    gi = gi / scale
                     g[i] = gi
-                gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, decoupled)
-                mi, vi = _moments(gi, _widen(m[i]), _widen(v[i]), omb1, b2, omb2)
-                mb, vb = _round_states(mi, vi, first, k, kb, stochastic)
-                m[i] = mb
-                v[i] = vb
-                mi = _widen(mb)  # the update uses the stored values
-                vi = _widen(vb)
                 if amsgrad:
-                    vi = _running_max(_widen(vmax[i]), vi)
-                    vmax[i] = np.uint16(_f32_bits(vi) >> np.uint32(16))
-                root = np.sqrt(vi)
-                p[i] = theta - step_size * mi / ((root / bc2_sqrt if divide else root) + eps)
+                    vmax[i] = vm
+        first = full * _BLOCK  # the last, partial block
+        for k in range(np.int32(n - first)):
+            i = np.uint64(first + k)
+            vm = vmax[i] if amsgrad else _NO_BITS
+            gi, p[i], m[i], v[i], vm = _bf16_element(
+                g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
+            )
+            if unscale:
+                g[i] = gi
+            if amsgrad:
+                vmax[i] = vm
 
     return loop
 
