@@ -14,7 +14,7 @@
  *   - rounding is u + add, and NaN lanes are fixed with one masked OR of the
  *     quiet bit (a float unordered compare finds them) -- no shifts;
  *   - the rounded float is (u + add) & 0xFFFF0000, and storing picks the odd
- *     words of two vectors with one permute;
+ *     words with one permute;
  *   - mix32's first and last xor-shifts fold into three-input logic
  *     (r >> 16 == x >> 16 where r = x ^ (x >> 16), so one shift serves both).
  * The moments are loaded and stored as 32-byte vectors (16 words). One
@@ -40,13 +40,11 @@ static inline __m512 fa_load_widen16(const uint16_t *p, __m512i index)
     return _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), index, w));
 }
 
-/* The high halves of the 32 lanes of a and b (see fa_round_hi16) stored as
- * 32 bfloat16 at p: one permute gathers them, then two 32-byte stores. */
-static inline void fa_store_hi32(uint16_t *p, __m512i a, __m512i b, __m512i index)
+/* The high halves of the 16 lanes of x (see fa_round_hi16) stored as 16
+ * bfloat16 at p (index: see odd_words below). */
+static inline void fa_store_hi16(uint16_t *p, __m512i x, __m512i index)
 {
-    const __m512i w = _mm512_permutex2var_epi16(a, index, b);
-    _mm256_storeu_si256((__m256i *)p, _mm512_castsi512_si256(w));
-    _mm256_storeu_si256((__m256i *)(p + 16), _mm512_extracti64x4_epi64(w, 1));
+    _mm256_storeu_si256((__m256i *)p, _mm512_castsi512_si256(_mm512_permutexvar_epi16(index, x)));
 }
 
 /* The rounding of fa_round_bf16, kept in the high half: the top 16 bits of
@@ -88,17 +86,17 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx512(
     const __m512i mul2 = _mm512_set1_epi32((int)0x846CA68Bu);
 
     /* word permutes: widen_index puts words 0-15 of its second operand in the
-     * odd (high) words of the lanes, zeros in the even ones; pack_index
-     * gathers the odd words of its two operands' lanes, first operand first */
-    __m512i widen_index, pack_index;
+     * odd (high) words of the lanes, zeros in the even ones; odd_words
+     * gathers the odd words of the 16 lanes into the low 32 bytes */
+    __m512i widen_index, odd_words;
     {
-        uint16_t w[32], pk[32];
+        uint16_t w[32], odd[32];
         for (int k = 0; k < 32; k++) {
             w[k] = (k & 1) ? (uint16_t)(32 + k / 2) : 0;
-            pk[k] = (uint16_t)(2 * k + 1);
+            odd[k] = (uint16_t)((2 * k + 1) & 31);
         }
         widen_index = _mm512_loadu_si512(w);
-        pack_index = _mm512_loadu_si512(pk);
+        odd_words = _mm512_loadu_si512(odd);
     }
 
     /* x ^ (x >> 16) of mix32's first step distributes over lo ^ hkey */
@@ -168,10 +166,12 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx512(
             _mm512_storeu_ps(param + j,
                              _mm512_sub_ps(p, _mm512_div_ps(_mm512_mul_ps(step_size, m), denom)));
         }
-        fa_store_hi32(exp_avg + i, m_hi[0], m_hi[1], pack_index);
-        fa_store_hi32(exp_avg_sq + i, v_hi[0], v_hi[1], pack_index);
-        if (ams)
-            fa_store_hi32(max_exp_avg_sq + i, vmax_hi[0], vmax_hi[1], pack_index);
+        for (int h = 0; h < 2; h++) {
+            fa_store_hi16(exp_avg + i + 16 * h, m_hi[h], odd_words);
+            fa_store_hi16(exp_avg_sq + i + 16 * h, v_hi[h], odd_words);
+            if (ams)
+                fa_store_hi16(max_exp_avg_sq + i + 16 * h, vmax_hi[h], odd_words);
+        }
     }
     /* the last n % 32 elements: the portable loop, at the same indices */
     if (i < n)
