@@ -232,13 +232,14 @@ def _random_bits(typingctx, first, k, block_key):
 
     In Numba's own integer arithmetic the index is 64 bits wide: the loop
     vectorized to 64-bit multiplies (vpmullq), several times slower, and even
-    truncated at once it kept two vectors of 64-bit indices per 16 lanes. With
-    ``k`` a 32-bit loop counter, LLVM counts the lanes in 32 bits.
+    truncated at once it kept vectors of 64-bit indices.
 
     mix32 starts with ``x ^= x >> 16`` on ``x = lo ^ key``. That distributes over
-    the XOR, and ``lo >> 16`` is ``lo32(first) >> 16`` for every ``k`` of the
-    block, so ``(lo32(first) >> 16) ^ key ^ (key >> 16)`` is one constant per
-    block (LLVM hoists it) and each element pays a single XOR for that step.
+    the XOR, and with ``first`` a multiple of _BLOCK, ``lo = lo32(first) ^ k``
+    and ``lo >> 16 = lo32(first) >> 16`` for every ``k`` of the block. So
+    ``x ^ (x >> 16)`` is ``k ^ c`` with ``c`` one constant per block (LLVM
+    hoists it), and as LLVM unrolls a block's vectors, ``k`` is a constant
+    vector: one XOR per 16 elements replaces the index arithmetic.
     """
     if not (isinstance(first, types.Integer) and isinstance(k, types.Integer)):
         return None
@@ -249,15 +250,11 @@ def _random_bits(typingctx, first, k, block_key):
         def lo32(x):
             return x if x.type.width == 32 else builder.trunc(x, i32)
 
-        def shr(x, s):
-            return builder.lshr(x, ir.Constant(i32, s))
-
         def xorshift(x, s):
-            return builder.xor(x, shr(x, s))
+            return builder.xor(x, builder.lshr(x, ir.Constant(i32, s)))
 
-        base, key = lo32(args[0]), args[2]
-        per_block = builder.xor(shr(base, 16), xorshift(key, 16))
-        x = builder.xor(builder.add(base, lo32(args[1])), per_block)
+        per_block = builder.xor(xorshift(lo32(args[0]), 16), xorshift(args[2], 16))
+        x = builder.xor(lo32(args[1]), per_block)
         x = builder.mul(x, ir.Constant(i32, 0x7FEB352D))
         x = builder.mul(xorshift(x, 15), ir.Constant(i32, 0x846CA68B))
         return xorshift(x, 16)
