@@ -132,9 +132,11 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_element(
 #define FA_BF16_BLOCK 32
 static inline __attribute__((always_inline)) void fa_prefetch_bf16_block(
     const float *param, const float *grad, const uint16_t *exp_avg, const uint16_t *exp_avg_sq,
-    const uint16_t *max_exp_avg_sq, int64_t j, const int ams)
+    const uint16_t *max_exp_avg_sq, int64_t j, int64_t n, const int ams)
 {
     enum { AHEAD = FA_PREFETCH_BYTES / sizeof(float) };
+    if (j + AHEAD >= n)
+        return;
     FA_PREFETCH(param + j, AHEAD);
     FA_PREFETCH(param + j + 16, AHEAD);
     FA_PREFETCH(grad + j, AHEAD);
@@ -163,7 +165,7 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
     const fa_scalars_f32 c = *s;
     int64_t j = 0;
     for (; j + FA_BF16_BLOCK <= n; j += FA_BF16_BLOCK) {
-        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, ams);
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, n, ams);
 #pragma GCC ivdep
         for (int64_t i = j; i < j + FA_BF16_BLOCK; i++)
             fa_adam_bf16_element(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i,

@@ -119,7 +119,7 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx512(
         fa_adam_bf16_body(param, grad, exp_avg, exp_avg_sq, ams ? max_exp_avg_sq : NULL, i, lo0,
                           hkey, s, l2, ams, unscale, maximize, stochastic, divide, decoupled);
     for (; i + FA_BF16_BLOCK <= n; i += FA_BF16_BLOCK) {
-        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, ams);
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, n, ams);
         const uint32_t first = lo0 + (uint32_t)i;
         const __m512i block_mixed = _mm512_set1_epi32((int)(first ^ (first >> 16) ^ hkey_mixed));
         __m512i m_hi[2], v_hi[2], vmax_hi[2];

@@ -80,7 +80,7 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
     const FA_CAT(fa_scalars, FA_SUFFIX) c = *s;
     int64_t j = 0;
     for (; j + BLOCK <= n; j += BLOCK) {
-        for (int k = 0; k < BLOCK; k += LINE) {
+        for (int k = 0; k < BLOCK && j + AHEAD < n; k += LINE) {
             FA_PREFETCH(param + j + k, AHEAD);
             FA_PREFETCH(grad + j + k, AHEAD);
             FA_PREFETCH(exp_avg + j + k, AHEAD);
