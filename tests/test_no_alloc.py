@@ -171,7 +171,7 @@ def _serial_loop_llvm(kind: str) -> str:
 
     n = 100  # three full blocks and a partial one
     p, g, m, v, _ = make_state(n, np.float32)
-    scalars = (1e-3, 1.0, 1e-8, 0.1, 0.999, 1e-3, 0.01, 1.0, 2.0, True, True, False, 0, 7)
+    scalars = (1e-3, 1.0, 1e-8, 0.1, 0.999, 1e-3, 0.01, 1.0, 2.0, True, True, False, 0, 7, 1)
     if kind == "float":
         py_loop = numba_._make_loop(False)
         arrays = (p, g, m, v, v)

@@ -151,18 +151,34 @@ def _running_max(vm, vi):
     return vm if (vm > vi or vm != vm) else vi
 
 
+@njit(inline="always")
+def _parts(threads, blocks):
+    """How many shares a loop splits its blocks into: one per thread."""
+    return max(1, min(threads, blocks))
+
+
+@njit(inline="always")
+def _share(part, parts, blocks):
+    """Blocks ``[first, end)`` of share ``part`` of ``parts``: the even split."""
+    return blocks * part // parts, blocks * (part + 1) // parts
+
+
 def _make_loop(parallel: bool):
     """The update loop, written once; compiled serial and parallel.
 
     Blocks of _BLOCK elements, prefetching ahead once per block; the last block
-    may be partial. The element index is unsigned: with a signed one Numba
-    guards every access against negative (wrap-around) indices and LLVM leaves
-    the block loop scalar (2.4x slower).
+    may be partial. The blocks are split into one share per thread (``threads``,
+    the last argument), and a share stops prefetching where the next begins:
+    prefetching into a share that another core is writing cost 2-thread steps
+    at 2^15-2^17 elements 15-30% (float32 2^15: 0.48 -> 0.33 ns per element).
+    The element index is unsigned: with a signed one Numba guards every access
+    against negative (wrap-around) indices and LLVM leaves the block loop
+    scalar (2.4x slower).
     """
     rng = prange if parallel else range
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
-             unscale, maximize, amsgrad, state_rounding, rounding_key):  # fmt: skip
+             unscale, maximize, amsgrad, state_rounding, rounding_key, threads):  # fmt: skip
         # state_rounding and rounding_key: unused, this loop's states have the params' dtype
         l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
         t = p.dtype.type  # cast every constant once: float32 math stays float32
@@ -170,29 +186,35 @@ def _make_loop(parallel: bool):
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
         n = p.size
         ahead = _PREFETCH_BYTES // p.itemsize
-        for block in rng((n + _BLOCK - 1) // _BLOCK):
-            first = block * _BLOCK
-            _prefetch_block(p, first + ahead)
-            _prefetch_block(g, first + ahead)
-            _prefetch_block(m, first + ahead)
-            _prefetch_block(v, first + ahead)
-            if amsgrad:
-                _prefetch_block(vmax, first + ahead)
-            for j in range(first, min(first + _BLOCK, n)):
-                i = np.uint64(j)
-                gi = g[i]
-                if unscale:
-                    gi = gi / scale
-                    g[i] = gi
-                # decay always applied: exact when it is 1.0
-                gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, True)
-                mi, vi = _moments(gi, m[i], v[i], omb1, b2, omb2)
-                m[i] = mi
-                v[i] = vi
-                if amsgrad:
-                    vi = _running_max(vmax[i], vi)
-                    vmax[i] = vi
-                p[i] = theta - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+        blocks = (n + _BLOCK - 1) // _BLOCK
+        parts = _parts(threads, blocks)
+        for part in rng(parts):
+            first_block, end_block = _share(part, parts, blocks)
+            end = end_block * _BLOCK  # where the next part's share starts
+            for block in range(first_block, end_block):
+                first = block * _BLOCK
+                if first + ahead < end:
+                    _prefetch_block(p, first + ahead)
+                    _prefetch_block(g, first + ahead)
+                    _prefetch_block(m, first + ahead)
+                    _prefetch_block(v, first + ahead)
+                    if amsgrad:
+                        _prefetch_block(vmax, first + ahead)
+                for j in range(first, min(first + _BLOCK, n)):
+                    i = np.uint64(j)
+                    gi = g[i]
+                    if unscale:
+                        gi = gi / scale
+                        g[i] = gi
+                    # decay always applied: exact when it is 1.0
+                    gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, True)
+                    mi, vi = _moments(gi, m[i], v[i], omb1, b2, omb2)
+                    m[i] = mi
+                    v[i] = vi
+                    if amsgrad:
+                        vi = _running_max(vmax[i], vi)
+                        vmax[i] = vi
+                    p[i] = theta - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
 
     return loop
 
@@ -364,12 +386,13 @@ def _make_bf16_loop(
     not the flag was set (the divider is this loop's busiest unit).
     ``block_key`` is ``mix32(rounding_key ^ hi32(i))``, constant over each
     2**32-element block: ``step`` hands this loop one block at a time, so here
-    ``lo32(i)`` is just the local index. Blocks and prefetch as in _make_loop.
+    ``lo32(i)`` is just the local index. Blocks, shares and prefetch as in
+    _make_loop.
     """
     rng = prange if parallel else range
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
-             unscale_flag, maximize, amsgrad_flag, state_rounding, block_key):  # fmt: skip
+             unscale_flag, maximize, amsgrad_flag, state_rounding, block_key, threads):  # fmt: skip
         # unscale_flag, amsgrad_flag and state_rounding are AdamScalars fields, unused
         # here: this loop's closure fixes them at compile time.
         l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
@@ -382,25 +405,30 @@ def _make_bf16_loop(
         n = p.size
         ahead = _PREFETCH_BYTES // p.itemsize
         full = n // _BLOCK
-        for block in rng(full):
+        parts = _parts(threads, full)
+        for part in rng(parts):
             _prefer_512_bit_vectors()
-            first = block * _BLOCK
-            _prefetch_block(p, first + ahead)
-            _prefetch_block(g, first + ahead)
-            _prefetch_block(m, first + ahead)
-            _prefetch_block(v, first + ahead)
-            if amsgrad:
-                _prefetch_block(vmax, first + ahead)
-            for k in range(np.int32(_BLOCK)):
-                i = np.uint64(first + k)
-                vm = vmax[i] if amsgrad else _NO_BITS
-                gi, p[i], m[i], v[i], vm = _bf16_element(
-                    g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
-                )
-                if unscale:
-                    g[i] = gi
-                if amsgrad:
-                    vmax[i] = vm
+            first_block, end_block = _share(part, parts, full)
+            end = end_block * _BLOCK  # where the next part's share starts
+            for block in range(first_block, end_block):
+                first = block * _BLOCK
+                if first + ahead < end:
+                    _prefetch_block(p, first + ahead)
+                    _prefetch_block(g, first + ahead)
+                    _prefetch_block(m, first + ahead)
+                    _prefetch_block(v, first + ahead)
+                    if amsgrad:
+                        _prefetch_block(vmax, first + ahead)
+                for k in range(np.int32(_BLOCK)):
+                    i = np.uint64(first + k)
+                    vm = vmax[i] if amsgrad else _NO_BITS
+                    gi, p[i], m[i], v[i], vm = _bf16_element(
+                        g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
+                    )
+                    if unscale:
+                        g[i] = gi
+                    if amsgrad:
+                        vmax[i] = vm
         first = full * _BLOCK  # the last, partial block
         for k in range(np.int32(n - first)):
             i = np.uint64(first + k)
@@ -466,13 +494,16 @@ _KEY_BLOCK = 1 << 32  # elements sharing hi32(index), hence one block_key
 
 
 def _launch(serial, parallel, args) -> None:
+    """Run a loop serially or on our threads; its last argument is the thread count
+    (the loop splits its blocks into that many shares, see _share)."""
     if args[0].size < config.PARALLEL_MIN_ELEMENTS or _num_threads == 1:
-        serial(*args)
+        serial(*args, 1)
         return
     with _LAUNCH_LOCK:
         # Numba's thread count is thread-local: apply ours in the launching thread.
-        numba.set_num_threads(min(_num_threads, numba.config.NUMBA_NUM_THREADS))
-        parallel(*args)
+        threads = min(_num_threads, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(threads)
+        parallel(*args, threads)
 
 
 def _make_unscale(parallel: bool):
