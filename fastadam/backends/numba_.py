@@ -90,34 +90,53 @@ _PREFETCH_BYTES = 4096
 
 
 @intrinsic
-def _prefetch_block(typingctx, a, first):
-    """Prefetch the cache lines of elements ``[first, first + _BLOCK)`` of 1-d ``a``.
+def _prefetch_ahead(typingctx, first, end, amsgrad, p, g, m, v, vmax):
+    """Prefetch, in each array of a step (``vmax`` only if ``amsgrad``), the cache
+    lines of the _BLOCK elements that lie _PREFETCH_BYTES of ``p`` past element
+    ``first``, unless they start at or past element ``end`` (where the next
+    thread's share begins, see _make_loop).
 
-    Any ``first`` is fine: the address is formed as an integer and never
-    dereferenced, and a prefetch past the end of the array cannot fault.
+    An intrinsic, not a helper function: handing arrays to a helper makes Numba
+    count references to them (see _gradient). The addresses are formed as
+    integers and never dereferenced.
     """
-    if not (isinstance(a, types.Array) and isinstance(first, types.Integer)):
+    arrays = (p, g, m, v, vmax)
+    if not all(isinstance(a, types.Array) for a in arrays):
+        return None
+    if not (isinstance(first, types.Integer) and isinstance(end, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
-        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        start = builder.add(
-            builder.ptrtoint(data, i64),
-            builder.mul(context.cast(builder, args[1], sig.args[1], types.int64),
-                        ir.Constant(i64, itemsize)),
-        )  # fmt: skip
+        ahead = _PREFETCH_BYTES // context.get_abi_sizeof(context.get_data_type(p.dtype))
+        target = builder.add(
+            context.cast(builder, args[0], sig.args[0], types.int64), ir.Constant(i64, ahead)
+        )
+        end_ = context.cast(builder, args[1], sig.args[1], types.int64)
         fn = builder.module.declare_intrinsic(
             "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         )
         read, keep_everywhere, data_cache = (ir.Constant(i32, k) for k in (0, 3, 1))
-        for line in range(0, _BLOCK * itemsize, 64):
-            address = builder.inttoptr(builder.add(start, ir.Constant(i64, line)), i8p)
-            builder.call(fn, [address, read, keep_everywhere, data_cache])
+
+        def prefetch(k):
+            itemsize = context.get_abi_sizeof(context.get_data_type(arrays[k].dtype))
+            data = context.make_array(arrays[k])(context, builder, args[3 + k]).data
+            start = builder.add(
+                builder.ptrtoint(data, i64), builder.mul(target, ir.Constant(i64, itemsize))
+            )
+            for line in range(0, _BLOCK * itemsize, 64):
+                address = builder.inttoptr(builder.add(start, ir.Constant(i64, line)), i8p)
+                builder.call(fn, [address, read, keep_everywhere, data_cache])
+
+        with builder.if_then(builder.icmp_signed("<", target, end_), likely=True):
+            for k in range(4):
+                prefetch(k)
+            amsgrad_ = context.cast(builder, args[2], sig.args[2], types.boolean)
+            with builder.if_then(amsgrad_):
+                prefetch(4)
         return context.get_dummy_value()
 
-    return types.none(a, first), codegen
+    return types.none(*(first, end, amsgrad), *arrays), codegen
 
 
 # The helpers below take and return scalars only. A helper handed an array, even
@@ -185,7 +204,6 @@ def _make_loop(parallel: bool):
         step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
         omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
         n = p.size
-        ahead = _PREFETCH_BYTES // p.itemsize
         blocks = (n + _BLOCK - 1) // _BLOCK
         parts = _parts(threads, blocks)
         for part in rng(parts):
@@ -193,13 +211,7 @@ def _make_loop(parallel: bool):
             end = end_block * _BLOCK  # where the next part's share starts
             for block in range(first_block, end_block):
                 first = block * _BLOCK
-                if first + ahead < end:
-                    _prefetch_block(p, first + ahead)
-                    _prefetch_block(g, first + ahead)
-                    _prefetch_block(m, first + ahead)
-                    _prefetch_block(v, first + ahead)
-                    if amsgrad:
-                        _prefetch_block(vmax, first + ahead)
+                _prefetch_ahead(first, end, amsgrad, p, g, m, v, vmax)
                 for j in range(first, min(first + _BLOCK, n)):
                     i = np.uint64(j)
                     gi = g[i]
@@ -403,7 +415,6 @@ def _make_bf16_loop(
         flags = (unscale, maximize, l2, stochastic, divide, amsgrad, decoupled)
         kb = np.uint32(block_key)
         n = p.size
-        ahead = _PREFETCH_BYTES // p.itemsize
         full = n // _BLOCK
         parts = _parts(threads, full)
         for part in rng(parts):
@@ -412,13 +423,7 @@ def _make_bf16_loop(
             end = end_block * _BLOCK  # where the next part's share starts
             for block in range(first_block, end_block):
                 first = block * _BLOCK
-                if first + ahead < end:
-                    _prefetch_block(p, first + ahead)
-                    _prefetch_block(g, first + ahead)
-                    _prefetch_block(m, first + ahead)
-                    _prefetch_block(v, first + ahead)
-                    if amsgrad:
-                        _prefetch_block(vmax, first + ahead)
+                _prefetch_ahead(first, end, amsgrad, p, g, m, v, vmax)
                 for k in range(np.int32(_BLOCK)):
                     i = np.uint64(first + k)
                     vm = vmax[i] if amsgrad else _NO_BITS
