@@ -35,6 +35,7 @@ from fastadam._scalars import (
     AdamScalars,
     compute_scalars,
 )
+from fastadam.backends import reference
 
 try:
     import ml_dtypes
@@ -98,37 +99,6 @@ def numpy_step(p, g, m, v, vmax, sc: AdamScalars) -> None:
         p -= T(sc.step_size) * m / denom
 
 
-def widen_bf16(a: np.ndarray) -> np.ndarray:
-    """bfloat16 (or its uint16 bits) -> float32, exactly."""
-    return (a.view(np.uint16).astype(U32) << U32(16)).view(np.float32)
-
-
-def round_bf16(x: np.ndarray, r16: np.ndarray | None) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16): nearest-even, or stochastic with 16 random bits."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(U32)
-    add = U32(0x7FFF) + ((u >> U32(16)) & U32(1)) if r16 is None else r16
-    rounded = (u + add) >> U32(16)
-    is_nan = (u & U32(0x7FFFFFFF)) > U32(0x7F800000)
-    return np.where(is_nan, (u >> U32(16)) | U32(0x0040), rounded).astype(np.uint16)
-
-
-def mix32(x: np.ndarray) -> np.ndarray:
-    """fastadam._scalars.mix32 on uint32 arrays (NumPy integer arithmetic wraps)."""
-    x = x ^ (x >> U32(16))
-    x = x * U32(0x7FEB352D)
-    x = x ^ (x >> U32(15))
-    x = x * U32(0x846CA68B)
-    return x ^ (x >> U32(16))
-
-
-def random_bits(first_index: int, n: int, key: int) -> np.ndarray:
-    """r = mix32(lo32(i) ^ mix32(key ^ hi32(i))) for i in [first_index, first_index + n)."""
-    i = np.arange(n, dtype=np.uint64) + np.uint64(first_index)
-    lo = (i & np.uint64(0xFFFFFFFF)).astype(U32)
-    hi = (i >> np.uint64(32)).astype(U32)
-    return mix32(lo ^ mix32(U32(key) ^ hi))
-
-
 def numpy_step_bf16(p, g, m, v, vmax, sc: AdamScalars, first_index: int = 0) -> None:
     """The AdamScalars docstring for float32 params and bfloat16 states.
 
@@ -143,24 +113,24 @@ def numpy_step_bf16(p, g, m, v, vmax, sc: AdamScalars, first_index: int = 0) -> 
         if sc.weight_decay != 0.0:
             gg = gg + f32(sc.weight_decay) * p
         p *= f32(sc.decay)
-        m_old, v_old = widen_bf16(m), widen_bf16(v)
+        m_old, v_old = reference.widen(m), reference.widen(v)
         m_new = m_old + (gg - m_old) * f32(sc.one_minus_beta1)
         v_new = v_old * f32(sc.beta2) + f32(sc.one_minus_beta2) * gg * gg
         if sc.state_rounding == STATE_BF16_STOCHASTIC:
-            r = random_bits(first_index, p.size, sc.rounding_key)
+            r = reference.random_bits(p.size, sc.rounding_key, first_index)
             r_m, r_v = r & U32(0xFFFF), r >> U32(16)
         else:
             assert sc.state_rounding == STATE_BF16_NEAREST
             r_m = r_v = None
-        m.view(np.uint16)[...] = round_bf16(m_new, r_m)
-        v.view(np.uint16)[...] = round_bf16(v_new, r_v)
-        second = widen_bf16(v)
+        m.view(np.uint16)[...] = reference.round_to_bf16(m_new, r_m)
+        v.view(np.uint16)[...] = reference.round_to_bf16(v_new, r_v)
+        second = reference.widen(v)
         if sc.amsgrad:
             vmax = vmax.reshape(-1)
-            second = np.maximum(widen_bf16(vmax), second)
+            second = np.maximum(reference.widen(vmax), second)
             vmax.view(np.uint16)[...] = (second.view(U32) >> U32(16)).astype(np.uint16)
         denom = np.sqrt(second) / f32(sc.bias_correction2_sqrt) + f32(sc.eps)
-        p -= f32(sc.step_size) * widen_bf16(m) / denom
+        p -= f32(sc.step_size) * reference.widen(m) / denom
 
 
 def make_scalars(
@@ -653,12 +623,12 @@ def test_bf16_stochastic_rounding_is_unbiased():
                          STATE_BF16_STOCHASTIC, 5)  # fmt: skip
     state = [np.ones(n, np.float32), g.copy(), np.zeros(n, BF16), np.zeros(n, BF16), None]
     run_c(state, sc)
-    stored = widen_bf16(state[2]).astype(np.float64)
+    stored = reference.widen(state[2]).astype(np.float64)
     # Element k's error has mean 0 and variance f(1-f) ulp^2 (f = frac[k] < 0.4):
     # the mean over n elements has a standard deviation under 1.1e-3 ulp.
     bias = (stored - g.astype(np.float64)).mean() / float(ulp)
     assert abs(bias) < 0.01, bias
-    nearest = widen_bf16(round_bf16(g, None)).astype(np.float64)
+    nearest = reference.widen(reference.round_to_bf16(g, None)).astype(np.float64)
     nearest_bias = (nearest - g.astype(np.float64)).mean() / float(ulp)
     assert nearest_bias < -0.15  # the control: round-to-nearest loses ~0.2 ulp here
 

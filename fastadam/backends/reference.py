@@ -113,9 +113,10 @@ def mix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U32(16))
 
 
-def random_bits(n: int, key: int) -> np.ndarray:
-    """The 32 random bits of elements 0..n-1: ``mix32(lo32(i) ^ mix32(key ^ hi32(i)))``."""
-    i = np.arange(n, dtype=np.uint64)
+def random_bits(n: int, key: int, first: int = 0) -> np.ndarray:
+    """The 32 random bits of elements ``first .. first+n-1``:
+    ``mix32(lo32(i) ^ mix32(key ^ hi32(i)))`` of each global index ``i``."""
+    i = np.arange(n, dtype=np.uint64) + np.uint64(first)
     lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     hi = (i >> np.uint64(32)).astype(np.uint32)
     return mix32(lo ^ mix32(_U32(key) ^ hi))
