@@ -30,6 +30,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from torch_net import Net  # noqa: E402
+
 import fastadam  # noqa: E402
 import fastadam.torch as ft  # noqa: E402
 
@@ -58,27 +60,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distributed_dig
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )
-
-
-class Net(nn.Module):
-    """Conv, linear, LayerNorm and bias tensors: ZeRO spreads them over the ranks.
-
-    Smooth (tanh, average pooling), so that one-ULP parameter differences
-    between the two optimizers cannot flip a ReLU kink or a max-pool argmax.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)  # 4 x 8 x 8, pooled to 4 x 4 x 4
-        self.conv2 = nn.Conv2d(4, 6, 3)  # 6 x 2 x 2
-        self.norm = nn.LayerNorm(24)
-        self.fc1 = nn.Linear(24, 16)
-        self.fc2 = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.avg_pool2d(torch.tanh(self.conv1(x)), 2)
-        x = torch.tanh(self.conv2(x)).flatten(1)
-        return self.fc2(torch.tanh(self.fc1(self.norm(x))))
 
 
 def make_net() -> Net:
