@@ -80,14 +80,15 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
     const FA_CAT(fa_scalars, FA_SUFFIX) c = *s;
     int64_t j = 0;
     for (; j + BLOCK <= n; j += BLOCK) {
-        for (int k = 0; k < BLOCK && j + AHEAD < n; k += LINE) {
-            FA_PREFETCH(param + j + k, AHEAD);
-            FA_PREFETCH(grad + j + k, AHEAD);
-            FA_PREFETCH(exp_avg + j + k, AHEAD);
-            FA_PREFETCH(exp_avg_sq + j + k, AHEAD);
-            if (ams)
-                FA_PREFETCH(max_exp_avg_sq + j + k, AHEAD);
-        }
+        if (j + AHEAD < n) /* not into the next thread's share (fastadam_internal.h) */
+            for (int k = 0; k < BLOCK; k += LINE) {
+                FA_PREFETCH(param + j + k, AHEAD);
+                FA_PREFETCH(grad + j + k, AHEAD);
+                FA_PREFETCH(exp_avg + j + k, AHEAD);
+                FA_PREFETCH(exp_avg_sq + j + k, AHEAD);
+                if (ams)
+                    FA_PREFETCH(max_exp_avg_sq + j + k, AHEAD);
+            }
         /* the arrays do not overlap (checked by the caller); GCC forgets
          * their restrict through the inlined call and would test it per block */
 #pragma GCC ivdep
