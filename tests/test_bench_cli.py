@@ -210,6 +210,41 @@ def test_speedups_and_targets_are_computed_from_the_records():
     }
 
 
+def test_bf16_rows_count_20_bytes_and_feed_the_ratio_target(tmp_path, capsys, restore_threads):
+    """--dtype all: bf16-state rows beside float32 ones, each with its own roofline
+    and bytes per element (20 vs 28), and the bf16/float32 time ratio as a target
+    at the large sizes only."""
+    backends = [b for b in ("numba", "c") if b in fastadam.available_backends()]
+    if not backends:
+        pytest.skip("no fast backend loads here")
+    out_json = tmp_path / "bench.json"
+    argv = ["--sizes", "2^10", "--backends", ",".join(backends), "--dtype", "all"]
+    argv += ["--threads", "1", "--repeat", "1", "--no-progress", "--no-per-call"]
+    argv += ["--json", str(out_json)]
+    assert bench.main(argv) == 0
+    stdout = capsys.readouterr().out
+    records = json.loads(out_json.read_text())
+    assert sorted((r["backend"], r["dtype"]) for r in records) == sorted(
+        (b, d) for b in backends for d in ("float32", "float64", "bf16")
+    )
+    for r in records:
+        per_element = {"float32": 28, "float64": 56, "bf16": 20}[r["dtype"]]
+        assert math.isclose(r["gbps"], per_element * r["n"] / r["median_s"] / 1e9, rel_tol=1e-9)
+    assert "roofline bf16:" in stdout and "(20 B/element" in stdout
+    assert "(28 B/element" in stdout
+    assert "bf16-state time" not in stdout  # 2^10 is below the sizes the target covers
+
+    n = bench.TARGET_LARGE_N
+    big = [_rec("c", n, 1.0), _rec("c", n, 0.7), _rec("numba", n, 1.0), _rec("numba", n, 0.8)]
+    big[1]["dtype"] = big[3]["dtype"] = bench.BF16_STATES
+    got = {
+        t["backend"]: (round(t["value"], 9), t["goal"], t["met"])
+        for t in bench.evaluate_targets(big, [])
+        if t["target"] == "bf16-state time / float32-state time"
+    }
+    assert got == {"c": (0.7, 0.75, True), "numba": (0.8, 0.75, False)}
+
+
 # -- python -m fastadam ---------------------------------------------------------------
 
 
