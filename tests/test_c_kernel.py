@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,6 +340,21 @@ def test_library_is_the_installed_one():
         assert (pkg / "include" / "fastadam.h").is_file(), "header not installed"
     assert c.NAME == "c"
     assert c.isa() in ("avx512", "avx2", "baseline")
+
+
+@pytest.mark.skipif("FASTADAM_C_LIBRARY" in os.environ, reason="a library chosen by hand")
+def test_library_found_when_the_checkout_shadows_the_installed_package():
+    """`python -m fastadam bench` in the repository root imports the checkout, which has
+    no compiled library: the C backend must still load (the installed one)."""
+    root = Path(__file__).resolve().parents[1]
+    script = "import fastadam; print(fastadam.__file__); print(fastadam.available_backends())"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    imported_from, backends = proc.stdout.splitlines()[-2:]
+    assert Path(imported_from).resolve().parent == root / "fastadam"  # the checkout
+    assert "'c'" in backends, proc.stderr
 
 
 def _cpu_flags() -> set[str]:

@@ -6,14 +6,18 @@ the GIL for the duration of each call. The library picks its SIMD variant
 ``FASTADAM_ISA=baseline|avx2|avx512`` (read at the library's first step) can
 force a lower one.
 
-The library is looked up in the installed package directory; the environment
-variable ``FASTADAM_C_LIBRARY=/path/to/libfastadam_c.so`` overrides that (for a
+The library is looked up in the package directory, then in the directory the
+fastadam distribution was installed to (the two differ when Python imports
+fastadam from a source checkout, e.g. ``python -m fastadam`` run in the
+repository root); the environment variable
+``FASTADAM_C_LIBRARY=/path/to/libfastadam_c.so`` overrides both (for a
 sanitizer or debug build, say). Importing this module raises ``ImportError``
 with the reason when the library cannot be found or loaded.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.resources
 import os
 import sys
@@ -78,6 +82,20 @@ if _struct_fields != AdamScalars._fields:
     )
 
 
+def _library_dirs() -> list:
+    """Where the compiled library may be, most specific first."""
+    dirs = [importlib.resources.files("fastadam")]
+    # A source checkout first on sys.path (the repository root as the working
+    # directory of `python -m fastadam ...`) shadows the installed package, and
+    # the checkout holds no compiled library: the one installed with the
+    # distribution is then the one to load.
+    try:
+        dirs.append(importlib.metadata.distribution("fastadam").locate_file("fastadam"))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return dirs
+
+
 def _library_candidates() -> list[str]:
     override = os.environ.get("FASTADAM_C_LIBRARY")
     if override:
@@ -88,17 +106,17 @@ def _library_candidates() -> list[str]:
         names = ["libfastadam_c.dylib", "libfastadam_c.so"]
     else:
         names = ["libfastadam_c.so"]
-    pkg = importlib.resources.files("fastadam")
-    return [str(pkg / name) for name in names if (pkg / name).is_file()]
+    return [str(d / name) for d in _library_dirs() for name in names if (d / name).is_file()]
 
 
 def _load():
     candidates = _library_candidates()
     if not candidates:
+        searched = ", ".join(str(d) for d in _library_dirs())
         raise ImportError(
-            "fastadam C backend: libfastadam_c was not found in the fastadam package "
-            f"directory ({importlib.resources.files('fastadam')}); build and install the "
-            "package (pip install .) or set FASTADAM_C_LIBRARY to the library's path"
+            f"fastadam C backend: libfastadam_c was not found (searched {searched}); "
+            "build and install the package (pip install .) or set FASTADAM_C_LIBRARY "
+            "to the library's path"
         )
     path = candidates[0]
     try:
