@@ -13,6 +13,7 @@ import numbers
 import operator
 from collections.abc import Sequence
 
+import ml_dtypes
 import numpy as np
 
 from . import backends
@@ -24,12 +25,8 @@ from ._scalars import (
 )
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-try:  # bfloat16 comes from ml_dtypes (a dependency); without it no such arrays exist
-    import ml_dtypes
-
-    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BFLOAT16 = None
+#: NumPy has no bfloat16 of its own; ml_dtypes' is the one NumPy arrays can hold.
+BFLOAT16: np.dtype = np.dtype(ml_dtypes.bfloat16)
 _STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _ROUNDINGS = {"nearest": STATE_BF16_NEAREST, "stochastic": STATE_BF16_STOCHASTIC}
 _FLOAT_MAX = float(np.finfo(np.float64).max)
@@ -170,7 +167,7 @@ def validate_arrays(
     _check_array("param", param, None, None)
     _check_array("grad", grad, param.dtype, param.shape)
     state_dtype = param.dtype
-    if BFLOAT16 is not None and getattr(exp_avg, "dtype", None) == BFLOAT16:
+    if getattr(exp_avg, "dtype", None) == BFLOAT16:
         if param.dtype != np.float32:
             raise TypeError(
                 f"bfloat16 optimizer states need float32 params and grads; param has dtype "

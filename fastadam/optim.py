@@ -351,7 +351,7 @@ def _resolve_state_dtype(state_dtype: Any) -> np.dtype | None:
     """None (the parameters' dtype), float32, or bfloat16; anything else is refused."""
     if state_dtype is None:
         return None
-    if isinstance(state_dtype, str) and state_dtype == "bfloat16" and BFLOAT16 is not None:
+    if isinstance(state_dtype, str) and state_dtype == "bfloat16":
         return BFLOAT16
     try:
         dt = np.dtype(state_dtype)

@@ -219,7 +219,7 @@ def _diagnose_pair(
 
 def _numpy_of(t: torch.Tensor) -> np.ndarray | None:
     """Zero-copy NumPy view of a state tensor; bfloat16 through its bits (NumPy has none)."""
-    if t.dtype == torch.bfloat16 and BFLOAT16 is not None:
+    if t.dtype == torch.bfloat16:
         try:
             return t.view(torch.int16).numpy().view(BFLOAT16)
         except (RuntimeError, TypeError):

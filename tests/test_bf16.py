@@ -13,6 +13,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import OPTION_COMBOS, assert_bit_identical, bits, combo_id
@@ -20,7 +21,6 @@ from helpers import OPTION_COMBOS, assert_bit_identical, bits, combo_id
 import fastadam
 from fastadam.backends import reference
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 

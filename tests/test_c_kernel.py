@@ -26,6 +26,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -37,11 +38,6 @@ from fastadam._scalars import (
     compute_scalars,
 )
 from fastadam.backends import reference
-
-try:
-    import ml_dtypes
-except ImportError:  # pragma: no cover - ml_dtypes is a test dependency
-    ml_dtypes = None
 
 try:
     from fastadam.backends import c
@@ -63,13 +59,15 @@ FA_CODES = (
 )  # fmt: skip
 ARRAY_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 DTYPES = (np.float32, np.float64)
-BF16 = None if ml_dtypes is None else np.dtype(ml_dtypes.bfloat16)
-needs_bf16 = pytest.mark.skipif(BF16 is None, reason="ml_dtypes (bfloat16) is not installed")
+BF16 = np.dtype(ml_dtypes.bfloat16)
 # What a case steps: float32/float64 states, or float32 params with bfloat16
 # states and one of the two roundings (the value is AdamScalars.state_rounding).
-KINDS = {"float32": STATE_SAME_DTYPE, "float64": STATE_SAME_DTYPE}
-if BF16 is not None:
-    KINDS.update({"bf16-nearest": STATE_BF16_NEAREST, "bf16-stochastic": STATE_BF16_STOCHASTIC})
+KINDS = {
+    "float32": STATE_SAME_DTYPE,
+    "float64": STATE_SAME_DTYPE,
+    "bf16-nearest": STATE_BF16_NEAREST,
+    "bf16-stochastic": STATE_BF16_STOCHASTIC,
+}
 U32 = np.uint32
 # 0-size, scalars, every tail length around the 4/8/16-lane SIMD widths, a
 # size past the parallel threshold that no SIMD width divides.
@@ -542,7 +540,6 @@ def _bf16_at(state, first_index: int, sc: AdamScalars) -> int:
     return lib.fa_adam_f32_bf16_at(*ptrs, p.size, first_index, ffi.new("fa_adam_scalars *", sc))
 
 
-@needs_bf16
 @pytest.mark.parametrize(
     "first_index",
     [
@@ -575,7 +572,6 @@ def test_bf16_random_bits_follow_the_global_index(restore_threads, first_index):
     assert_bits_equal(state, ref)
 
 
-@needs_bf16
 @pytest.mark.parametrize("rounding", [STATE_BF16_NEAREST, STATE_BF16_STOCHASTIC])
 def test_bf16_rounding_edge_values(rounding):
     """Ties, overflow to Inf, NaN payloads and subnormals through the rounding.
@@ -627,7 +623,6 @@ def test_bf16_rounding_edge_values(rounding):
         np.testing.assert_array_equal(got[exact], u[exact] >> U32(16))
 
 
-@needs_bf16
 def test_bf16_stochastic_rounding_is_unbiased():
     """Values between two bfloat16 neighbours round up in proportion to their position."""
     n = 200_000
@@ -832,7 +827,6 @@ def test_abi_rejects_bad_arguments(dtype):
     assert fn(*ptrs[:4], ffi.NULL, 8, sc) == FA_OK
 
 
-@needs_bf16
 def test_abi_bf16_rejects_bad_arguments():
     arrays = make_state_kind(8, "bf16-nearest", seed=3)
     ptrs = [ffi.from_buffer(a) for a in arrays]
@@ -864,7 +858,6 @@ def test_abi_bf16_rejects_bad_arguments():
     assert fn(*ptrs, 0, sc) == FA_OK
 
 
-@needs_bf16
 def test_abi_bf16_overlap_detection_is_exact():
     sc = ffi.new("fa_adam_scalars *", make_scalars(0.0, False, False, False, None, rounding=1))
     buf = np.zeros(64, np.float32)

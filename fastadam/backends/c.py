@@ -22,6 +22,7 @@ import importlib.resources
 import os
 import sys
 
+import ml_dtypes
 import numpy as np
 from cffi import FFI
 
@@ -135,21 +136,14 @@ _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
 
-def _bfloat16_dtype() -> np.dtype | None:
-    """ml_dtypes' bfloat16, if installed (the only way NumPy arrays hold bfloat16)."""
-    try:
-        import ml_dtypes
-    except ImportError:
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-_BFLOAT16 = _bfloat16_dtype()
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # (param dtype, state dtype) -> kernel. The states' dtype picks the kernel; the
 # scalars' state_rounding must agree with it (the library checks that).
-_KERNELS = {(_FLOAT32, _FLOAT32): lib.fa_adam_f32, (_FLOAT64, _FLOAT64): lib.fa_adam_f64}
-if _BFLOAT16 is not None:
-    _KERNELS[_FLOAT32, _BFLOAT16] = lib.fa_adam_f32_bf16
+_KERNELS = {
+    (_FLOAT32, _FLOAT32): lib.fa_adam_f32,
+    (_FLOAT64, _FLOAT64): lib.fa_adam_f64,
+    (_FLOAT32, _BFLOAT16): lib.fa_adam_f32_bf16,
+}
 _UNSCALE = {_FLOAT32: lib.fa_unscale_check_f32, _FLOAT64: lib.fa_unscale_check_f64}
 
 
