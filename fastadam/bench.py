@@ -13,7 +13,10 @@ that exact access pattern. This command measures, in order:
    effective GB/s, fraction of the roofline, speed-up over the NumPy reference
    and over ``torch.optim.Adam(fused=True)`` (when torch is installed; torch's
    ``fused=True`` and ``foreach=True`` optimizers are measured too, over one
-   tensor of ``n`` elements that shares the NumPy buffers);
+   tensor of ``n`` elements that shares the NumPy buffers); with several
+   ``--dtype``, each backend's steps of one size alternate in rounds, so the
+   ratio of their times (bf16 against float32 states, a project target) is
+   measured side by side;
 3. **the per-call cost** of a 1,024-element float32 step, validation included.
 
 It then prints a table (``--markdown`` for Markdown), checks the project's speed
@@ -64,6 +67,9 @@ DEFAULT_MIN_TIME = 1.0
 #: the largest sizes still get a meaningful median) and at most that many.
 MIN_REPEATS = 5
 MAX_REPEATS = 200_000
+#: With more than one dtype, each backend's dtypes at one size are timed in this
+#: many alternating rounds (see time_interleaved).
+INTERLEAVE_ROUNDS = 5
 
 #: Project speed targets (see BENCHMARKS.md).
 TARGET_LARGE_N = 1 << 24  # "large": at least this many float32 elements
@@ -127,6 +133,28 @@ def parse_backends(text: str) -> list[str]:
     return [b for b in ALL_BACKENDS if b in names]  # table order, no duplicates
 
 
+#: The pseudo-dtype of a step with float32 params/grads and bfloat16 states.
+BF16_STATES = "bf16"
+#: The step kinds --dtype can name, in table order, and its shorthands for several.
+DTYPES: tuple[str, ...] = ("float32", "float64", BF16_STATES)
+_DTYPE_SETS = {"both": ["float32", "float64"], "all": list(DTYPES)}
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``"float32,bf16"`` (or ``both``, ``all``) -> the step kinds, in table order."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--dtype is empty")
+    chosen = set()
+    for name in names:
+        if name not in DTYPES and name not in _DTYPE_SETS:
+            raise argparse.ArgumentTypeError(
+                f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}, both, all"
+            )
+        chosen.update(_DTYPE_SETS.get(name, [name]))
+    return [d for d in DTYPES if d in chosen]
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -178,10 +206,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "float64", "bf16", "both", "all"),
-        default="float32",
-        help="float32, float64, bf16 (float32 params with bfloat16 optimizer states, "
-        "20 B/element), both (float32 and float64) or all (default: float32)",
+        type=parse_dtypes,
+        default=["float32"],
+        metavar="LIST",
+        help="comma-separated, from float32, float64 and bf16 (float32 params with "
+        "bfloat16 optimizer states, 20 B/element); both = float32,float64; all = all three. "
+        "Several dtypes are timed in alternating rounds, so their ratios compare like with "
+        "like (default: float32)",
     )
     p.add_argument(
         "--threads",
@@ -274,10 +305,6 @@ def render_table(
 # -- what is measured ----------------------------------------------------------
 
 
-#: The pseudo-dtype of a step with float32 params/grads and bfloat16 states.
-BF16_STATES = "bf16"
-
-
 def bytes_per_element(dtype: np.dtype | str) -> int:
     """Bytes one Adam step moves per element: 4 arrays read + 3 written.
 
@@ -344,40 +371,83 @@ def make_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
     return _fastadam_step(backend, state)
 
 
+def _warm_up(fn: Callable[[], Any], min_time: float, repeat: int | None) -> None:
+    """JIT loading, torch's lazy state, page faults, caches: one call with ``repeat``,
+    otherwise at least two calls and about a tenth of ``min_time``."""
+    if repeat is not None:
+        fn()
+        return
+    t_end = time.perf_counter() + min_time / 10
+    for i in itertools.count():
+        fn()
+        if i >= 1 and time.perf_counter() >= t_end:
+            return
+
+
+def _timed_calls(fn: Callable[[], Any], min_time: float, min_calls: int, max_calls: int) -> list:
+    """Seconds of each of at least ``min_calls`` calls, for about ``min_time`` in all.
+
+    Each call is timed on its own: the median of single calls is robust to the
+    odd descheduling on a shared machine.
+    """
+    clock = time.perf_counter
+    times = []
+    t_end = clock() + min_time
+    while True:
+        t0 = clock()
+        fn()
+        t1 = clock()
+        times.append(t1 - t0)
+        if len(times) >= max_calls or (len(times) >= min_calls and t1 >= t_end):
+            return times
+
+
 def time_calls(
     fn: Callable[[], Any], *, min_time: float, repeat: int | None, best: bool = False
 ) -> tuple[float, int]:
     """(median seconds per call, or the minimum if ``best``; number of timed calls).
 
-    Warm-up first (JIT loading, torch's lazy state, page faults, caches): one call
-    with ``repeat``, otherwise at least two calls and about a tenth of
-    ``min_time``. Each call is timed on its own: the median of single calls is
-    robust to the odd descheduling on a shared machine.
+    Warm-up first, then ``repeat`` timed calls, or as many as fit in ``min_time``
+    (at least MIN_REPEATS).
     """
-    clock = time.perf_counter
+    _warm_up(fn, min_time, repeat)
     if repeat is not None:
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = clock()
-            fn()
-            times.append(clock() - t0)
+        times = _timed_calls(fn, 0.0, repeat, repeat)
     else:
-        t_end = clock() + min_time / 10
-        for i in itertools.count():
-            fn()
-            if i >= 1 and clock() >= t_end:
-                break
-        times = []
-        t_end = clock() + min_time
-        while True:
-            t0 = clock()
-            fn()
-            t1 = clock()
-            times.append(t1 - t0)
-            if len(times) >= MAX_REPEATS or (len(times) >= MIN_REPEATS and t1 >= t_end):
-                break
+        times = _timed_calls(fn, min_time, MIN_REPEATS, MAX_REPEATS)
     return (min(times) if best else statistics.median(times)), len(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    min_time: float,
+    repeat: int | None,
+    rounds: int = INTERLEAVE_ROUNDS,
+) -> dict[str, tuple[float, int]]:
+    """{key: (median seconds per call, number of timed calls)}, the calls timed in
+    alternating rounds.
+
+    A shared machine's bandwidth drifts over seconds, so two steps timed one
+    after the other can differ by what the machine did in between. Alternating
+    short blocks of each (``rounds`` of them, ``min_time / rounds`` seconds per
+    block, or one call per block and ``repeat`` rounds) lets every step see the
+    same machine, which is what a ratio of their times needs.
+    """
+    if len(fns) == 1:
+        return {k: time_calls(fn, min_time=min_time, repeat=repeat) for k, fn in fns.items()}
+    for fn in fns.values():
+        _warm_up(fn, min_time, repeat)
+    if repeat is not None:
+        rounds, block_time, min_calls = repeat, 0.0, 1
+    else:
+        block_time, min_calls = min_time / rounds, math.ceil(MIN_REPEATS / rounds)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            fn()  # untimed: the previous block's data has just displaced this one's
+            times[k] += _timed_calls(fn, block_time, min_calls, MAX_REPEATS // rounds)
+    return {k: (statistics.median(t), len(t)) for k, t in times.items()}
 
 
 _roofline_kernel: tuple[Callable[..., None], Callable[..., None]] | None = None
@@ -837,9 +907,7 @@ def _run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     if not backends:
         raise BenchError("no backend to measure")
-    dtypes = {"both": ["float32", "float64"], "all": ["float32", "float64", BF16_STATES]}.get(
-        args.dtype, [args.dtype]
-    )
+    dtypes: list[str] = args.dtype
     # torch has no float32-param/bfloat16-state Adam to compare with
     backends_for = {
         dt: [b for b in backends if not (dt == BF16_STATES and b in TORCH_BACKENDS)]
@@ -885,19 +953,22 @@ def _run(args: argparse.Namespace) -> int:
                 roofline[dt][n] = measure_roofline(n, dt, threads, **timing)
                 bar.update()
             roofline[dt] = dict(sorted(roofline[dt].items()))
-        for dt in dtypes:
-            for n in sizes:
-                state = make_state(n, dt)
-                for b in backends_for[dt]:
-                    bar.set_description(f"{b} {dt} {format_n(n)}")
-                    median, reps = time_calls(make_step(b, state), **timing)
+        for n in sizes:
+            states = {dt: make_state(n, dt) for dt in dtypes}
+            for b in backends:
+                dts = [dt for dt in dtypes if b in backends_for[dt]]
+                bar.set_description(f"{b} {'/'.join(dts)} {format_n(n)}")
+                steps = {dt: make_step(b, states[dt]) for dt in dts}
+                for dt, (median, reps) in time_interleaved(steps, **timing).items():
                     records.append(
                         _record(
                             "sweep", b, n, dt, median, reps, threads, roofline_for(roofline, dt, n)
                         )
                     )
-                    bar.update()
-                del state
+                bar.update(len(dts))
+            del states, steps
+        # grouped by dtype, then size, then backend, as the tables show them
+        records.sort(key=lambda r: (dtypes.index(r["dtype"]), r["n"], backends.index(r["backend"])))
         if per_call:
             state = make_state(PER_CALL_N, "float32")
             for b in backends:
@@ -931,11 +1002,11 @@ def _run(args: argparse.Namespace) -> int:
     out = []
     for line in header_lines(info, roofline):
         out.append(f"- {line}" if md else line)
-    out += [
-        "",
-        "Adam step (median of timed steps; GB/s counts 7 × itemsize bytes per element):",
-        "",
-    ]
+    how = "median of timed steps"
+    if len(dtypes) > 1:
+        how += f", each backend's dtypes timed in {INTERLEAVE_ROUNDS} alternating rounds"
+    moved = ", ".join(f"{bytes_per_element(dt)} B/element {dt}" for dt in dtypes)
+    out += ["", f"Adam step ({how}; GB/s counts the bytes a step moves: {moved}):", ""]
     out.append(sweep_table(records, md))
     if per_call_records:
         out += ["", f"Per-call cost, {PER_CALL_N}-element float32 step (validation included):", ""]

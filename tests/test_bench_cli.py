@@ -8,6 +8,7 @@ with one timed step per measurement. They never judge the timings themselves
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -148,6 +149,42 @@ def test_unknown_backend_is_a_usage_error(capsys):
     err = capsys.readouterr().err
     assert "unknown backend 'cuda'" in err
     assert "torch-fused" in err  # the message lists the valid names
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("bf16", ["bf16"]),
+        ("bf16, float32", ["float32", "bf16"]),
+        ("both,bf16", ["float32", "float64", "bf16"]),
+        ("all,float32", ["float32", "float64", "bf16"]),
+    ],
+)
+def test_parse_dtypes_accepts_lists_and_shorthands(text, expected):
+    assert bench.parse_dtypes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["float16", "float32,int8", ","])
+def test_bad_dtype_is_a_usage_error(bad, capsys):
+    assert bench.main(["--dtype", bad]) == 2
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_several_dtypes_are_timed_in_alternating_rounds():
+    """A ratio of two steps' times is only fair when both saw the same machine."""
+    log: list[str] = []
+    fns = {k: (lambda k=k: log.append(k)) for k in ("f32", "bf16")}
+    got = bench.time_interleaved(fns, min_time=0.0, repeat=3)
+    # warm-up, then per round and step: one untimed call (caches) and one timed
+    assert log == ["f32", "bf16"] + ["f32", "f32", "bf16", "bf16"] * 3
+    assert {k: calls for k, (_, calls) in got.items()} == {"f32": 3, "bf16": 3}
+
+    log.clear()
+    got = bench.time_interleaved(fns, min_time=0.02, repeat=None, rounds=4)
+    blocks = [k for k, _ in itertools.groupby(log)]
+    assert blocks == ["f32", "bf16"] * 5  # warm-up blocks, then 4 rounds
+    assert all(calls >= bench.MIN_REPEATS for _, calls in got.values())
+    assert all(median > 0 for median, _ in got.values())
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
