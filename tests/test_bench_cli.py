@@ -269,6 +269,15 @@ def test_bf16_rows_count_20_bytes_and_feed_the_ratio_target(tmp_path, capsys, re
         assert math.isclose(r["gbps"], per_element * r["n"] / r["median_s"] / 1e9, rel_tol=1e-9)
     assert "roofline bf16:" in stdout and "(20 B/element" in stdout
     assert "(28 B/element" in stdout
+    roof = {
+        r: float(stdout.split(f"roofline {r}: ")[1].split(" GB/s")[0]) for r in ("float32", "bf16")
+    }
+    printed = stdout.split("roofline time ratio bf16/float32: ")[1]
+    assert printed.split()[1:3] == ["at", "n=2^10"]
+    # the GB/s above are rounded to 0.1, so the ratio from them is close, not equal
+    assert float(printed.split()[0]) == pytest.approx(
+        (20 / roof["bf16"]) / (28 / roof["float32"]), abs=0.01 + 0.1 / min(roof.values())
+    )
     assert "bf16-state time" not in stdout  # 2^10 is below the sizes the target covers
 
     n = bench.TARGET_LARGE_N
