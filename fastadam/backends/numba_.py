@@ -437,7 +437,11 @@ def _make_bf16_loop(
                         g[i] = gi
                     if amsgrad:
                         vmax[i] = vm
-        first = full * _BLOCK  # the last, partial block
+        # The last, partial block: the same loads and stores as above, written out
+        # again because they cannot move into a helper (a helper handed the arrays
+        # counts references per element, see _gradient) and the block loop above
+        # needs its constant trip count (LLVM unrolls and interleaves it).
+        first = full * _BLOCK
         for k in range(np.int32(n - first)):
             i = np.uint64(first + k)
             vm = vmax[i] if amsgrad else _NO_BITS
