@@ -199,13 +199,29 @@ static int fa_team_size(int64_t n, int64_t min_total, int64_t min_per_thread)
 #endif
 }
 
+/* Index i of an array of n elements at base, moved forward to the next
+ * 64-byte boundary of base (at most n). Monotone in i, so split points made
+ * with it keep their order. */
+static inline int64_t fa_align_up(uintptr_t base, size_t elsize, int64_t i, int64_t n)
+{
+    const uintptr_t addr = base + (uintptr_t)i * elsize;
+    const uintptr_t pad = (FA_CACHE_LINE - addr % FA_CACHE_LINE) % FA_CACHE_LINE;
+    i += (int64_t)(pad / elsize);
+    return i < n ? i : n;
+}
+
+/* k*n/parts without overflow (n may be near 2^63; 0 < k < parts is small). */
+static inline int64_t fa_even_point(int64_t n, int k, int parts)
+{
+    return (n / parts) * k + (n % parts) * k / parts;
+}
+
 #if defined(_OPENMP)
 /*
- * Start of share k of `parts` of [0, n): the even split point k*n/parts,
- * moved forward to the next 64-byte boundary of param (base). Monotone in k,
- * with split(0) == 0 and split(parts) == n, so the shares tile [0, n).
- * Every element is computed the same way whoever computes it, so the result
- * does not depend on the split.
+ * Start of share k of `parts` of [0, n): the even split point, moved forward
+ * to the next 64-byte boundary of base. split(0) == 0 and split(parts) == n,
+ * so the shares tile [0, n). Every element is computed the same way whoever
+ * computes it, so the result does not depend on the split.
  */
 static int64_t fa_split(uintptr_t base, size_t elsize, int64_t n, int k, int parts)
 {
@@ -213,12 +229,7 @@ static int64_t fa_split(uintptr_t base, size_t elsize, int64_t n, int k, int par
         return 0;
     if (k >= parts)
         return n;
-    /* k*n/parts without overflow (n may be near 2^63; k < parts is small). */
-    int64_t i = (n / parts) * k + (n % parts) * k / parts;
-    const uintptr_t addr = base + (uintptr_t)i * elsize;
-    const uintptr_t pad = (FA_CACHE_LINE - addr % FA_CACHE_LINE) % FA_CACHE_LINE;
-    i += (int64_t)(pad / elsize);
-    return i < n ? i : n;
+    return fa_align_up(base, elsize, fa_even_point(n, k, parts), n);
 }
 #endif
 
@@ -271,31 +282,104 @@ static int fa_flags(const fa_adam_scalars *sc)
 
 /* ------------------------------------------------------------- steps -- */
 
+/* What the pointer tables of a step point to. */
+enum { FA_KIND_F32 = 0, FA_KIND_F64 = 1, FA_KIND_BF16 = 2 };
+
+static const size_t FA_ELSIZE[3][FA_N_ARRAYS] = {
+    [FA_KIND_F32] = {4, 4, 4, 4, 4},
+    [FA_KIND_F64] = {8, 8, 8, 8, 8},
+    [FA_KIND_BF16] = {4, 4, 2, 2, 2},
+};
+
 /*
- * Runs the trailing arguments (a call using lo and hi) over the shares
- * [lo, hi) of [0, n) on nt threads, split on cache lines of `base` (elements
- * of `elsize` bytes). The team may be smaller than asked (OMP_THREAD_LIMIT, nesting):
- * the split uses its real size, so every element is still covered exactly once.
+ * One call's work: `count` tensors, array r of tensor t being table[r][t].
+ * The multi-tensor functions pass the caller's tables; the single-array ones
+ * pass tables of one entry (the addresses of their own arguments) and a copy
+ * of the scalars, so the checks and the work splitting below exist once.
  */
-#if defined(_OPENMP)
-#  define FA_PARALLEL_SHARES(nt, base, elsize, n, ...)                                   \
-      _Pragma("omp parallel num_threads(nt)")                                            \
-      {                                                                                  \
-          const int parts_ = omp_get_num_threads(), k_ = omp_get_thread_num();           \
-          const int64_t lo = fa_split((uintptr_t)(base), (elsize), (n), k_, parts_);     \
-          const int64_t hi = fa_split((uintptr_t)(base), (elsize), (n), k_ + 1, parts_); \
-          if (lo < hi) {                                                                 \
-              __VA_ARGS__;                                                               \
-          }                                                                              \
-      }
-#else
-#  define FA_PARALLEL_SHARES(nt, base, elsize, n, ...) \
-      {                                                \
-          const int64_t lo = 0, hi = (n);              \
-          (void)(nt);                                  \
-          __VA_ARGS__;                                 \
-      }
-#endif
+typedef struct fa_job {
+    int kind;
+    int64_t count;
+    const void *table[FA_N_ARRAYS]; /* T *const * of the kind's types; [4] may be NULL */
+    const int64_t *n;
+    const fa_adam_scalars *scalars;
+    const int32_t *scalar_index; /* NULL: every tensor uses scalars[0] */
+    const uint32_t *keys;        /* bf16: NULL, or each tensor's rounding_key */
+    int64_t first_index;         /* bf16: global index of element 0 of every tensor */
+} fa_job;
+
+/* Array r of tensor t, read through the type the caller's table has (the
+ * tables are only ever accessed as what they are, never as void *). */
+static inline void *fa_entry(const fa_job *job, int r, int64_t t)
+{
+    if (job->kind == FA_KIND_F64)
+        return ((double *const *)job->table[r])[t];
+    if (r < 2 || job->kind == FA_KIND_F32)
+        return ((float *const *)job->table[r])[t];
+    return ((uint16_t *const *)job->table[r])[t];
+}
+
+static inline const fa_adam_scalars *fa_scalars_of(const fa_job *job, int64_t t)
+{
+    return &job->scalars[job->scalar_index != NULL ? job->scalar_index[t] : 0];
+}
+
+/*
+ * Everything the step checks before touching memory; on success *total is
+ * the element count over all tensors. Per tensor, in the order of the
+ * single-array functions (their error codes do not change with the driver).
+ */
+static inline __attribute__((always_inline)) int fa_check_job(const fa_job *job,
+                                                               int64_t n_scalars,
+                                                               int64_t *total)
+{
+    if (job->count < 0)
+        return FA_ERR_SIZE;
+    for (int r = 0; r < 4; r++)
+        if (job->table[r] == NULL)
+            return FA_ERR_NULL;
+    if (job->n == NULL)
+        return FA_ERR_NULL;
+    *total = 0;
+    if (job->count == 0)
+        return FA_OK;
+    if (job->scalars == NULL)
+        return FA_ERR_NULL;
+    if (job->scalar_index == NULL) {
+        if (n_scalars < 1)
+            return FA_ERR_INDEX;
+    } else {
+        for (int64_t t = 0; t < job->count; t++)
+            if (job->scalar_index[t] < 0 || job->scalar_index[t] >= n_scalars)
+                return FA_ERR_INDEX;
+    }
+    const int bf16 = job->kind == FA_KIND_BF16;
+    int64_t sum = 0;
+    for (int64_t t = 0; t < job->count; t++) {
+        const fa_adam_scalars *const sc = fa_scalars_of(job, t);
+        const int64_t n = job->n[t];
+        const void *arrays[FA_N_ARRAYS];
+        for (int r = 0; r < 4; r++)
+            arrays[r] = fa_entry(job, r, t);
+        arrays[4] = sc->amsgrad && job->table[4] != NULL ? fa_entry(job, 4, t) : NULL;
+        const int rc = fa_check(arrays, FA_ELSIZE[job->kind], n, sc->amsgrad);
+        if (rc != FA_OK)
+            return rc;
+        /* The global indices [first_index, first_index + n) must exist. */
+        if (job->first_index < 0 || job->first_index > INT64_MAX - n)
+            return FA_ERR_SIZE;
+        const int rounding_ok = bf16 ? sc->state_rounding == FA_STATE_BF16_NEAREST ||
+                                           sc->state_rounding == FA_STATE_BF16_STOCHASTIC
+                                     : sc->state_rounding == FA_STATE_SAME_DTYPE;
+        if (!rounding_ok)
+            return FA_ERR_ROUNDING;
+        if (n > INT64_MAX - sum)
+            return FA_ERR_SIZE;
+        sum += n;
+    }
+    *total = sum;
+    return FA_OK;
+}
 
 /* The double scalars rounded to float once, by C's conversion (round to
  * nearest even, like NumPy's float64 -> float32 cast). */
@@ -306,93 +390,198 @@ static int fa_flags(const fa_adam_scalars *sc)
         (T)(sc)->weight_decay,    (T)(sc)->decay,                 (T)(sc)->grad_scale,     \
     }
 
-/* The two same-type entry points differ only in the element type; the macro
- * keeps them identical. */
-#define FA_DEFINE_STEP(name, T, sfx)                                                          \
-    int name(T *param, T *grad, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq, int64_t n,       \
-             const fa_adam_scalars *sc_in)                                                    \
-    {                                                                                         \
-        if (sc_in == NULL)                                                                    \
-            return FA_ERR_NULL;                                                               \
-        /* One read of the caller's struct: the checks and the step see the same flags. */   \
-        const fa_adam_scalars sc_copy = *sc_in;                                               \
-        const fa_adam_scalars *const sc = &sc_copy;                                           \
-        const void *const arrays[FA_N_ARRAYS] = {param, grad, exp_avg, exp_avg_sq,            \
-                                                 max_exp_avg_sq};                             \
-        const size_t sizes[FA_N_ARRAYS] = {sizeof(T), sizeof(T), sizeof(T), sizeof(T),        \
-                                           sizeof(T)};                                        \
-        const int rc = fa_check(arrays, sizes, n, sc->amsgrad);                               \
-        if (rc != FA_OK)                                                                      \
-            return rc;                                                                        \
-        if (sc->state_rounding != FA_STATE_SAME_DTYPE)                                        \
-            return FA_ERR_ROUNDING;                                                           \
-        if (n == 0)                                                                           \
-            return FA_OK;                                                                     \
-        fa_ensure_init();                                                                     \
-        const fa_scalars_##sfx s = FA_ROUND_SCALARS(T, sc);                                   \
-        const fa_kernel_##sfx kernel = g_table->sfx[fa_flags(sc)];                            \
-        T *const vmax = sc->amsgrad ? max_exp_avg_sq : NULL;                                  \
-        const int nt = fa_team_size(n, FA_PARALLEL_MIN_ELEMENTS, FA_MIN_ELEMENTS_PER_THREAD); \
-        if (nt <= 1) {                                                                        \
-            kernel(param, grad, exp_avg, exp_avg_sq, vmax, n, &s);                            \
-            return FA_OK;                                                                     \
-        }                                                                                     \
-        FA_PARALLEL_SHARES(nt, param, sizeof(T), n,                                           \
-                           kernel(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo,       \
-                                  vmax != NULL ? vmax + lo : NULL, hi - lo, &s))              \
-        return FA_OK;                                                                         \
+/* Elements [lo, hi) of tensor t, on the calling thread, by the kernel its
+ * scalars select. bf16 pieces pass their global start, so the random bits (a
+ * function of the index in the tensor) do not depend on how it was split. */
+static inline __attribute__((always_inline)) void fa_run_piece(const fa_job *job, int64_t t,
+                                                               int64_t lo, int64_t hi)
+{
+    const fa_adam_scalars *const sc = fa_scalars_of(job, t);
+    const int flags = fa_flags(sc);
+    const int ams = sc->amsgrad != 0;
+    const int64_t len = hi - lo;
+#define FA_AT(T, r) (((T *const *)job->table[r])[t] + lo)
+    switch (job->kind) {
+    case FA_KIND_F32: {
+        const fa_scalars_f32 s = FA_ROUND_SCALARS(float, sc);
+        g_table->f32[flags](FA_AT(float, 0), FA_AT(float, 1), FA_AT(float, 2), FA_AT(float, 3),
+                            ams ? FA_AT(float, 4) : NULL, len, &s);
+        break;
+    }
+    case FA_KIND_F64: {
+        const fa_scalars_f64 s = FA_ROUND_SCALARS(double, sc);
+        g_table->f64[flags](FA_AT(double, 0), FA_AT(double, 1), FA_AT(double, 2),
+                            FA_AT(double, 3), ams ? FA_AT(double, 4) : NULL, len, &s);
+        break;
+    }
+    default: {
+        const fa_scalars_f32 s = FA_ROUND_SCALARS(float, sc);
+        const int mode = sc->state_rounding == FA_STATE_BF16_STOCHASTIC ? FA_BF16_STOCHASTIC
+                                                                        : FA_BF16_NEAREST;
+        const uint32_t key = job->keys != NULL ? job->keys[t] : sc->rounding_key;
+        g_table->bf16[mode][flags](FA_AT(float, 0), FA_AT(float, 1), FA_AT(uint16_t, 2),
+                                   FA_AT(uint16_t, 3), ams ? FA_AT(uint16_t, 4) : NULL, len,
+                                   job->first_index + lo, &s, key);
+        break;
+    }
+    }
+#undef FA_AT
+}
+
+#if defined(_OPENMP)
+/*
+ * Start of share k of `parts` of the concatenation [0, total) of the tensors:
+ * the even point, moved forward to the next 64-byte boundary of the param of
+ * the tensor it falls in, or to the next tensor's start if that boundary lies
+ * past its end. Monotone in k, split(0) == 0, split(parts) == total: the
+ * shares tile the concatenation, and no two threads write one cache line of
+ * one param. On entry (*t, *start) is a tensor at or before the point and
+ * its offset in the concatenation; on return, the tensor the point falls in
+ * (so share k+1's start is found by scanning on from share k's).
+ */
+static int64_t fa_split_job(const fa_job *job, int64_t total, int k, int parts, int64_t *t,
+                            int64_t *start)
+{
+    if (k <= 0)
+        return 0;
+    if (k >= parts)
+        return total;
+    const int64_t s = fa_even_point(total, k, parts); /* < total: the scan stops in range */
+    while (*start + job->n[*t] <= s) {
+        *start += job->n[*t];
+        ++*t;
+    }
+    const size_t elsize = FA_ELSIZE[job->kind][0];
+    return *start + fa_align_up((uintptr_t)fa_entry(job, 0, *t), elsize, s - *start,
+                                job->n[*t]);
+}
+#endif
+
+/*
+ * Checks, then runs the job. Inlined (with fa_check_job and fa_run_piece)
+ * into each entry point, so that each copy has its kind, and the
+ * single-array ones their count of 1, folded in: a single-array call of 16
+ * elements then cost ~3 ns more than before the driver existed, ~8 ns as an
+ * out-of-line function. The team is sized by the total element count,
+ * as one array of that size would be, and each thread walks the tensors its
+ * share of the concatenation meets, one kernel call per piece: one parallel
+ * region per call whatever the number of tensors, and no allocation. The
+ * team may be smaller than asked (OMP_THREAD_LIMIT, nesting): the split uses
+ * its real size, so every element is still covered exactly once.
+ */
+static inline __attribute__((always_inline)) int fa_run(const fa_job *job, int64_t n_scalars)
+{
+    int64_t total;
+    const int rc = fa_check_job(job, n_scalars, &total);
+    if (rc != FA_OK)
+        return rc;
+    if (total == 0)
+        return FA_OK;
+    fa_ensure_init();
+    const int nt = fa_team_size(total, FA_PARALLEL_MIN_ELEMENTS, FA_MIN_ELEMENTS_PER_THREAD);
+    if (nt <= 1) {
+        for (int64_t t = 0; t < job->count; t++)
+            if (job->n[t] > 0)
+                fa_run_piece(job, t, 0, job->n[t]);
+        return FA_OK;
+    }
+#if defined(_OPENMP)
+#  pragma omp parallel num_threads(nt)
+    {
+        const int parts = omp_get_num_threads(), k = omp_get_thread_num();
+        int64_t t = 0, start = 0;
+        const int64_t lo = fa_split_job(job, total, k, parts, &t, &start);
+        int64_t t_end = t, start_end = start;
+        const int64_t hi = fa_split_job(job, total, k + 1, parts, &t_end, &start_end);
+        for (; t < job->count && start < hi; start += job->n[t], t++) {
+            const int64_t a = lo > start ? lo - start : 0;
+            const int64_t b = hi - start < job->n[t] ? hi - start : job->n[t];
+            if (a < b)
+                fa_run_piece(job, t, a, b);
+        }
+    }
+#endif
+    return FA_OK;
+}
+
+/* A job of one tensor over the caller's arguments: the tables are the
+ * addresses of the pointer arguments themselves. */
+#define FA_ONE_TENSOR_JOB(kind_, sc_, first_)                                               \
+    {                                                                                       \
+        .kind = (kind_), .count = 1,                                                        \
+        .table = {&param, &grad, &exp_avg, &exp_avg_sq, &max_exp_avg_sq}, .n = &n,          \
+        .scalars = (sc_), .scalar_index = NULL, .keys = NULL, .first_index = (first_),      \
     }
 
-FA_DEFINE_STEP(fa_adam_f32, float, f32)
-FA_DEFINE_STEP(fa_adam_f64, double, f64)
+int fa_adam_f32(float *param, float *grad, float *exp_avg, float *exp_avg_sq,
+                float *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc)
+{
+    if (sc == NULL)
+        return FA_ERR_NULL;
+    /* One read of the caller's struct: the checks and the step see the same flags. */
+    const fa_adam_scalars sc_copy = *sc;
+    const fa_job job = FA_ONE_TENSOR_JOB(FA_KIND_F32, &sc_copy, 0);
+    return fa_run(&job, 1);
+}
+
+int fa_adam_f64(double *param, double *grad, double *exp_avg, double *exp_avg_sq,
+                double *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc)
+{
+    if (sc == NULL)
+        return FA_ERR_NULL;
+    const fa_adam_scalars sc_copy = *sc;
+    const fa_job job = FA_ONE_TENSOR_JOB(FA_KIND_F64, &sc_copy, 0);
+    return fa_run(&job, 1);
+}
 
 int fa_adam_f32_bf16_at(float *param, float *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
                         uint16_t *max_exp_avg_sq, int64_t n, int64_t first_index,
-                        const fa_adam_scalars *sc_in)
+                        const fa_adam_scalars *sc)
 {
-    if (sc_in == NULL)
+    if (sc == NULL)
         return FA_ERR_NULL;
-    const fa_adam_scalars sc_copy = *sc_in;
-    const fa_adam_scalars *const sc = &sc_copy;
-    const void *const arrays[FA_N_ARRAYS] = {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq};
-    const size_t sizes[FA_N_ARRAYS] = {sizeof(float), sizeof(float), sizeof(uint16_t),
-                                       sizeof(uint16_t), sizeof(uint16_t)};
-    const int rc = fa_check(arrays, sizes, n, sc->amsgrad);
-    if (rc != FA_OK)
-        return rc;
-    /* The global indices [first_index, first_index + n) must exist. */
-    if (first_index < 0 || first_index > INT64_MAX - n)
-        return FA_ERR_SIZE;
-    if (sc->state_rounding != FA_STATE_BF16_NEAREST &&
-        sc->state_rounding != FA_STATE_BF16_STOCHASTIC)
-        return FA_ERR_ROUNDING;
-    if (n == 0)
-        return FA_OK;
-    fa_ensure_init();
-    const fa_scalars_f32 s = FA_ROUND_SCALARS(float, sc);
-    const int mode =
-        sc->state_rounding == FA_STATE_BF16_STOCHASTIC ? FA_BF16_STOCHASTIC : FA_BF16_NEAREST;
-    const fa_kernel_bf16 kernel = g_table->bf16[mode][fa_flags(sc)];
-    const uint32_t key = sc->rounding_key;
-    uint16_t *const vmax = sc->amsgrad ? max_exp_avg_sq : NULL;
-    const int nt = fa_team_size(n, FA_PARALLEL_MIN_ELEMENTS, FA_MIN_ELEMENTS_PER_THREAD);
-    if (nt <= 1) {
-        kernel(param, grad, exp_avg, exp_avg_sq, vmax, n, first_index, &s, key);
-        return FA_OK;
-    }
-    /* Each share passes its own global start, so the random bits (a function of
-     * the global index) do not depend on the split. */
-    FA_PARALLEL_SHARES(nt, param, sizeof(float), n,
-                       kernel(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo,
-                              vmax != NULL ? vmax + lo : NULL, hi - lo, first_index + lo, &s,
-                              key))
-    return FA_OK;
+    const fa_adam_scalars sc_copy = *sc;
+    const fa_job job = FA_ONE_TENSOR_JOB(FA_KIND_BF16, &sc_copy, first_index);
+    return fa_run(&job, 1);
 }
 
 int fa_adam_f32_bf16(float *param, float *grad, uint16_t *exp_avg, uint16_t *exp_avg_sq,
                      uint16_t *max_exp_avg_sq, int64_t n, const fa_adam_scalars *sc)
 {
     return fa_adam_f32_bf16_at(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, 0, sc);
+}
+
+int fa_adam_multi_f32(int64_t count, float *const *param, float *const *grad,
+                      float *const *exp_avg, float *const *exp_avg_sq,
+                      float *const *max_exp_avg_sq, const int64_t *n,
+                      const fa_adam_scalars *scalars, int64_t n_scalars,
+                      const int32_t *scalar_index)
+{
+    const fa_job job = {FA_KIND_F32, count, {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq},
+                        n, scalars, scalar_index, NULL, 0};
+    return fa_run(&job, n_scalars);
+}
+
+int fa_adam_multi_f64(int64_t count, double *const *param, double *const *grad,
+                      double *const *exp_avg, double *const *exp_avg_sq,
+                      double *const *max_exp_avg_sq, const int64_t *n,
+                      const fa_adam_scalars *scalars, int64_t n_scalars,
+                      const int32_t *scalar_index)
+{
+    const fa_job job = {FA_KIND_F64, count, {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq},
+                        n, scalars, scalar_index, NULL, 0};
+    return fa_run(&job, n_scalars);
+}
+
+int fa_adam_multi_f32_bf16(int64_t count, float *const *param, float *const *grad,
+                           uint16_t *const *exp_avg, uint16_t *const *exp_avg_sq,
+                           uint16_t *const *max_exp_avg_sq, const int64_t *n,
+                           const fa_adam_scalars *scalars, int64_t n_scalars,
+                           const int32_t *scalar_index, const uint32_t *rounding_keys)
+{
+    const fa_job job = {FA_KIND_BF16, count, {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq},
+                        n, scalars, scalar_index, rounding_keys, 0};
+    return fa_run(&job, n_scalars);
 }
 
 /* ---------------------------------------------------- unscale + check -- */
@@ -503,6 +692,8 @@ const char *fa_strerror(int code)
     case FA_ERR_ROUNDING:
         return "state_rounding does not match the function (0 for fa_adam_f32/f64, "
                "1 or 2 for fa_adam_f32_bf16)";
+    case FA_ERR_INDEX:
+        return "a scalar_index entry is outside [0, n_scalars) (or n_scalars < 1)";
     default:
         return "unknown fastadam error code";
     }

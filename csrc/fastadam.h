@@ -49,11 +49,13 @@ extern "C" {
 /* Return codes. 0 is success; errors are negative and leave every array untouched. */
 #define FA_OK 0
 #define FA_ERR_NULL (-1)     /* a required pointer (array or scalars) is NULL */
-#define FA_ERR_SIZE (-2)     /* n < 0, n past the address space, or a bad first_index */
+#define FA_ERR_SIZE (-2)     /* n < 0, n past the address space, a bad first_index; multi:
+                                count < 0 or the sum of n past int64_t */
 #define FA_ERR_AMSGRAD (-3)  /* amsgrad set but max_exp_avg_sq is NULL */
 #define FA_ERR_OVERLAP (-4)  /* two of the arrays used by the step overlap in memory */
 #define FA_ERR_THREADS (-5)  /* fa_set_num_threads: n < 0 */
 #define FA_ERR_ROUNDING (-6) /* state_rounding does not suit the function (see below) */
+#define FA_ERR_INDEX (-7)    /* fa_adam_multi_*: a scalar_index entry outside [0, n_scalars) */
 
 /* Constants of one step, in double precision (see the update above). */
 typedef struct fa_adam_scalars {
@@ -134,6 +136,62 @@ FA_API int fa_adam_f32_bf16_at(float *param, float *grad, uint16_t *exp_avg,
                                int64_t first_index, const fa_adam_scalars *sc);
 
 /*
+ * Multi-tensor steps: one call updates `count` tensors, tensor i being the
+ * n[i] elements at param[i], grad[i], exp_avg[i], exp_avg_sq[i] (and
+ * max_exp_avg_sq[i]), each as the single-array function would update it:
+ *
+ *     tensor i uses scalars[scalar_index[i]], or scalars[0] if scalar_index
+ *     is NULL (tensors with different step counts share one call);
+ *     fa_adam_multi_f32_bf16: rounding_keys[i] replaces the rounding_key of
+ *     tensor i's scalars (NULL: the struct's own), and the random bits of its
+ *     element j are those of index j under that key.
+ *
+ * The results are bit-identical to one fa_adam_f32 / fa_adam_f64 /
+ * fa_adam_f32_bf16 call per tensor, whatever the thread count: the work is
+ * split by elements over the concatenation of the tensors (one parallel
+ * region per call, the team sized by the total element count as for one
+ * array), so a call over many small tensors uses the threads that one large
+ * array of the same total would, and pays one fork/join instead of one per
+ * tensor.
+ *
+ * Every pointer table (param ... exp_avg_sq, n) must be non-NULL, even when
+ * count == 0; max_exp_avg_sq (the table) may be NULL when no tensor's scalars
+ * have amsgrad, and its entries are read only for tensors whose scalars do.
+ * scalars must be non-NULL when count > 0. Checked before anything is
+ * written (every array is untouched on error): count >= 0 (FA_ERR_SIZE);
+ * each scalar_index entry in [0, n_scalars) (FA_ERR_INDEX; with scalar_index
+ * NULL, n_scalars >= 1 when count > 0); then per tensor, as the single-array
+ * functions check one array set: its array pointers non-NULL (FA_ERR_NULL),
+ * n[i] >= 0 and within the address space (FA_ERR_SIZE), max_exp_avg_sq
+ * present with amsgrad (FA_ERR_AMSGRAD), its own arrays disjoint from one
+ * another (FA_ERR_OVERLAP), state_rounding suited to the function
+ * (FA_ERR_ROUNDING); and the sum of n fits in int64_t (FA_ERR_SIZE).
+ *
+ * Not checked, the caller's contract: arrays of different tensors must not
+ * overlap (checking it would take an allocation or O(count^2) work;
+ * fastadam.multi checks it once per plan), and neither the tables, n,
+ * scalars, scalar_index nor rounding_keys may change during the call (they
+ * are read once for the checks and again for the step). The library reads
+ * each table entry, allocates nothing, and accesses exactly elements
+ * [0, n[i]) of tensor i's arrays.
+ */
+FA_API int fa_adam_multi_f32(int64_t count, float *const *param, float *const *grad,
+                             float *const *exp_avg, float *const *exp_avg_sq,
+                             float *const *max_exp_avg_sq, const int64_t *n,
+                             const fa_adam_scalars *scalars, int64_t n_scalars,
+                             const int32_t *scalar_index);
+FA_API int fa_adam_multi_f64(int64_t count, double *const *param, double *const *grad,
+                             double *const *exp_avg, double *const *exp_avg_sq,
+                             double *const *max_exp_avg_sq, const int64_t *n,
+                             const fa_adam_scalars *scalars, int64_t n_scalars,
+                             const int32_t *scalar_index);
+FA_API int fa_adam_multi_f32_bf16(int64_t count, float *const *param, float *const *grad,
+                                  uint16_t *const *exp_avg, uint16_t *const *exp_avg_sq,
+                                  uint16_t *const *max_exp_avg_sq, const int64_t *n,
+                                  const fa_adam_scalars *scalars, int64_t n_scalars,
+                                  const int32_t *scalar_index, const uint32_t *rounding_keys);
+
+/*
  * Mixed-precision loss-scaling helper, one pass: grad[i] = grad[i] / (T)grad_scale
  * for i in [0, n) (a correctly rounded division, like the unscale of the step),
  * and *found_inf = 1 if any result is NaN or +-Inf, else 0. grad and found_inf
@@ -147,8 +205,9 @@ FA_API int fa_unscale_check_f64(double *grad, int64_t n, double grad_scale, int 
  * Threads used by later steps that are large enough to be worth splitting
  * (process-wide). n >= 1 sets the count (clamped to 4096); n == 0 restores
  * the default, the number of CPUs this process may run on (its affinity mask).
- * Steps under 32768 elements always run on the calling thread, and so does
- * every step in the child of a fork(). Returns FA_OK or FA_ERR_THREADS.
+ * Steps under 32768 elements (multi-tensor steps: in total) always run on the
+ * calling thread, and so does every step in the child of a fork().
+ * Returns FA_OK or FA_ERR_THREADS.
  */
 FA_API int fa_set_num_threads(int n);
 FA_API int fa_get_num_threads(void);

@@ -8,9 +8,10 @@
 
 #include <stdint.h>
 
-/* The scalars already rounded to the arrays' type, once per call, by the
- * dispatcher: every variant and every thread then starts from the same
- * constants. */
+/* The scalars already rounded to the arrays' type by the dispatcher (once
+ * per kernel call: per piece of a multi-tensor step, each piece from its own
+ * tensor's scalars): every variant and every thread then starts from the
+ * same constants. */
 typedef struct fa_scalars_f32 {
     float step_size, bias_correction2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2,
         weight_decay, decay, grad_scale;

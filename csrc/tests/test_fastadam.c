@@ -20,7 +20,10 @@
  * combination, every size 0..70 and a few larger odd ones (two of them past
  * the library's parallel threshold of 32768 elements), on 1 and 2 threads,
  * and compares the results bit for bit with the plain scalar C
- * implementation of the math below. Every array is its own malloc of exactly
+ * implementation of the math below. The multi-tensor entry points
+ * (fa_adam_multi_*) run over lists of uneven, empty, tiny and (in total)
+ * large tensors, with per-tensor scalars and rounding keys, and must match
+ * one single-array call per tensor bit for bit. Every array is its own malloc of exactly
  * n elements (sometimes starting one element into its block, to move the
  * alignment), so the sanitizer reports any access past either end; an array
  * the call must not touch (max_exp_avg_sq without amsgrad) is a zero-byte
@@ -479,6 +482,178 @@ static void check_bf16(int64_t n, int flags, int rounding, int64_t first_index)
 DEFINE_CHECK_UNSCALE(check_unscale_f32, float, fa_unscale_check_f32, same_f32, "unscale_f32")
 DEFINE_CHECK_UNSCALE(check_unscale_f64, double, fa_unscale_check_f64, same_f64, "unscale_f64")
 
+/* -------------------------------------------------- multi-tensor steps -- */
+
+/*
+ * One fa_adam_multi_* call over `count` tensors of n[i] elements (each array
+ * its own exact-size block, as above), against one single-array call per
+ * tensor on copies: the two must agree bit for bit whatever the thread split
+ * of the concatenation. n_scalars structs with different steps; with `mixed`
+ * their flags (and bf16 rounding modes) differ too, which the ABI allows
+ * though fastadam.multi never asks for it. with_index 0: scalar_index NULL
+ * (every tensor uses scalars[0]); with_keys: per-tensor rounding_keys.
+ */
+#define DEFINE_CHECK_MULTI(name, P, S, KIND_BF16, SAMPLE_S, SAME_P, SAME_S, MULTI, SINGLE)        \
+    static void name(int64_t count, const int64_t *n, int n_scalars, int mixed, int with_index, \
+                     int with_keys)                                                             \
+    {                                                                                           \
+        fa_adam_scalars sc[8];                                                                  \
+        const int base_flags = (int)(next_u64() % 16);                                          \
+        const int base_rounding = 1 + (int)(next_u64() % 2);                                    \
+        for (int s = 0; s < n_scalars; s++) {                                                   \
+            const int flags = mixed ? (int)(next_u64() % 16) : base_flags;                      \
+            const int rounding = !(KIND_BF16) ? FA_STATE_SAME_DTYPE                             \
+                                 : mixed      ? 1 + (int)(next_u64() % 2)                       \
+                                              : base_rounding;                                  \
+            sc[s] = make_scalars(flags, s, rounding, (uint32_t)next_u64());                     \
+        }                                                                                       \
+        const size_t slots = (size_t)count + 1; /* never a zero-size table */                   \
+        int32_t *const sidx = with_index ? malloc(slots * sizeof(int32_t)) : NULL;             \
+        uint32_t *const keys = with_keys ? malloc(slots * sizeof(uint32_t)) : NULL;             \
+        P **const tp[2] = {malloc(slots * sizeof(P *)), malloc(slots * sizeof(P *))};           \
+        S **const ts[3] = {malloc(slots * sizeof(S *)), malloc(slots * sizeof(S *)),            \
+                           malloc(slots * sizeof(S *))};                                        \
+        buf *const a = malloc(slots * 5 * sizeof(buf)), *const r = malloc(slots * 5 * sizeof(buf)); \
+        void **const none = malloc(slots * sizeof(void *));                                     \
+        int any_ams = 0;                                                                        \
+        for (int64_t t = 0; t < count; t++) {                                                   \
+            if (sidx != NULL)                                                                  \
+                sidx[t] = (int32_t)(next_u64() % (uint64_t)n_scalars);                         \
+            if (keys != NULL)                                                                   \
+                keys[t] = (uint32_t)next_u64();                                                 \
+            const fa_adam_scalars *const st = &sc[sidx != NULL ? sidx[t] : 0];                \
+            any_ams |= st->amsgrad != 0;                                                        \
+            none[t] = untouchable();                                                            \
+            for (int k = 0; k < 5; k++) {                                                       \
+                const size_t size = k < 2 ? sizeof(P) : sizeof(S);                              \
+                a[5 * t + k] = buf_new(n[t], size, (int)(next_u64() % 2));                      \
+                r[5 * t + k] = buf_new(n[t], size, 0);                                          \
+                for (int64_t i = 0; i < n[t]; i++) {                                            \
+                    if (k < 2)                                                                  \
+                        ((P *)a[5 * t + k].data)[i] = (P)sample(1.0, 0);                        \
+                    else                                                                        \
+                        ((S *)a[5 * t + k].data)[i] = SAMPLE_S(k == 2 ? 0.1 : 0.01, k >= 3);    \
+                }                                                                               \
+                memcpy(r[5 * t + k].data, a[5 * t + k].data, (size_t)n[t] * size);              \
+            }                                                                                   \
+            tp[0][t] = a[5 * t].data;                                                           \
+            tp[1][t] = a[5 * t + 1].data;                                                       \
+            for (int k = 2; k < 5; k++)                                                         \
+                ts[k - 2][t] = a[5 * t + k].data;                                               \
+            /* vmax of a tensor without amsgrad: NULL or a block it must not touch */           \
+            if (!st->amsgrad)                                                                   \
+                ts[2][t] = t % 2 ? NULL : none[t];                                              \
+        }                                                                                       \
+        /* no amsgrad anywhere: the vmax table itself may be NULL */                            \
+        S **const vmax_table = any_ams || next_u64() % 2 ? ts[2] : NULL;                        \
+        const int rc = MULTI;                                                                   \
+        CHECK(rc == FA_OK, "%s count=%" PRId64 ": rc %d", #name, count, rc);                   \
+        for (int64_t t = 0; t < count; t++) {                                                   \
+            fa_adam_scalars st = sc[sidx != NULL ? sidx[t] : 0];                              \
+            if (keys != NULL)                                                                   \
+                st.rounding_key = keys[t];                                                      \
+            P *const rp = r[5 * t].data, *const rg = r[5 * t + 1].data;                         \
+            S *const rm = r[5 * t + 2].data, *const rv = r[5 * t + 3].data;                     \
+            S *const rx = st.amsgrad ? r[5 * t + 4].data : NULL;                                \
+            const int rc1 = SINGLE;                                                             \
+            CHECK(rc1 == FA_OK, "%s single %" PRId64 ": rc %d", #name, t, rc1);                 \
+            for (int k = 0; k < (st.amsgrad ? 5 : 4); k++) {                                    \
+                for (int64_t i = 0; i < n[t]; i++) {                                            \
+                    const int ok =                                                              \
+                        k < 2 ? SAME_P(((P *)a[5 * t + k].data)[i], ((P *)r[5 * t + k].data)[i]) \
+                              : SAME_S(((S *)a[5 * t + k].data)[i], ((S *)r[5 * t + k].data)[i]); \
+                    if (!ok) {                                                                  \
+                        fail("%s count=%" PRId64 " tensor %" PRId64 " (n=%" PRId64              \
+                             ", scalars %d): array %d element %" PRId64                         \
+                             " differs from the single call",                                   \
+                             #name, count, t, n[t], sidx != NULL ? sidx[t] : 0, k, i);        \
+                        break;                                                                  \
+                    }                                                                           \
+                }                                                                               \
+                g_checks++;                                                                     \
+            }                                                                                   \
+        }                                                                                       \
+        for (int64_t t = 0; t < count; t++) {                                                   \
+            for (int k = 0; k < 5; k++) {                                                       \
+                buf_free(&a[5 * t + k]);                                                        \
+                buf_free(&r[5 * t + k]);                                                        \
+            }                                                                                   \
+            free(none[t]);                                                                      \
+        }                                                                                       \
+        free(none);                                                                             \
+        free(a);                                                                                \
+        free(r);                                                                                \
+        for (int k = 0; k < 3; k++)                                                             \
+            free(ts[k]);                                                                        \
+        free(tp[0]);                                                                            \
+        free(tp[1]);                                                                            \
+        free(sidx);                                                                            \
+        free(keys);                                                                             \
+    }
+
+#define SAMPLE_FLOAT(scale, positive) ((float)sample((scale), (positive)))
+#define SAMPLE_DOUBLE(scale, positive) (sample((scale), (positive)))
+
+DEFINE_CHECK_MULTI(check_multi_f32, float, float, 0, SAMPLE_FLOAT, same_f32, same_f32,
+                   fa_adam_multi_f32(count, tp[0], tp[1], ts[0], ts[1], vmax_table, n, sc,
+                                     n_scalars, sidx),
+                   fa_adam_f32(rp, rg, rm, rv, rx, n[t], &st))
+DEFINE_CHECK_MULTI(check_multi_f64, double, double, 0, SAMPLE_DOUBLE, same_f64, same_f64,
+                   fa_adam_multi_f64(count, tp[0], tp[1], ts[0], ts[1], vmax_table, n, sc,
+                                     n_scalars, sidx),
+                   fa_adam_f64(rp, rg, rm, rv, rx, n[t], &st))
+DEFINE_CHECK_MULTI(check_multi_bf16, float, uint16_t, 1, sample_bf16, same_f32, same_bf16,
+                   fa_adam_multi_f32_bf16(count, tp[0], tp[1], ts[0], ts[1], vmax_table, n, sc,
+                                          n_scalars, sidx, keys),
+                   fa_adam_f32_bf16(rp, rg, rm, rv, rx, n[t], &st))
+
+/* Every layout below through all three kinds, with and without scalar_index,
+ * several scalars and rounding_keys, and with mixed flags. */
+static void check_multi(int64_t count, const int64_t *n)
+{
+    for (int variant = 0; variant < 4; variant++) {
+        const int n_scalars = variant == 0 ? 1 : 1 + (int)(next_u64() % 4);
+        const int mixed = variant == 3, with_index = variant != 0, with_keys = variant >= 2;
+        check_multi_f32(count, n, n_scalars, mixed, with_index, with_keys);
+        check_multi_f64(count, n, n_scalars, mixed, with_index, with_keys);
+        check_multi_bf16(count, n, n_scalars, mixed, with_index, with_keys);
+    }
+}
+
+static void run_multi_suite(void)
+{
+    /* uneven sizes with empty tensors between, first and last */
+    static const int64_t uneven[] = {0, 1, 17, 0, 1000, 33, 0, 5000, 3, 64, 0};
+    check_multi(sizeof uneven / sizeof uneven[0], uneven);
+    /* no tensors; only empty ones */
+    static const int64_t empty[] = {0, 0, 0};
+    check_multi(0, empty);
+    check_multi(3, empty);
+    /* one tensor, below and past the parallel threshold */
+    static const int64_t one[][1] = {{0}, {1}, {70}, {4099}, {40001}};
+    for (size_t k = 0; k < sizeof one / sizeof one[0]; k++)
+        check_multi(1, one[k]);
+    /* many tiny tensors */
+    int64_t tiny[300];
+    for (int k = 0; k < 300; k++)
+        tiny[k] = (int64_t)(next_u64() % 8);
+    check_multi(300, tiny);
+    /* past the threshold in total only, so the split falls inside or between
+     * tensors; with {32771, 32769} the even point is element 32770 of the first
+     * tensor, whose next cache line lies past its end: the split becomes the
+     * second tensor's start */
+    static const int64_t parts_a[] = {20000, 7, 15000, 0, 12345, 1};
+    static const int64_t parts_b[] = {32771, 32769};
+    static const int64_t parts_c[] = {32768, 32768};
+    check_multi(sizeof parts_a / sizeof parts_a[0], parts_a);
+    check_multi(2, parts_b);
+    check_multi(2, parts_c);
+    int64_t medium[40];
+    for (int k = 0; k < 40; k++)
+        medium[k] = 1000 + (int64_t)(next_u64() % 2000);
+    check_multi(40, medium);
+}
+
 /* ------------------------------------------------------ argument errors -- */
 
 /*
@@ -553,9 +728,181 @@ static void check_errors(void)
     CHECK(fa_adam_f32_bf16(z[0], z[1], z[2], z[3], z[4], 0, &sb) == FA_OK, "bf16 empty");
     CHECK(fa_unscale_check_f32(z[0], 0, 2.0, &found) == FA_OK && found == 0, "us empty");
     CHECK(fa_set_num_threads(-1) == FA_ERR_THREADS, "threads -1");
-    for (int code = -7; code <= 1; code++)
+    for (int code = -8; code <= 1; code++)
         CHECK(fa_strerror(code) != NULL && fa_strerror(code)[0] != '\0', "strerror %d", code);
     munmap(region, 6 * gap);
+}
+
+/*
+ * The multi-tensor entry points' argument errors, each before any memory is
+ * touched: three tensors whose arrays lie in an inaccessible mapping (the
+ * error may concern the last one; a write to the first would crash), and
+ * element counts whose bytes would pass the address space or whose sum
+ * overflows int64_t (those arrays are addresses only, never dereferenced).
+ */
+static void check_multi_errors(void)
+{
+    const size_t gap = (size_t)1 << 16;
+    char *const region = mmap(NULL, 16 * gap, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (region == MAP_FAILED) {
+        perror("mmap");
+        exit(2);
+    }
+    /* tensor t, array k at region + (3k + t + 1) * gap: 64 KiB apart, disjoint */
+    float *pf[5][3];
+    double *pd[5][3];
+    uint16_t *ph[5][3];
+    for (int k = 0; k < 5; k++)
+        for (int t = 0; t < 3; t++) {
+            char *const at = region + (size_t)(3 * k + t + 1) * gap;
+            pf[k][t] = (float *)at;
+            pd[k][t] = (double *)at;
+            ph[k][t] = (uint16_t *)at;
+        }
+    int64_t n[3] = {8, 5, 8};
+    fa_adam_scalars sc[2] = {make_scalars(F_AMSGRAD | F_L2, 0, FA_STATE_SAME_DTYPE, 0),
+                             make_scalars(F_L2, 1, FA_STATE_SAME_DTYPE, 0)};
+    fa_adam_scalars sb[2] = {make_scalars(F_AMSGRAD | F_L2, 0, FA_STATE_BF16_STOCHASTIC, 1),
+                             make_scalars(F_L2, 1, FA_STATE_BF16_NEAREST, 2)};
+    int32_t sidx[3] = {1, 0, 1};
+    const uint32_t keys[3] = {1, 2, 3};
+#define F32(cnt, nn, s, ns, idx) \
+    fa_adam_multi_f32((cnt), pf[0], pf[1], pf[2], pf[3], pf[4], (nn), (s), (ns), (idx))
+#define F64(cnt, nn, s, ns, idx) \
+    fa_adam_multi_f64((cnt), pd[0], pd[1], pd[2], pd[3], pd[4], (nn), (s), (ns), (idx))
+#define B16(cnt, nn, s, ns, idx) \
+    fa_adam_multi_f32_bf16((cnt), pf[0], pf[1], ph[2], ph[3], ph[4], (nn), (s), (ns), (idx), keys)
+
+    CHECK(F32(-1, n, sc, 2, sidx) == FA_ERR_SIZE, "multi count -1");
+    CHECK(B16(INT64_MIN, n, sb, 2, sidx) == FA_ERR_SIZE, "multi count min");
+    /* each pointer table NULL, even for count == 0 */
+    for (int k = 0; k < 4; k++) {
+        float *const *tf[5] = {pf[0], pf[1], pf[2], pf[3], pf[4]};
+        double *const *td[5] = {pd[0], pd[1], pd[2], pd[3], pd[4]};
+        uint16_t *const *th[3] = {ph[2], ph[3], ph[4]};
+        tf[k] = NULL;
+        td[k] = NULL;
+        if (k >= 2)
+            th[k - 2] = NULL;
+        for (int64_t cnt = 0; cnt <= 3; cnt += 3) {
+            CHECK(fa_adam_multi_f32(cnt, tf[0], tf[1], tf[2], tf[3], tf[4], n, sc, 2, sidx) ==
+                      FA_ERR_NULL,
+                  "multi f32 table %d", k);
+            CHECK(fa_adam_multi_f64(cnt, td[0], td[1], td[2], td[3], td[4], n, sc, 2, sidx) ==
+                      FA_ERR_NULL,
+                  "multi f64 table %d", k);
+            CHECK(fa_adam_multi_f32_bf16(cnt, tf[0], tf[1], th[0], th[1], th[2], n, sb, 2, sidx,
+                                         keys) == FA_ERR_NULL,
+                  "multi bf16 table %d", k);
+        }
+    }
+    CHECK(F32(3, NULL, sc, 2, sidx) == FA_ERR_NULL, "multi n NULL");
+    CHECK(F64(0, NULL, sc, 2, sidx) == FA_ERR_NULL, "multi n NULL, count 0");
+    CHECK(F32(3, n, NULL, 2, sidx) == FA_ERR_NULL, "multi scalars NULL");
+    CHECK(F32(0, n, NULL, 0, NULL) == FA_OK, "multi count 0, no scalars");
+    CHECK(B16(0, n, NULL, 0, NULL) == FA_OK, "multi bf16 count 0, no scalars");
+    /* scalar_index out of [0, n_scalars) */
+    for (int bad = 0; bad < 3; bad++) {
+        const int32_t value[] = {-1, 2, INT32_MIN};
+        sidx[2] = value[bad];
+        CHECK(F32(3, n, sc, 2, sidx) == FA_ERR_INDEX, "multi sidx %d", value[bad]);
+        CHECK(F64(3, n, sc, 2, sidx) == FA_ERR_INDEX, "multi f64 sidx %d", value[bad]);
+        CHECK(B16(3, n, sb, 2, sidx) == FA_ERR_INDEX, "multi bf16 sidx %d", value[bad]);
+    }
+    sidx[2] = 1;
+    CHECK(F32(3, n, sc, 1, sidx) == FA_ERR_INDEX, "multi n_scalars too small");
+    CHECK(F32(3, n, sc, 0, NULL) == FA_ERR_INDEX, "multi no scalars, no sidx");
+    CHECK(F32(3, n, sc, -5, NULL) == FA_ERR_INDEX, "multi n_scalars < 0");
+    /* one array of the last tensor NULL */
+    for (int k = 0; k < 4; k++) {
+        float *saved_f = pf[k][2];
+        double *saved_d = pd[k][2];
+        uint16_t *saved_h = ph[k][2];
+        pf[k][2] = NULL;
+        pd[k][2] = NULL;
+        ph[k][2] = NULL;
+        CHECK(F32(3, n, sc, 2, sidx) == FA_ERR_NULL, "multi f32 array %d NULL", k);
+        CHECK(F64(3, n, sc, 2, sidx) == FA_ERR_NULL, "multi f64 array %d NULL", k);
+        CHECK(B16(3, n, sb, 2, sidx) == FA_ERR_NULL, "multi bf16 array %d NULL", k);
+        pf[k][2] = saved_f;
+        pd[k][2] = saved_d;
+        ph[k][2] = saved_h;
+    }
+    /* bad sizes in the last tensor */
+    static const int64_t bad_sizes[] = {-1, INT64_MIN, (int64_t)1 << 62, INT64_MAX};
+    for (size_t k = 0; k < sizeof bad_sizes / sizeof bad_sizes[0]; k++) {
+        n[2] = bad_sizes[k];
+        CHECK(F32(3, n, sc, 2, sidx) == FA_ERR_SIZE, "multi f32 n %" PRId64, n[2]);
+        CHECK(F64(3, n, sc, 2, sidx) == FA_ERR_SIZE, "multi f64 n %" PRId64, n[2]);
+        CHECK(B16(3, n, sb, 2, sidx) == FA_ERR_SIZE, "multi bf16 n %" PRId64, n[2]);
+    }
+    n[2] = 8;
+    /* amsgrad (scalars 0, tensor 1) without the vmax table, or with a NULL entry */
+    CHECK(fa_adam_multi_f32(3, pf[0], pf[1], pf[2], pf[3], NULL, n, sc, 2, sidx) ==
+              FA_ERR_AMSGRAD,
+          "multi f32 ams table");
+    CHECK(fa_adam_multi_f32_bf16(3, pf[0], pf[1], ph[2], ph[3], NULL, n, sb, 2, sidx, keys) ==
+              FA_ERR_AMSGRAD,
+          "multi bf16 ams table");
+    double *const saved_vmax = pd[4][1];
+    pd[4][1] = NULL;
+    CHECK(F64(3, n, sc, 2, sidx) == FA_ERR_AMSGRAD, "multi f64 ams entry");
+    pd[4][1] = saved_vmax;
+    /* no tensor with amsgrad: the vmax table may be NULL (n == 0 everywhere,
+     * so nothing is touched) */
+    int64_t zeros[3] = {0, 0, 0};
+    CHECK(fa_adam_multi_f32(3, pf[0], pf[1], pf[2], pf[3], NULL, zeros, sc + 1, 1, NULL) ==
+              FA_OK,
+          "multi no ams, NULL table");
+    /* overlap inside one tensor (the same pointer twice, or one element apart) */
+    float *const saved_grad = pf[1][2];
+    pf[1][2] = pf[0][2];
+    CHECK(F32(3, n, sc, 2, sidx) == FA_ERR_OVERLAP, "multi f32 overlap");
+    pf[1][2] = pf[0][2] + 7;
+    CHECK(B16(3, n, sb, 2, sidx) == FA_ERR_OVERLAP, "multi bf16 overlap +7");
+    pf[1][2] = saved_grad;
+    uint16_t *const saved_v = ph[3][2];
+    ph[3][2] = ph[2][2] + 7;
+    CHECK(B16(3, n, sb, 2, sidx) == FA_ERR_OVERLAP, "multi bf16 state overlap");
+    ph[3][2] = saved_v;
+    /* the rounding mode must suit the function, in every tensor */
+    CHECK(F32(3, n, sb, 2, sidx) == FA_ERR_ROUNDING, "multi f32 bf16 scalars");
+    CHECK(F64(3, n, sb, 2, sidx) == FA_ERR_ROUNDING, "multi f64 bf16 scalars");
+    CHECK(B16(3, n, sc, 2, sidx) == FA_ERR_ROUNDING, "multi bf16 f32 scalars");
+    sb[0].state_rounding = 3;
+    CHECK(B16(3, n, sb, 2, sidx) == FA_ERR_ROUNDING, "multi bf16 rounding 3");
+    sb[0].state_rounding = FA_STATE_BF16_STOCHASTIC;
+    sc[1].state_rounding = FA_STATE_BF16_NEAREST; /* only in the scalars of tensors 0, 2 */
+    CHECK(F32(3, n, sc, 2, sidx) == FA_ERR_ROUNDING, "multi f32 rounding, one struct");
+    sc[1].state_rounding = FA_STATE_SAME_DTYPE;
+    munmap(region, 16 * gap);
+
+    /* The sum of n past int64_t: 16 tensors of 2^59 elements, each tensor's
+     * arrays 2^62 bytes apart (disjoint), every tensor at the same addresses
+     * (cross-tensor overlap is not checked). Addresses only: never accessed. */
+    enum { BIG = 16 };
+    float *bf[5][BIG];
+    uint16_t *bh[5][BIG];
+    int64_t big_n[BIG];
+    int32_t big_index[BIG];
+    for (int t = 0; t < BIG; t++) {
+        big_n[t] = (int64_t)1 << 59;
+        big_index[t] = 1; /* no amsgrad */
+        for (int k = 0; k < 5; k++) {
+            const uintptr_t at = ((uintptr_t)k << 62) + 4096;
+            bf[k][t] = (float *)at;
+            bh[k][t] = (uint16_t *)at;
+        }
+    }
+    CHECK(fa_adam_multi_f32(BIG, bf[0], bf[1], bf[2], bf[3], NULL, big_n, sc, 2, big_index) ==
+              FA_ERR_SIZE,
+          "multi f32 sum overflow");
+    CHECK(fa_adam_multi_f32_bf16(BIG, bf[0], bf[1], bh[2], bh[3], NULL, big_n, sb, 2, big_index,
+                                 NULL) == FA_ERR_SIZE,
+          "multi bf16 sum overflow");
+#undef F32
+#undef F64
+#undef B16
 }
 
 /* --------------------------------------------------------------- main -- */
@@ -593,8 +940,10 @@ static void run_suite(void)
                 check_bf16(37, flags, FA_STATE_BF16_STOCHASTIC, firsts[f]);
                 check_bf16(40003, flags, FA_STATE_BF16_STOCHASTIC, firsts[f]);
             }
+        run_multi_suite();
     }
     check_errors();
+    check_multi_errors();
 }
 
 /* The variants this CPU can run, as the library decides (fastadam.c). */

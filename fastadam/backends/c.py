@@ -27,6 +27,7 @@ import numpy as np
 from cffi import FFI
 
 from .._scalars import AdamScalars
+from .._table import KIND_BF16, KIND_F32, KIND_F64, TensorTable
 
 NAME = "c"
 
@@ -34,7 +35,9 @@ NAME = "c"
 # with one deliberate difference: the array parameters are declared `void *`
 # (the same ABI as float * / double * on every platform) so the per-call path
 # can pass untyped ffi.from_buffer(arr), which is cheaper than the typed form;
-# step() checks the dtype itself and picks the matching function.
+# step() checks the dtype itself and picks the matching function. Likewise the
+# multi-tensor tables are `void *const *` (rows of a uintp array) and
+# scalar_index / rounding_keys `const void *` (step_multi checks their dtypes).
 _CDEF = """
 typedef struct fa_adam_scalars {
     double step_size;
@@ -62,6 +65,21 @@ int fa_adam_f32_bf16(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
 int fa_adam_f32_bf16_at(void *param, void *grad, void *exp_avg, void *exp_avg_sq,
                         void *max_exp_avg_sq, int64_t n, int64_t first_index,
                         const fa_adam_scalars *sc);
+int fa_adam_multi_f32(int64_t count, void *const *param, void *const *grad,
+                      void *const *exp_avg, void *const *exp_avg_sq,
+                      void *const *max_exp_avg_sq, const int64_t *n,
+                      const fa_adam_scalars *scalars, int64_t n_scalars,
+                      const void *scalar_index);
+int fa_adam_multi_f64(int64_t count, void *const *param, void *const *grad,
+                      void *const *exp_avg, void *const *exp_avg_sq,
+                      void *const *max_exp_avg_sq, const int64_t *n,
+                      const fa_adam_scalars *scalars, int64_t n_scalars,
+                      const void *scalar_index);
+int fa_adam_multi_f32_bf16(int64_t count, void *const *param, void *const *grad,
+                           void *const *exp_avg, void *const *exp_avg_sq,
+                           void *const *max_exp_avg_sq, const int64_t *n,
+                           const fa_adam_scalars *scalars, int64_t n_scalars,
+                           const void *scalar_index, const void *rounding_keys);
 int fa_unscale_check_f32(void *grad, int64_t n, double grad_scale, int *found_inf);
 int fa_unscale_check_f64(void *grad, int64_t n, double grad_scale, int *found_inf);
 int fa_set_num_threads(int n);
@@ -207,6 +225,127 @@ def step(
         raise RuntimeError(
             f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
         )
+
+
+def _raise_code(rc: int) -> None:
+    raise RuntimeError(
+        f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
+    )
+
+
+# -- multi-tensor step -------------------------------------------------------------
+
+_MULTI = {
+    KIND_F32: lib.fa_adam_multi_f32,
+    KIND_F64: lib.fa_adam_multi_f64,
+    KIND_BF16: lib.fa_adam_multi_f32_bf16,
+}
+_INT32 = np.dtype(np.int32)
+_UINT32 = np.dtype(np.uint32)
+_INT64 = np.dtype(np.int64)
+_UINTP = np.dtype(np.uintp)
+
+
+class _TableCache:
+    """What step_multi builds once per table (kept in ``table.cache["c"]``).
+
+    The row pointers point into ``table.pointers`` itself, so a caller that
+    rewrites a row in place (new gradients) is seen by the next step; a table
+    whose ``pointers`` or ``sizes`` attribute was replaced by another array
+    gets a new cache. One table is stepped by one thread at a time (its
+    arrays are updated in place), so the scalars buffer needs no lock.
+    """
+
+    __slots__ = ("pointers", "sizes", "count", "fn", "bf16", "rows", "n", "buf", "filled")
+
+    def __init__(self, table: TensorTable):
+        pointers, sizes = table.pointers, table.sizes
+        count = int(sizes.shape[0]) if sizes.ndim == 1 else -1
+        if (
+            pointers.dtype != _UINTP
+            or pointers.shape != (5, count)
+            or not pointers.flags.c_contiguous
+            or sizes.dtype != _INT64
+            or not sizes.flags.c_contiguous
+        ):
+            raise ValueError(
+                "C backend: table.pointers must be C-contiguous uintp (5, count) and "
+                f"table.sizes int64 (count,); got {pointers.dtype} {pointers.shape} and "
+                f"{sizes.dtype} {sizes.shape}"
+            )
+        fn = _MULTI.get(table.kind)
+        if fn is None:
+            raise TypeError(f"C backend: unsupported table kind {table.kind!r}")
+        self.pointers, self.sizes, self.count, self.fn = pointers, sizes, count, fn
+        self.bf16 = table.kind == KIND_BF16
+        if count:
+            # from_buffer keeps the arrays exported (alive) as long as this cache.
+            base = _from_buffer("void *[]", pointers)
+            self.rows = tuple(base + r * count for r in range(5))
+            self.n = _from_buffer("int64_t[]", sizes)
+        self.buf = _new("fa_adam_scalars[]", 1)
+        self.filled: list = [None]  # the AdamScalars each slot of buf holds
+
+    def scalars(self, scalars: tuple[AdamScalars, ...]):
+        """``buf`` holding ``scalars``, rewritten only where they changed (by identity:
+        compute_scalars is memoized)."""
+        k = len(scalars)
+        if k > len(self.filled):
+            self.buf = _new("fa_adam_scalars[]", k)
+            self.filled = [None] * k
+        buf, filled = self.buf, self.filled
+        for i in range(k):
+            sc = scalars[i]
+            if filled[i] is not sc:
+                buf[i] = sc
+                filled[i] = sc
+        return buf
+
+
+def step_multi(
+    table: TensorTable,
+    scalars: tuple[AdamScalars, ...],
+    index: np.ndarray | None,
+    keys: np.ndarray | None,
+) -> None:
+    """Every tensor of ``table`` updated in one library call (see :mod:`fastadam._table`).
+
+    Bit-identical to :func:`step` on each tensor with its scalars; the library
+    splits the work by elements over all the tensors, on as many threads as
+    one array of the same total would get. The plan has validated the arrays
+    (including that no two tensors overlap, which the library does not check).
+    """
+    cache = table.cache.get("c")
+    if cache is None or cache.pointers is not table.pointers or cache.sizes is not table.sizes:
+        cache = table.cache["c"] = _TableCache(table)
+    count = cache.count
+    if count == 0:
+        return
+    if index is None:
+        index_ptr = _NULL
+    else:
+        if index.dtype != _INT32 or index.shape != (count,):
+            raise ValueError(f"index must be int32 ({count},), got {index.dtype} {index.shape}")
+        index_ptr = _from_buffer(index)  # from_buffer also refuses non-contiguous arrays
+    rows = cache.rows
+    if cache.bf16:
+        if keys is None:
+            keys_ptr = _NULL
+        else:
+            if keys.dtype != _UINT32 or keys.shape != (count,):
+                raise ValueError(f"keys must be uint32 ({count},), got {keys.dtype} {keys.shape}")
+            keys_ptr = _from_buffer(keys)
+        rc = cache.fn(
+            count, rows[0], rows[1], rows[2], rows[3], rows[4], cache.n,
+            cache.scalars(scalars), len(scalars), index_ptr, keys_ptr,
+        )  # fmt: skip
+    else:
+        rc = cache.fn(
+            count, rows[0], rows[1], rows[2], rows[3], rows[4], cache.n,
+            cache.scalars(scalars), len(scalars), index_ptr,
+        )  # fmt: skip
+    if rc:
+        _raise_code(rc)
 
 
 def unscale_and_check(grad: np.ndarray, scale: float) -> bool:

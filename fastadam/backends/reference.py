@@ -13,9 +13,11 @@ nearest), and the parameter update uses the stored values; see
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from .._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars
+from .._table import KIND_BF16, KIND_F32, KIND_F64, TensorTable, view_at
 
 NAME = "numpy"
 
@@ -135,3 +137,36 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return 1
+
+
+# -- multi-tensor step -------------------------------------------------------------
+
+_KIND_DTYPES = {
+    KIND_F32: (np.dtype(np.float32), np.dtype(np.float32)),
+    KIND_F64: (np.dtype(np.float64), np.dtype(np.float64)),
+    KIND_BF16: (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)),
+}
+
+
+def step_multi(
+    table: TensorTable,
+    scalars: tuple[AdamScalars, ...],
+    index: np.ndarray | None,
+    keys: np.ndarray | None,
+) -> None:
+    """Every tensor of ``table`` updated by :func:`step` with its own scalars
+    (see :mod:`fastadam._table`): the definition the fast backends match."""
+    param_dtype, state_dtype = _KIND_DTYPES[table.kind]
+    for i in range(table.count):
+        sc = scalars[0 if index is None else int(index[i])]
+        if keys is not None:
+            sc = sc._replace(rounding_key=int(keys[i]))
+        n = int(table.sizes[i])
+        ptr = table.pointers[:, i]
+        views = [
+            view_at(int(ptr[r]), n, param_dtype if r < 2 else state_dtype)
+            for r in range(4 if not sc.amsgrad else 5)
+        ]
+        if len(views) == 4:
+            views.append(None)
+        step(*views, sc)
