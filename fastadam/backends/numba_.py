@@ -23,6 +23,13 @@ Design choices, each deliberate:
   ``NUMBA_THREADING_LAYER`` set by the user is respected.
 * **Small buffers run serially** (no lock, no thread wake-up): below
   ``config.PARALLEL_MIN_ELEMENTS`` the launch costs more than the work.
+* **A multi-tensor step is one launch** (:func:`step_multi`): one share per
+  thread of the concatenated element range of a TensorTable, each share's
+  split points moved forward to a _BLOCK boundary of the tensor they fall in;
+  a share walks the tensors it meets. Its arrays are views made from the
+  table's addresses without a meminfo (_view), so nothing is reference-counted
+  or allocated per tensor. The loop bodies (_piece; _bf16_blocks and
+  _bf16_tail) are the single-array step's, written once.
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 from .. import config
-from .._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, mix32
+from .._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars
+from .._table import KIND_BF16, KIND_F32, KIND_F64, TensorTable
 
 NAME = "numba"
 
@@ -139,6 +148,76 @@ def _prefetch_ahead(typingctx, first, end, amsgrad, p, g, m, v, vmax):
     return types.none(*(first, end, amsgrad), *arrays), codegen
 
 
+@intrinsic
+def _view(typingctx, address, n, dtype):
+    """A 1-D C-contiguous array of ``n`` elements of ``dtype`` (a DType or a
+    number class such as ``np.float32``) at the integer ``address``.
+
+    Like ``numba.carray`` over a pointer made by ``inttoptr``: the view has no
+    meminfo, so handing it on counts no references, and making it allocates
+    nothing. It does not keep the memory alive: the caller (a TensorTable's
+    owners) does.
+    """
+    if isinstance(dtype, types.DType):
+        dt = dtype.dtype
+    elif isinstance(dtype, types.NumberClass):
+        dt = dtype.instance_type
+    else:
+        return None
+    if not (isinstance(address, types.Integer) and isinstance(n, types.Integer)):
+        return None
+    array_type = types.Array(dt, 1, "C")
+
+    def codegen(context, builder, sig, args):
+        item = context.get_data_type(dt)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(item))
+        data = builder.inttoptr(
+            context.cast(builder, args[0], sig.args[0], types.uintp), item.as_pointer()
+        )
+        array = context.make_array(array_type)(context, builder)
+        populate_array(
+            array,
+            data=data,
+            shape=[context.cast(builder, args[1], sig.args[1], types.intp)],
+            strides=[itemsize],
+            itemsize=itemsize,
+            meminfo=None,
+        )
+        return array._getvalue()
+
+    return array_type(address, n, dtype), codegen
+
+
+@intrinsic
+def _borrow(typingctx, a):
+    """The 1-D C-contiguous array ``a`` as a view without meminfo (as _view makes).
+
+    A loop hands its arrays to _piece through these: inlined or not, a helper
+    handed an array with a meminfo counts references to it, and the counting
+    changed how LLVM compiled the loop (it unswitched fewer of the run-time
+    flags: the float32 loop ran ~15% slower with the data in cache). The
+    caller holds ``a`` for as long as the view lives.
+    """
+    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"):
+        return None
+    array_type = types.Array(a.dtype, 1, "C")
+
+    def codegen(context, builder, sig, args):
+        source = context.make_array(sig.args[0])(context, builder, args[0])
+        array = context.make_array(array_type)(context, builder)
+        populate_array(
+            array,
+            data=source.data,
+            shape=source.shape,
+            strides=source.strides,
+            itemsize=source.itemsize,
+            meminfo=None,
+        )
+        return array._getvalue()
+
+    return array_type(a), codegen
+
+
 # The helpers below take and return scalars only. A helper handed an array, even
 # inlined, makes Numba count a reference to it for every element it is called on
 # (an atomic increment and decrement each): that made the serial loops ~100x
@@ -182,53 +261,150 @@ def _share(part, parts, blocks):
     return blocks * part // parts, blocks * (part + 1) // parts
 
 
-def _make_loop(parallel: bool):
-    """The update loop, written once; compiled serial and parallel.
+@njit
+def _tensor_at(offsets, i):
+    """The tensor of a table holding element ``i`` of the concatenated range: the
+    last ``k`` with ``offsets[k] <= i`` (so never an empty tensor when ``i`` is
+    in range; ``count`` when ``i`` is the total)."""
+    return np.searchsorted(offsets, i, side="right") - 1
+
+
+@njit
+def _split_point(offsets, sizes, i):
+    """Where a share of a table's concatenated range starting near element ``i``
+    starts: ``i`` moved forward to a _BLOCK boundary of the local index of the
+    tensor it falls in, or past that tensor's end to the next tensor's start.
+
+    Monotone in ``i``, so the shares it cuts tile the range exactly; and every
+    piece of a tensor starts at a multiple of _BLOCK of its local index, which
+    the bfloat16 loop's random bits need (see _random_bits). Called twice per
+    share, so the references it counts (it is handed arrays) cost nothing per
+    tensor or element.
+    """
+    total = offsets[offsets.size - 1]
+    if i >= total:
+        return total
+    k = _tensor_at(offsets, i)
+    local = (i - offsets[k] + _BLOCK - 1) // _BLOCK * _BLOCK
+    return offsets[k] + local if local < sizes[k] else offsets[k + 1]
+
+
+@njit(inline="always")
+def _constants(t, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale):
+    """The loop constants, each cast once to the arrays' float type ``t``: a
+    float64 constant would silently promote float32 math."""
+    return t(step_size), t(bc2_sqrt), t(eps), t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
+
+
+@njit(inline="always")
+def _piece(p, g, m, v, vmax, first_block, end_block, n, consts, unscale, maximize, amsgrad, l2):
+    """The update of blocks ``[first_block, end_block)`` of one tensor of ``n``
+    elements whose states have its params' dtype: the loop body every
+    float32/float64 step runs, written once.
 
     Blocks of _BLOCK elements, prefetching ahead once per block; the last block
-    may be partial. The blocks are split into one share per thread (``threads``,
-    the last argument), and a share stops prefetching where the next begins:
-    prefetching into a share that another core is writing cost 2-thread steps
-    at 2^15-2^17 elements 15-30% (float32 2^15: 0.48 -> 0.33 ns per element).
-    The element index is unsigned: with a signed one Numba guards every access
-    against negative (wrap-around) indices and LLVM leaves the block loop
-    scalar (2.4x slower).
+    of the tensor may be partial. Prefetching stops where the next thread's
+    share begins: prefetching into a share that another core is writing cost
+    2-thread steps at 2^15-2^17 elements 15-30% (float32 2^15: 0.48 -> 0.33 ns
+    per element). The element index is unsigned: with a signed one Numba guards
+    every access against negative (wrap-around) indices and LLVM leaves the
+    block loop scalar (2.4x slower).
+
+    Inlined into the loops that call it, once per piece, and handed views
+    without a meminfo (_borrow, _view): no reference is counted.
     """
+    step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
+    end = end_block * _BLOCK  # where the next share starts
+    for block in range(first_block, end_block):
+        first = block * _BLOCK
+        _prefetch_ahead(first, end, amsgrad, p, g, m, v, vmax)
+        for j in range(first, min(first + _BLOCK, n)):
+            i = np.uint64(j)
+            gi = g[i]
+            if unscale:
+                gi = gi / scale
+                g[i] = gi
+            # decay always applied: exact when it is 1.0
+            gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, True)
+            mi, vi = _moments(gi, m[i], v[i], omb1, b2, omb2)
+            m[i] = mi
+            v[i] = vi
+            if amsgrad:
+                vi = _running_max(vmax[i], vi)
+                vmax[i] = vi
+            p[i] = theta - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+
+
+def _make_loop(parallel: bool):
+    """The single-array update, compiled serial and parallel: the blocks split
+    into one share per thread (``threads``, the last argument), each share one
+    _piece."""
     rng = prange if parallel else range
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
              unscale, maximize, amsgrad, state_rounding, rounding_key, threads):  # fmt: skip
         # state_rounding and rounding_key: unused, this loop's states have the params' dtype
         l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
-        t = p.dtype.type  # cast every constant once: float32 math stays float32
-        step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
-        omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
+        consts = _constants(p.dtype.type, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay,
+                            scale)  # fmt: skip
         n = p.size
         blocks = (n + _BLOCK - 1) // _BLOCK
         parts = _parts(threads, blocks)
         for part in rng(parts):
             first_block, end_block = _share(part, parts, blocks)
-            end = end_block * _BLOCK  # where the next part's share starts
-            for block in range(first_block, end_block):
-                first = block * _BLOCK
-                _prefetch_ahead(first, end, amsgrad, p, g, m, v, vmax)
-                for j in range(first, min(first + _BLOCK, n)):
-                    i = np.uint64(j)
-                    gi = g[i]
-                    if unscale:
-                        gi = gi / scale
-                        g[i] = gi
-                    # decay always applied: exact when it is 1.0
-                    gi, theta = _gradient(gi, p[i], wd, decay, maximize, l2, True)
-                    mi, vi = _moments(gi, m[i], v[i], omb1, b2, omb2)
-                    m[i] = mi
-                    v[i] = vi
-                    if amsgrad:
-                        vi = _running_max(vmax[i], vi)
-                        vmax[i] = vi
-                    p[i] = theta - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+            _piece(_borrow(p), _borrow(g), _borrow(m), _borrow(v), _borrow(vmax), first_block,
+                   end_block, n, consts, unscale, maximize, amsgrad, l2)  # fmt: skip
 
     return loop
+
+
+def _make_multi(parallel: bool, maximize: bool, l2: bool, amsgrad: bool):
+    """The multi-tensor update of a float32 or float64 table (see step_multi).
+
+    One share per thread of the concatenated element range, cut by _split_point;
+    each share walks the tensors it meets, one _piece per tensor, on views of the
+    addresses in ``pointers`` (``like``: an array of the table's dtype).
+    ``consts`` holds the float64 scalars of each distinct step (a row per
+    AdamScalars, its first 9 fields), ``index`` each tensor's row.
+
+    ``maximize``, ``l2`` and ``amsgrad`` are compile-time constants here, unlike
+    in the single-array loop, where LLVM unswitches the block loop on its
+    run-time flags: inside this loop's walk over tensors it left them in the
+    vector loop, ~7% slower with the data in cache (float32, 2^14 elements:
+    0.607 against 0.566 ns per element; with these three constant, 0.585, and
+    faster than the single-array loop with unscale or amsgrad on).
+    """
+    rng = prange if parallel else range
+
+    def multi(pointers, sizes, offsets, consts, index, unscale, like, threads):
+        t = like.dtype.type  # cast every constant once: float32 math stays float32
+        dt = like.dtype
+        count = sizes.size
+        total = offsets[count]
+        parts = _parts(threads, (total + _BLOCK - 1) // _BLOCK)
+        # Without amsgrad row 4 of the table holds zeros: vmax stands in as
+        # exp_avg_sq, as in step, and is never read or written.
+        vmax_row = 4 if amsgrad else 3
+        for part in rng(parts):
+            start = _split_point(offsets, sizes, total * part // parts)
+            stop = _split_point(offsets, sizes, total * (part + 1) // parts)
+            k = _tensor_at(offsets, start)
+            while k < count and offsets[k] < stop:
+                n, base = sizes[k], offsets[k]
+                lo, hi = max(start - base, 0), min(stop - base, n)
+                if lo < hi:
+                    s = index[k]
+                    c = _constants(t, consts[s, 0], consts[s, 1], consts[s, 2], consts[s, 3],
+                                   consts[s, 4], consts[s, 5], consts[s, 6], consts[s, 7],
+                                   consts[s, 8])  # fmt: skip
+                    _piece(_view(pointers[0, k], n, dt), _view(pointers[1, k], n, dt),
+                           _view(pointers[2, k], n, dt), _view(pointers[3, k], n, dt),
+                           _view(pointers[vmax_row, k], n, dt), lo // _BLOCK,
+                           (hi + _BLOCK - 1) // _BLOCK, n, c, unscale, maximize, amsgrad,
+                           l2)  # fmt: skip
+                k += 1
+
+    return multi
 
 
 # error_model="numpy": IEEE results for x/0 instead of a ZeroDivisionError check
@@ -236,6 +412,13 @@ def _make_loop(parallel: bool):
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 _serial = njit(**_JIT)(_make_loop(False))
 _parallel = njit(parallel=True, **_JIT)(_make_loop(True))
+
+
+@functools.cache
+def _multi_loop(parallel: bool, maximize: bool, l2: bool, amsgrad: bool):
+    """The compiled multi-tensor loop for these flags; compiled on first use,
+    cached on disk."""
+    return njit(parallel=parallel, **_JIT)(_make_multi(parallel, maximize, l2, amsgrad))
 
 
 # -- bfloat16 states -------------------------------------------------------------
@@ -323,6 +506,23 @@ def _prefer_512_bit_vectors(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def _inline_in_llvm(typingctx):
+    """Mark the enclosing function ``alwaysinline`` for LLVM.
+
+    For a helper that Numba compiles once as a function of its own (instead of
+    copying its IR into every call site, as ``inline="always"`` does) but that
+    must still end up inside its callers' loops, where their compile-time flags
+    fold its branches away and LLVM vectorizes it with the loop.
+    """
+
+    def codegen(context, builder, sig, args):
+        builder.function.attributes.add("alwaysinline")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 @njit(inline="always")
 def _widen(b):
     return _bits_f32(np.uint32(np.uint32(b) << np.uint32(16)))
@@ -359,14 +559,23 @@ def _round_states(mi, vi, first, k, block_key, stochastic):
 _NO_BITS = np.uint16(0)  # stands in for max_exp_avg_sq's bits without amsgrad
 
 
-@njit(inline="always")
+@njit
 def _bf16_element(gi, theta, mb, vb, vmb, first, k, block_key, consts, flags):
     """The float32-param / bfloat16-state update of element ``first + k``, on values.
 
     Takes the element's gradient, parameter and moment bits (``vmb`` only read
     with amsgrad) and returns their new values; the gradient comes back divided
     by the scale with ``unscale``, for the loop to store.
+
+    Compiled once, for all the loops (it takes scalars only, so calling it
+    counts no references), and inlined by LLVM into each, where the loop's
+    flags are constants: the same machine code as Numba's ``inline="always"``,
+    which copied and recompiled its IR, helpers included, at each of the two
+    call sites of every compiled loop: a serial bf16 loop compiled in 1.9 s
+    then, 0.6 s now (this project's 2-core VM), and each of up to 32 flag sets
+    has its serial and parallel, single-array and multi-tensor loops.
     """
+    _inline_in_llvm()
     step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
     unscale, maximize, l2, stochastic, divide, amsgrad, decoupled = flags
     if unscale:
@@ -386,10 +595,88 @@ def _bf16_element(gi, theta, mb, vb, vmb, first, k, block_key, consts, flags):
     return g_out, theta, mb, vb, vmb
 
 
+@njit(inline="always")
+def _mix32(x):
+    """fastadam._scalars.mix32 of a uint32 (Numba's products are 64 bits wide:
+    each is truncated back)."""
+    x = np.uint32(x)
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    return np.uint32(x ^ (x >> np.uint32(16)))
+
+
+_KEY_BLOCK = 1 << 32  # elements sharing hi32(index), hence one block_key
+_KEY_BLOCKS = _KEY_BLOCK // _BLOCK  # the same in blocks
+
+
+@njit(inline="always")
+def _bf16_blocks(p, g, m, v, vmax, first_block, end_block, rounding_key, consts, flags):
+    """The float32-param / bfloat16-state update of the full blocks ``[first_block,
+    end_block)`` of one tensor: the loop body every bf16 step runs, written once
+    (flags as in _make_bf16_loop; prefetch and the views it is handed as in
+    _piece). The tensor's last, partial block is _bf16_tail's.
+
+    The random bits of element ``i`` take ``block_key = mix32(rounding_key ^
+    hi32(i))``, constant over each 2**32-element block: the blocks run one such
+    block at a time, with its key hoisted, so within it ``lo32(i)`` is all
+    _random_bits needs.
+    """
+    unscale, maximize, l2, stochastic, divide, amsgrad, decoupled = flags
+    _prefer_512_bit_vectors()
+    end = end_block * _BLOCK  # where the next share starts
+    block = first_block
+    while block < end_block:
+        stop = min(end_block, (block // _KEY_BLOCKS + 1) * _KEY_BLOCKS)
+        kb = _mix32(np.uint32(rounding_key) ^ np.uint32(block // _KEY_BLOCKS))
+        for b in range(block, stop):
+            first = b * _BLOCK
+            _prefetch_ahead(first, end, amsgrad, p, g, m, v, vmax)
+            for k in range(np.int32(_BLOCK)):
+                i = np.uint64(first + k)
+                vm = vmax[i] if amsgrad else _NO_BITS
+                gi, p[i], m[i], v[i], vm = _bf16_element(
+                    g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
+                )
+                if unscale:
+                    g[i] = gi
+                if amsgrad:
+                    vmax[i] = vm
+        block = stop
+
+
+@njit(inline="always")
+def _bf16_tail(p, g, m, v, vmax, n, rounding_key, consts, flags):
+    """The last, partial block of a tensor of ``n`` elements (as _bf16_blocks).
+
+    The same loads and stores as _bf16_blocks, written out again because they
+    cannot move into a helper called per element (a helper handed the arrays
+    counts references per call, see _gradient) and the block loop there needs
+    its constant trip count (LLVM unrolls and interleaves it). Its own function
+    so that the single-array loop runs it after its loop over shares, as it
+    did before there were two: run inside that loop, it made LLVM reload
+    vector constants in the block loop (5% more instructions per block).
+    """
+    unscale, maximize, l2, stochastic, divide, amsgrad, decoupled = flags
+    first = n // _BLOCK * _BLOCK
+    kb = _mix32(np.uint32(rounding_key) ^ np.uint32(first >> 32))
+    for k in range(np.int32(n - first)):
+        i = np.uint64(first + k)
+        vm = vmax[i] if amsgrad else _NO_BITS
+        gi, p[i], m[i], v[i], vm = _bf16_element(
+            g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
+        )
+        if unscale:
+            g[i] = gi
+        if amsgrad:
+            vmax[i] = vm
+
+
 def _make_bf16_loop(
     parallel: bool, stochastic: bool, divide: bool, amsgrad: bool, decoupled: bool, unscale: bool
 ):
-    """The float32-param / bfloat16-state update, written once (see AdamScalars).
+    """The single-array float32-param / bfloat16-state update (see AdamScalars).
 
     The flags are compile-time constants, so each compiled loop holds only its
     own operations: ``divide`` (by bias_correction2_sqrt) and ``decoupled``
@@ -399,67 +686,100 @@ def _make_bf16_loop(
     ``amsgrad`` a run-time flag, LLVM left the loop scalar (2.4x slower), and
     with ``unscale`` one, LLVM divided every gradient by the scale whether or
     not the flag was set (the divider is this loop's busiest unit).
-    ``block_key`` is ``mix32(rounding_key ^ hi32(i))``, constant over each
-    2**32-element block: ``step`` hands this loop one block at a time, so here
-    ``lo32(i)`` is just the local index. Blocks, shares and prefetch as in
-    _make_loop.
+    Shares of the full blocks as in _make_loop, each one _bf16_blocks; the
+    partial last block after them.
     """
     rng = prange if parallel else range
 
     def loop(p, g, m, v, vmax, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale,
-             unscale_flag, maximize, amsgrad_flag, state_rounding, block_key, threads):  # fmt: skip
+             unscale_flag, maximize, amsgrad_flag, state_rounding, key, threads):  # fmt: skip
         # unscale_flag, amsgrad_flag and state_rounding are AdamScalars fields, unused
         # here: this loop's closure fixes them at compile time.
         l2 = wd != 0  # decided on the float64 value, as the reference (and torch) do
-        t = np.float32
-        step_size, bc2_sqrt, eps = t(step_size), t(bc2_sqrt), t(eps)
-        omb1, b2, omb2, wd, decay, scale = t(omb1), t(b2), t(omb2), t(wd), t(decay), t(scale)
-        consts = (step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale)
+        consts = _constants(np.float32, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay,
+                            scale)  # fmt: skip
         flags = (unscale, maximize, l2, stochastic, divide, amsgrad, decoupled)
-        kb = np.uint32(block_key)
+        p, g, m, v, vmax = _borrow(p), _borrow(g), _borrow(m), _borrow(v), _borrow(vmax)
         n = p.size
         full = n // _BLOCK
         parts = _parts(threads, full)
         for part in rng(parts):
-            _prefer_512_bit_vectors()
             first_block, end_block = _share(part, parts, full)
-            end = end_block * _BLOCK  # where the next part's share starts
-            for block in range(first_block, end_block):
-                first = block * _BLOCK
-                _prefetch_ahead(first, end, amsgrad, p, g, m, v, vmax)
-                for k in range(np.int32(_BLOCK)):
-                    i = np.uint64(first + k)
-                    vm = vmax[i] if amsgrad else _NO_BITS
-                    gi, p[i], m[i], v[i], vm = _bf16_element(
-                        g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
-                    )
-                    if unscale:
-                        g[i] = gi
-                    if amsgrad:
-                        vmax[i] = vm
-        # The last, partial block: the same loads and stores as above, written out
-        # again because they cannot move into a helper (a helper handed the arrays
-        # counts references per element, see _gradient) and the block loop above
-        # needs its constant trip count (LLVM unrolls and interleaves it).
-        first = full * _BLOCK
-        for k in range(np.int32(n - first)):
-            i = np.uint64(first + k)
-            vm = vmax[i] if amsgrad else _NO_BITS
-            gi, p[i], m[i], v[i], vm = _bf16_element(
-                g[i], p[i], m[i], v[i], vm, first, k, kb, consts, flags
-            )
-            if unscale:
-                g[i] = gi
-            if amsgrad:
-                vmax[i] = vm
+            _bf16_blocks(p, g, m, v, vmax, first_block, end_block, key, consts, flags)
+        _bf16_tail(p, g, m, v, vmax, n, key, consts, flags)
 
     return loop
+
+
+def _make_bf16_multi(
+    parallel: bool, stochastic: bool, divide: bool, amsgrad: bool, decoupled: bool, unscale: bool
+):
+    """The multi-tensor update of a bfloat16-state table: shares and walk as in
+    _make_multi, each piece of a tensor _bf16_blocks, and _bf16_tail for the
+    share holding its end (flags as in _make_bf16_loop).
+
+    Tensor ``k`` takes its rounding key from ``keys[k]`` if ``use_keys``, else
+    from its scalars' row of ``scalar_keys``.
+    """
+    rng = prange if parallel else range
+
+    def multi(pointers, sizes, offsets, consts, index, keys, scalar_keys, use_keys, maximize,
+              threads):  # fmt: skip
+        count = sizes.size
+        total = offsets[count]
+        parts = _parts(threads, (total + _BLOCK - 1) // _BLOCK)
+        # Without amsgrad row 4 of the table holds zeros, and vmax is never touched.
+        vmax_row = 4 if amsgrad else 3
+        for part in rng(parts):
+            start = _split_point(offsets, sizes, total * part // parts)
+            stop = _split_point(offsets, sizes, total * (part + 1) // parts)
+            k = _tensor_at(offsets, start)
+            while k < count and offsets[k] < stop:
+                n, base = sizes[k], offsets[k]
+                lo, hi = max(start - base, 0), min(stop - base, n)
+                if lo < hi:
+                    s = index[k]
+                    c = _constants(np.float32, consts[s, 0], consts[s, 1], consts[s, 2],
+                                   consts[s, 3], consts[s, 4], consts[s, 5], consts[s, 6],
+                                   consts[s, 7], consts[s, 8])  # fmt: skip
+                    l2 = consts[s, 6] != 0  # decided on the float64 value, as in loop
+                    flags = (unscale, maximize, l2, stochastic, divide, amsgrad, decoupled)
+                    key = keys[k] if use_keys else scalar_keys[s]
+                    p, g = (
+                        _view(pointers[0, k], n, np.float32),
+                        _view(pointers[1, k], n, np.float32),
+                    )
+                    m, v = _view(pointers[2, k], n, np.uint16), _view(pointers[3, k], n, np.uint16)
+                    vmax = _view(pointers[vmax_row, k], n, np.uint16)
+                    _bf16_blocks(p, g, m, v, vmax, lo // _BLOCK, hi // _BLOCK, key, c, flags)
+                    if hi == n:
+                        _bf16_tail(p, g, m, v, vmax, n, key, c, flags)
+                k += 1
+
+    return multi
 
 
 @functools.cache
 def _bf16_loop(parallel: bool, *flags: bool):
     """The compiled loop for these flags; compiled on first use, cached on disk."""
     return njit(parallel=parallel, **_JIT)(_make_bf16_loop(parallel, *flags))
+
+
+@functools.cache
+def _bf16_multi(parallel: bool, *flags: bool):
+    """The compiled multi-tensor loop for these flags (as _bf16_loop)."""
+    return njit(parallel=parallel, **_JIT)(_make_bf16_multi(parallel, *flags))
+
+
+def _bf16_flags(sc: AdamScalars) -> tuple[bool, ...]:
+    """The compile-time flags of the bf16 loops for these scalars."""
+    return (
+        sc.state_rounding == STATE_BF16_STOCHASTIC,
+        sc.bias_correction2_sqrt != 1.0,
+        sc.amsgrad,
+        sc.decay != 1.0,
+        sc.unscale,
+    )
 
 
 _EMPTY_U16 = np.empty(0, np.uint16)
@@ -479,36 +799,100 @@ def step(
         exp_avg, exp_avg_sq = exp_avg.reshape(-1), exp_avg_sq.reshape(-1)
         if max_exp_avg_sq is not None:
             max_exp_avg_sq = max_exp_avg_sq.reshape(-1)
+    n = param.size
     if sc.state_rounding == STATE_SAME_DTYPE:
         if max_exp_avg_sq is None:
             max_exp_avg_sq = exp_avg_sq  # never read or written unless amsgrad
-        _launch(_serial, _parallel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *sc))
+        _launch(_serial, _parallel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *sc), n)
         return
-    # bfloat16 states: pass their bits, one launch per 2**32-element block, each
-    # with its hoisted key (the bits depend on the global index only).
+    # bfloat16 states: pass their bits; the loop derives each 2**32-element
+    # block's key from rounding_key (the bits depend on the global index only).
     vmax = _EMPTY_U16 if max_exp_avg_sq is None else max_exp_avg_sq.view(np.uint16)
     arrays = (param, grad, exp_avg.view(np.uint16), exp_avg_sq.view(np.uint16), vmax)
-    flags = (
-        sc.state_rounding == STATE_BF16_STOCHASTIC,
-        sc.bias_correction2_sqrt != 1.0,
-        sc.amsgrad,
-        sc.decay != 1.0,
-        sc.unscale,
-    )
-    serial, parallel = _bf16_loop(False, *flags), _bf16_loop(True, *flags)
-    for block, start in enumerate(range(0, max(param.size, 1), _KEY_BLOCK)):
-        part = [a[start : start + _KEY_BLOCK] if a.size else a for a in arrays]
-        key = mix32(sc.rounding_key ^ block)
-        _launch(serial, parallel, (*part, *sc[:-1], key))
+    flags = _bf16_flags(sc)
+    _launch(_bf16_loop(False, *flags), _bf16_loop(True, *flags), (*arrays, *sc), n)
 
 
-_KEY_BLOCK = 1 << 32  # elements sharing hi32(index), hence one block_key
+# -- multi-tensor step -------------------------------------------------------------
+
+_LIKE = {KIND_F32: np.empty(0, np.float32), KIND_F64: np.empty(0, np.float64)}
+_NO_KEYS = np.empty(0, np.uint32)
 
 
-def _launch(serial, parallel, args) -> None:
-    """Run a loop serially or on our threads; its last argument is the thread count
-    (the loop splits its blocks into that many shares, see _share)."""
-    if args[0].size < config.PARALLEL_MIN_ELEMENTS or _num_threads == 1:
+class _TableCache:
+    """What step_multi keeps on ``table.cache["numba"]``: what never changes (the
+    table's arrays and total, the all-zeros index), and ``step``, what changes
+    only with the scalars, at a new step count: their float64 constants and
+    rounding keys, and the compiled loops for their flags. ``step`` is one
+    tuple, replaced whole, so a concurrent step reads a consistent one.
+    """
+
+    __slots__ = ("bf16", "head", "like", "step", "total", "zeros")
+
+    def __init__(self, table: TensorTable) -> None:
+        self.total = table.total
+        self.zeros = np.zeros(table.count, np.int32)
+        self.head = (table.pointers, table.sizes, table.offsets)
+        self.bf16 = table.kind == KIND_BF16
+        self.like = None if self.bf16 else _LIKE[table.kind]
+        self.step: tuple = ((),)
+
+    def for_scalars(self, scalars: tuple[AdamScalars, ...]) -> tuple:
+        """``(scalars, constants (n, 9), rounding keys (n,), serial loop, parallel
+        loop, flag arguments)`` for these scalars (n: one per distinct step)."""
+        entry = self.step
+        if entry[0] != scalars:
+            sc = scalars[0]  # the flags are common to all
+            consts = np.array([s[:9] for s in scalars], np.float64).reshape(-1, 9)
+            keys = np.array([s.rounding_key for s in scalars], np.uint32)
+            if self.bf16:
+                flags = _bf16_flags(sc)
+                loops = (_bf16_multi(False, *flags), _bf16_multi(True, *flags))
+                flag_args: tuple = (sc.maximize,)
+            else:
+                # l2 decided on the float64 value, as the single-array loop does
+                flags = (sc.maximize, sc.weight_decay != 0, sc.amsgrad)
+                loops = (_multi_loop(False, *flags), _multi_loop(True, *flags))
+                flag_args = (sc.unscale, self.like)
+            entry = self.step = (scalars, consts, keys, *loops, flag_args)
+        return entry
+
+
+def step_multi(
+    table: TensorTable,
+    scalars: tuple[AdamScalars, ...],
+    index: np.ndarray | None,
+    keys: np.ndarray | None,
+) -> None:
+    """Every tensor of ``table`` updated as :func:`step` would, in one launch
+    (see :mod:`fastadam._table` for the arguments).
+
+    One share per thread of the concatenated element range (_split_point), so
+    the work splits evenly however the sizes vary; the flags are those of
+    ``scalars[0]`` (common to all). The Python side costs the same whatever
+    the number of tensors.
+    """
+    cache = table.cache.get(NAME)
+    if cache is None:
+        cache = table.cache[NAME] = _TableCache(table)
+    if cache.total == 0:
+        return
+    _, consts, scalar_keys, serial, parallel, flag_args = cache.for_scalars(scalars)
+    if index is None:
+        index = cache.zeros
+    if cache.bf16:
+        use_keys = keys is not None
+        args = (*cache.head, consts, index, keys if use_keys else _NO_KEYS, scalar_keys,
+                use_keys, *flag_args)  # fmt: skip
+    else:
+        args = (*cache.head, consts, index, *flag_args)
+    _launch(serial, parallel, args, cache.total)
+
+
+def _launch(serial, parallel, args, n: int) -> None:
+    """Run a loop over ``n`` elements serially or on our threads; the thread count
+    is its last argument (it splits its work into that many shares, see _share)."""
+    if n < config.PARALLEL_MIN_ELEMENTS or _num_threads == 1:
         serial(*args, 1)
         return
     with _LAUNCH_LOCK:
