@@ -3,6 +3,8 @@
 The public surface::
 
     adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, ...)   # one fused update
+    adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, ...)  # a list of tensors
+    MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs).step(...)  # validated once
     unscale_and_check(grads, scale)                                 # loss-scaling helper
     Adam, AdamW                                                     # optimizers
     FlatParams                                                      # one buffer per model
@@ -26,6 +28,7 @@ from .backends import (
 )
 from .flat import FlatParams
 from .functional import adam_step, unscale_and_check
+from .multi import MultiTensorPlan, adam_step_multi
 from .optim import Adam, AdamW
 
 __version__ = "0.1.0"
@@ -36,7 +39,9 @@ __all__ = [
     "AdamW",
     "BackendUnavailableError",
     "FlatParams",
+    "MultiTensorPlan",
     "adam_step",
+    "adam_step_multi",
     "auto_backend",
     "available_backends",
     "get_num_threads",

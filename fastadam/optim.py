@@ -1,8 +1,8 @@
 """``Adam`` and ``AdamW`` over NumPy arrays, with torch.optim's groups and state layout.
 
-Each step is one :func:`fastadam.adam_step` call per parameter array (or a
-single call for a whole model when the parameters live in a
-:class:`fastadam.FlatParams`). The per-parameter state follows torch's
+Each step is one multi-tensor step per parameter group (a
+:class:`fastadam.MultiTensorPlan`, built once and reused while the group's
+arrays stay the same): one kernel call per group and dtype. The per-parameter state follows torch's
 ``state_dict`` layout, so checkpoints read the same way in both worlds::
 
     {"state": {0: {"step": 3, "exp_avg": ..., "exp_avg_sq": ...}, ...},
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from .functional import BFLOAT16, _check_array, _check_seed, adam_step, check_state_rounding
+from ._validation import BFLOAT16, check_array, check_seed, check_state_rounding
+from .multi import MultiTensorPlan
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -97,7 +98,7 @@ class Adam:
         self.state_dtype = _resolve_state_dtype(state_dtype)
         check_state_rounding(state_rounding)
         self.state_rounding = state_rounding
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.defaults: dict[str, Any] = {
             "lr": lr,
             "betas": tuple(betas),
@@ -130,6 +131,8 @@ class Adam:
             groups = [{"params": groups}]
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[int, dict[str, Any]] = {}
+        # group index -> (what the plan was built over, the plan); see _plan_for.
+        self._plans: dict[int, tuple[tuple, MultiTensorPlan]] = {}
         for g in groups:
             self.add_param_group(g)
 
@@ -149,12 +152,17 @@ class Adam:
             raise TypeError("param group 'params' must be an ordered collection, not a set")
         ps = list(ps)
         for i, p in enumerate(ps):
+            if type(p).__module__.startswith("torch"):
+                raise TypeError(
+                    f"params[{i}] is a torch.Tensor: fastadam.Adam/AdamW optimize NumPy arrays; "
+                    "for torch tensors use fastadam.torch.Adam/AdamW"
+                )
             if not isinstance(p, np.ndarray):
                 raise TypeError(
                     f"optimizer can only optimize numpy arrays, but params[{i}] is "
                     f"{type(p).__name__}"
                 )
-            _check_array(f"params[{i}]", p, None, None)
+            check_array(f"params[{i}]", p, None, None)
             if self.state_dtype is not None and p.dtype != np.float32:
                 raise TypeError(
                     f"state_dtype={self.state_dtype.name} needs float32 parameters; "
@@ -183,7 +191,7 @@ class Adam:
         grad_scale: float | None = None,
         found_inf: bool = False,
     ) -> None:
-        """Update every parameter from its gradient.
+        """Update every parameter from its gradient: one kernel call per group (and dtype).
 
         Args:
             grads: one gradient per parameter, in the order of the parameters
@@ -208,31 +216,84 @@ class Adam:
             grads = list(grads)
         if len(grads) != len(params):
             raise ValueError(f"got {len(grads)} grads for {len(params)} params")
+        # Every group's step is prepared (checked) before any runs: a bad value
+        # in any group or gradient changes nothing.
+        runs = []
+        start = 0
+        for gi, group in enumerate(self.param_groups):
+            count = len(group["params"])
+            active = [start + k for k in range(count) if grads[start + k] is not None]
+            if active:
+                runs.append(self._prepare_group(gi, group, active, grads, grad_scale, found_inf))
+            start += count
         if found_inf:
             return
-        # Validate every pair before updating any, so a bad gradient changes nothing.
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is not None:
-                _check_array(f"grads[{i}]", g, p.dtype, p.shape)
-        i = 0
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                g = grads[i]
-                if g is not None:
-                    st = self._state_for(i, p, group["amsgrad"])
-                    adam_step(
-                        p, g, st["exp_avg"], st["exp_avg_sq"],
-                        step=st["step"] + 1, lr=group["lr"], beta1=beta1, beta2=beta2,
-                        eps=group["eps"], weight_decay=group["weight_decay"],
-                        decoupled_weight_decay=group["decoupled_weight_decay"],
-                        amsgrad=group["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
-                        maximize=group["maximize"], eps_hat=group["eps_hat"],
-                        grad_scale=grad_scale, state_rounding=self.state_rounding,
-                        seed=(self.seed + i) % 2**64, backend=self.backend,
-                    )  # fmt: skip
-                    st["step"] += 1  # only once the update has succeeded
-                i += 1
+        for run, states in runs:
+            run()
+            for st in states:  # counted only once the update has happened
+                st["step"] += 1
+
+    def _prepare_group(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        active: list[int],
+        grads: list[np.ndarray],
+        grad_scale: float | None,
+        found_inf: bool,
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """Check group ``gi``'s step over the parameters at positions ``active``
+        and return (the function that runs it, the states whose step it counts)."""
+        try:
+            _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param_groups[{gi}]: {exc}") from None
+        params = self._params()
+        amsgrad = bool(group["amsgrad"])
+        for i in active:
+            p = params[i]
+            check_array(f"grads[{i}]", grads[i], p.dtype, p.shape, what=f"params[{i}]")
+        states = [self._state_for(i, params[i], amsgrad) for i in active]
+        plan = self._plan_for(gi, active, params, grads, states, amsgrad)
+        beta1, beta2 = group["betas"]
+        run = plan.prepare(
+            step=[st["step"] + 1 for st in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
+            maximize=group["maximize"], eps_hat=group["eps_hat"], grad_scale=grad_scale,
+            found_inf=found_inf, state_rounding=self.state_rounding,
+            seeds=[(self.seed + i) % 2**64 for i in active], grads=[grads[i] for i in active],
+        )  # fmt: skip
+        return run, states
+
+    def _plan_for(
+        self,
+        gi: int,
+        active: list[int],
+        params: list[np.ndarray],
+        grads: list[np.ndarray],
+        states: list[dict[str, Any]],
+        amsgrad: bool,
+    ) -> MultiTensorPlan:
+        """The group's plan, rebuilt only when its arrays changed (parameters
+        gaining or losing a gradient, new state, a loaded checkpoint)."""
+        key = tuple(
+            (id(params[i]), id(st["exp_avg"]), id(st["exp_avg_sq"]), id(st.get("max_exp_avg_sq")))
+            for i, st in zip(active, states)
+        ) + (amsgrad,)
+        cached = self._plans.get(gi)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = MultiTensorPlan(
+            [params[i] for i in active],
+            [grads[i] for i in active],
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [st["max_exp_avg_sq"] for st in states] if amsgrad else None,
+            backend=self.backend,
+        )
+        self._plans[gi] = (key, plan)
+        return plan
 
     def _state_for(self, i: int, p: np.ndarray, amsgrad: bool) -> dict[str, Any]:
         st = self.state.get(i)

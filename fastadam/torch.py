@@ -10,21 +10,32 @@
         loss_fn(model(x), y).backward()
         opt.step()
 
-Each step makes one :func:`fastadam.adam_step` call per parameter, on NumPy
-views of the parameter, its gradient and its state tensors: no copies, so the
-update lands in the tensors themselves. The state (``step``, ``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq``) has exactly ``torch.optim.Adam``'s layout,
-so a ``state_dict`` moves freely between these optimizers and torch's.
+Each step is one multi-tensor step per param group (a
+:class:`fastadam.MultiTensorPlan` over NumPy views of the parameters and their
+state tensors, and the addresses of the gradients): one kernel call per group
+and dtype, no copies, so the update lands in the tensors themselves. The
+state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) has exactly
+``torch.optim.Adam``'s layout, so a ``state_dict`` moves freely between these
+optimizers and torch's.
 
 Supported: float32/float64 dense CPU tensors that are contiguous (their
 gradients and states too). Anything else (CUDA or meta tensors, float16,
 bfloat16, complex, sparse gradients, non-contiguous tensors) raises an error
 that names the parameter and the problem, before any parameter is updated.
 
-Per step and parameter the Python work is the NumPy views (about 1 µs each)
-and a few flag checks; there are no caches, so ``param_groups`` and ``state``
-may be changed from outside at any time (LR schedulers,
-``add_param_group``, ``load_state_dict``, ``ZeroRedundancyOptimizer``).
+A group's plan is built (every tensor checked) at its first step and kept
+while the group stays the same. Each later step checks, per parameter, that
+the parameter, its state tensors and its storage are the ones the plan was
+built over, and that the new gradient is dense and contiguous: a few attribute
+reads. Anything else changed from outside (``p.data``, a parameter gaining or
+losing its gradient, ``load_state_dict``, ``add_param_group``,
+``ZeroRedundancyOptimizer``) rebuilds that group's plan, so ``param_groups``
+and ``state`` may still be changed at any time; learning-rate schedules and
+other hyperparameters are read at every step.
+
+``state["step"]`` of a group's parameters are 0-d views into one tensor per
+group, so a step advances them all with one operation; a reference to an old
+``state["step"]`` held across a plan rebuild no longer advances.
 
 PyTorch is optional for :mod:`fastadam`; this module alone needs it
 (``pip install 'fastadam[torch]'``).
@@ -35,6 +46,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 try:
@@ -47,11 +59,14 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
-from fastadam.functional import BFLOAT16, check_state_rounding
+from fastadam._validation import BFLOAT16, check_state_rounding
+from fastadam.multi import MultiTensorPlan
 
 __all__ = ["Adam", "AdamW"]
 
 _DTYPES = (torch.float32, torch.float64)
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_STRIDED = torch.strided
 _KEEP = torch.preserve_format
 #: Per-optimizer settings (not group keys, so checkpoints stay torch's), with
 #: the defaults an unpickled or torch-made state falls back to.
@@ -258,29 +273,77 @@ def _state_view(
     raise ValueError(f"{what} cannot be viewed as a NumPy array")
 
 
-def _step_view(
-    st: dict[str, Any], pending: list[tuple[dict, Any, Any]], gi: int, pi: int
-) -> tuple[np.ndarray, int]:
-    """A writable 0-d NumPy view of ``state["step"]`` and its value, checked.
-
-    Writing the new count through NumPy costs a fraction of a torch in-place op.
-    """
+def _step_value(st: dict[str, Any], where: str) -> float:
+    """The value of ``state["step"]`` (a tensor or, in old checkpoints, a number), checked."""
     t = st.get("step")
-    a = _view(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else None
-    if a is None or a.dtype.char not in "efd":
-        if t is None:
-            raise ValueError(f"state of {_where(gi, pi)} has no 'step'")
-        # A number, or a tensor torch would not have made for a CPU Adam:
-        # store it as torch (capturable=False) does, a CPU float scalar tensor.
-        t = torch.tensor(float(t), dtype=_scalar_dtype())
-        pending.append((st, "step", t))
-        a = t.numpy()
-    value = float(a)
+    if t is None:
+        raise ValueError(f"state of {where} has no 'step'")
+    try:
+        value = float(t)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"state['step'] of {where} must be a number, got {t!r}") from None
     if not (value >= 0.0 and value.is_integer()):
-        raise ValueError(
-            f"state['step'] of {_where(gi, pi)} must be a non-negative integer, got {value}"
-        )
-    return a.reshape(()), int(value)
+        raise ValueError(f"state['step'] of {where} must be a non-negative integer, got {value}")
+    return value
+
+
+class _TorchPlan(MultiTensorPlan):
+    """A multi-tensor plan over NumPy views of one group's tensors, naming them as torch does."""
+
+    def __init__(self, gi: int, positions: list[int], *lists: Any, backend: str) -> None:
+        self._gi, self._positions = gi, positions
+        super().__init__(*lists, backend=backend, _private_views=True)
+
+    def _label(self, role: int, i: int) -> str:
+        where = _where(self._gi, self._positions[i])
+        if role == 0:
+            return where
+        if role == 1:
+            return f"the grad of {where}"
+        return f"state[{_STATE_KEYS[role - 2]!r}] of {where}"
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """What one group's steps are built over, kept while it stays the same.
+
+    ``steps`` holds the group's step counts; each parameter's ``state["step"]``
+    is a 0-d view into it, so a step reads and advances every count with one
+    NumPy operation (torch's layout is unchanged: one 0-d float tensor each).
+    """
+
+    params: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    identity: list[tuple[Any, ...]]  # per parameter: what must not have changed
+    plan: _TorchPlan
+    steps: torch.Tensor
+    steps_np: np.ndarray
+    seeds: np.ndarray
+    amsgrad: bool
+
+    def still_valid(self, params: list[torch.Tensor], state: Any, amsgrad: bool) -> bool:
+        if amsgrad != self.amsgrad or len(params) != len(self.params):
+            return False
+        for p, (q, ptr, st, m, v, vmax, step) in zip(params, self.identity):
+            if p is not q or state.get(p) is not st:
+                return False
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+                return False
+            if st.get("step") is not step or (amsgrad and st.get("max_exp_avg_sq") is not vmax):
+                return False
+            if p.data_ptr() != ptr:  # p.data was replaced
+                return False
+        return True
+
+
+@dataclass(eq=False)
+class _PreparedGroup:
+    """One group's checked step: run() applies it; nothing is written before."""
+
+    plan: _GroupPlan
+    run: Callable[[], None]
+    grads: list[torch.Tensor]
+    pending: list[tuple[Any, Any, Any]]  # new state, attached before running
 
 
 # -- the optimizers ------------------------------------------------------------
@@ -378,6 +441,8 @@ class Adam(torch.optim.Optimizer):
             "decoupled_weight_decay": bool(decoupled_weight_decay),
             "eps_hat": bool(eps_hat),
         }
+        # group index -> the group's _GroupPlan (see _prepare_group)
+        self._plans: dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
 
     # -- groups and checkpoints ------------------------------------------------
@@ -406,6 +471,7 @@ class Adam(torch.optim.Optimizer):
         super().__setstate__(state)
         for key, default in _OPTIMIZER_SETTINGS.items():
             self.__dict__.setdefault(key, default)
+        self._plans = {}  # rebuilt at the next step
         for group in self.param_groups:
             for key, default in self.defaults.items():
                 group.setdefault(key, default)
@@ -455,77 +521,26 @@ class Adam(torch.optim.Optimizer):
             if not (math.isfinite(grad_scale) and grad_scale > 0.0):
                 raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
 
-        # Pass 1: check every parameter and build its NumPy views and kwargs;
-        # new state is attached only once all have passed. The fast path tests
-        # the views (NumPy flags are cheaper than torch's properties) and falls
-        # back to torch-side diagnostics only to word the error.
-        calls: list[tuple[Any, ...]] = []
-        pending: list[tuple[dict, Any, Any]] = []
-        index = -1  # the parameter's position across groups, as in state_dict()
+        # Prepare (check) every group's step before applying any: on an error
+        # nothing has changed, and no new state has been attached.
+        prepared = []
+        index = 0  # the position across groups of each group's first parameter
         for gi, group in enumerate(self.param_groups):
-            kwargs = None
-            for pi, p in enumerate(group["params"]):
-                index += 1
-                g = p.grad
-                if g is None:
-                    continue
-                if kwargs is None:
-                    kwargs = self._group_kwargs(group, gi, grad_scale)
-                pv, gv = _view(p), _view(g)
-                if (
-                    pv is None or gv is None or pv.dtype.char not in "fd"
-                    or gv.dtype != pv.dtype or gv.shape != pv.shape
-                    or not (pv.flags.c_contiguous and gv.flags.c_contiguous)
-                ):  # fmt: skip
-                    pv, gv = _diagnose_pair(p, g, gi, pi)
-                if np.may_share_memory(pv, gv):  # e.g. p.grad = p.data; adam_step would refuse
-                    raise ValueError(
-                        f"the grad of {_where(gi, pi)} shares memory with the parameter"
-                    )
-                sdt = self.state_dtype or p.dtype
-                if sdt == torch.bfloat16 and p.dtype != torch.float32:
-                    raise TypeError(
-                        f"{_where(gi, pi)} has dtype {p.dtype}: state_dtype=torch.bfloat16 "
-                        "needs float32 parameters"
-                    )
-                st = self.state.get(p)
-                if not st:
-                    st = {
-                        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-                        "exp_avg": torch.zeros_like(p, dtype=sdt, memory_format=_KEEP),
-                        "exp_avg_sq": torch.zeros_like(p, dtype=sdt, memory_format=_KEEP),
-                    }
-                    pending.append((self.state, p, st))
-                mv = _state_view(st, "exp_avg", pv, sdt, p, gi, pi)
-                vv = _state_view(st, "exp_avg_sq", pv, sdt, p, gi, pi)
-                vmax = None
-                if kwargs["amsgrad"]:
-                    if "max_exp_avg_sq" not in st:  # amsgrad switched on after the state was made
-                        t = torch.zeros_like(p, dtype=sdt, memory_format=_KEEP)
-                        pending.append((st, "max_exp_avg_sq", t))
-                        vmax = _numpy_of(t)
-                    else:
-                        vmax = _state_view(st, "max_exp_avg_sq", pv, sdt, p, gi, pi)
-                step_view, count = _step_view(st, pending, gi, pi)
-                # Each parameter (its position across groups) gets its own random bits.
-                seed = (self.seed + index) % 2**64
-                calls.append((pv, gv, mv, vv, vmax, step_view, count + 1, kwargs, p, g, seed))
+            prep = self._prepare_group(gi, group, index, grad_scale)
+            if prep is not None:
+                prepared.append(prep)
+            index += len(group["params"])
 
-        # Pass 2: attach new state, then one fused update per parameter.
-        for mapping, key, value in pending:
-            mapping[key] = value
-        backend = self.backend
         touched: list[torch.Tensor] = []
         try:
-            for pv, gv, mv, vv, vmax, step_view, step, kwargs, p, g, seed in calls:
-                fastadam.adam_step(
-                    pv, gv, mv, vv, step=step, max_exp_avg_sq=vmax, backend=backend,
-                    state_rounding=self.state_rounding, seed=seed, **kwargs,
-                )  # fmt: skip
-                step_view[()] = step  # counted only once the update has happened
-                touched.append(p)
+            for prep in prepared:
+                for mapping, key, value in prep.pending:
+                    mapping[key] = value
+                prep.run()
+                prep.plan.steps_np += 1  # counted only once the update has happened
+                touched += prep.plan.params
                 if grad_scale is not None:
-                    touched.append(g)  # the unscaled gradient was written back
+                    touched += prep.grads  # the unscaled gradients were written back
         finally:
             # The writes went through NumPy, behind autograd's back: bump the
             # version counters so a graph that saved these tensors raises
@@ -533,6 +548,110 @@ class Adam(torch.optim.Optimizer):
             if touched:
                 torch.autograd.graph.increment_version(touched)
         return loss
+
+    def _prepare_group(
+        self, gi: int, group: dict[str, Any], first: int, grad_scale: float | None
+    ) -> _PreparedGroup | None:
+        """Check group ``gi``'s step and return it ready to run (None: no parameter
+        of the group has a gradient). ``first`` is the position of its first
+        parameter across groups (seeds follow it)."""
+        kwargs = self._group_kwargs(group, gi, grad_scale)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        pending: list[tuple[Any, Any, Any]] = []
+        gp = self._plans.get(gi)
+        if gp is None or not gp.still_valid(params, self.state, kwargs["amsgrad"]):
+            gp = self._build_plan(gi, group, first, params, kwargs["amsgrad"], pending)
+        grads = [p.grad for p in params]
+        # The per-step checks of new gradient tensors. torch itself keeps a
+        # grad's dtype, device and shape equal to its parameter's; layout and
+        # memory order are what can differ.
+        for k, g in enumerate(grads):
+            if g.layout is not _STRIDED or not g.is_contiguous() or g.numel() != params[k].numel():
+                p = params[k]
+                _diagnose_pair(p, g, gi, group["params"].index(p))
+        addresses = np.fromiter((g.data_ptr() for g in grads), np.uintp, len(grads))
+        gp.plan._rebind_grads(grads, addresses)
+        steps = gp.steps_np + 1
+        run = gp.plan.prepare(
+            step=steps, seeds=gp.seeds, state_rounding=self.state_rounding, **kwargs
+        )
+        self._plans[gi] = gp
+        return _PreparedGroup(gp, run, grads, pending)
+
+    def _build_plan(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        first: int,
+        params: list[torch.Tensor],
+        amsgrad: bool,
+        pending: list[tuple[Any, Any, Any]],
+    ) -> _GroupPlan:
+        """Check every tensor of the group's step from scratch and build its plan.
+
+        New state (and re-homed step counts) goes to ``pending``: attached only
+        once every group's step has been checked.
+        """
+        positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        views: list[list[np.ndarray]] = [[], [], [], [], []]
+        states, identity, values = [], [], []
+        for p, pi in zip(params, positions):
+            g = p.grad
+            pv, gv = _view(p), _view(g)
+            if (
+                pv is None or gv is None or pv.dtype.char not in "fd"
+                or gv.dtype != pv.dtype or gv.shape != pv.shape
+                or not (pv.flags.c_contiguous and gv.flags.c_contiguous)
+            ):  # fmt: skip
+                pv, gv = _diagnose_pair(p, g, gi, pi)
+            if np.may_share_memory(pv, gv):  # e.g. p.grad = p.data
+                raise ValueError(f"the grad of {_where(gi, pi)} shares memory with the parameter")
+            sdt = self.state_dtype or p.dtype
+            if sdt == torch.bfloat16 and p.dtype != torch.float32:
+                raise TypeError(
+                    f"{_where(gi, pi)} has dtype {p.dtype}: state_dtype=torch.bfloat16 "
+                    "needs float32 parameters"
+                )
+            st = self.state.get(p)
+            if not st:
+                st = {
+                    "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+                    "exp_avg": torch.zeros_like(p, dtype=sdt, memory_format=_KEEP),
+                    "exp_avg_sq": torch.zeros_like(p, dtype=sdt, memory_format=_KEEP),
+                }
+                pending.append((self.state, p, st))
+            m = st.get("exp_avg")
+            v = st.get("exp_avg_sq")
+            views[2].append(_state_view(st, "exp_avg", pv, sdt, p, gi, pi))
+            views[3].append(_state_view(st, "exp_avg_sq", pv, sdt, p, gi, pi))
+            vmax = st.get("max_exp_avg_sq")
+            if amsgrad:
+                if vmax is None:  # amsgrad switched on after the state was made
+                    vmax = torch.zeros_like(p, dtype=sdt, memory_format=_KEEP)
+                    pending.append((st, "max_exp_avg_sq", vmax))
+                    views[4].append(_numpy_of(vmax))
+                else:
+                    views[4].append(_state_view(st, "max_exp_avg_sq", pv, sdt, p, gi, pi))
+            values.append(_step_value(st, _where(gi, pi)))
+            views[0].append(pv)
+            views[1].append(gv)
+            states.append(st)
+            identity.append([p, p.data_ptr(), st, m, v, vmax])
+        plan = _TorchPlan(
+            gi, positions, *views[:4], views[4] if amsgrad else None, backend=self.backend
+        )
+        # The group's step counts in one buffer; state["step"] become views of it.
+        steps = torch.tensor(values, dtype=_scalar_dtype())
+        for st, ident, view in zip(states, identity, steps.unbind()):
+            pending.append((st, "step", view))
+            ident.append(view)  # identity names the very view that will be attached
+        seeds = np.array(positions, np.uint64) + np.uint64(first)
+        seeds += np.uint64(self.seed)  # wraps modulo 2**64, as in the NumPy optimizer
+        return _GroupPlan(
+            params, states, [tuple(i) for i in identity], plan, steps, steps.numpy(), seeds, amsgrad
+        )
 
     def _group_kwargs(self, group: dict[str, Any], gi: int, grad_scale: float | None) -> dict:
         """adam_step's keyword arguments for one group, checked.

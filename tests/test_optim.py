@@ -129,6 +129,25 @@ def test_step_rejects_misaligned_grads_and_changes_nothing():
     assert opt.state[0]["step"] == 1
 
 
+def test_bad_group_value_changes_no_group():
+    """A scheduler bug in group 1 (a NaN lr) must not let group 0 step first."""
+    params = _params()
+    opt = fastadam.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    opt.step(_grads(params, 1))
+    snap = [p.copy() for p in params]
+    opt.param_groups[1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*learning rate"):
+        opt.step(_grads(params, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(params, snap))
+    assert [opt.state[i]["step"] for i in range(4)] == [1, 1, 1, 1]
+
+
+def test_torch_tensors_point_to_fastadam_torch():
+    params = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(TypeError, match="fastadam.torch"):
+        fastadam.Adam(params)
+
+
 def test_found_inf_skips_without_advancing_step():
     params = _params()
     opt = fastadam.Adam(params, lr=0.1)

@@ -1,0 +1,468 @@
+"""Multi-tensor steps: a whole list of tensors in one backend call per dtype kind.
+
+A model is a list of tensors, most of them small. Stepping them one
+:func:`fastadam.adam_step` at a time pays the Python path (validation,
+scalars, the call into the kernel) once per tensor and runs each small tensor
+on one thread. Here the list is validated once, when a
+:class:`MultiTensorPlan` is built, and each step is one call into the backend
+per dtype kind, which splits the work over its threads by elements across the
+whole list::
+
+    plan = fastadam.MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs)
+    for t in range(1, steps + 1):
+        ...  # write the new gradients into grads
+        plan.step(step=t, lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
+
+:func:`adam_step_multi` is the same step without the plan (it builds one per
+call). The results are bit-identical to calling :func:`fastadam.adam_step` on
+each tensor with the same arguments (and ``seed=seeds[i]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from ._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, compute_scalars
+from ._table import (
+    GRAD,
+    KIND_BF16,
+    KIND_F32,
+    KIND_F64,
+    TensorTable,
+    address,
+    table_from_arrays,
+)
+from ._validation import (
+    BFLOAT16,
+    check_array,
+    check_disjoint,
+    check_hyper,
+    check_int,
+    check_seed,
+    check_step,
+    validate_arrays,
+)
+from .backends.reference import mix32
+
+__all__ = ["MultiTensorPlan", "adam_step_multi", "rounding_keys"]
+
+_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+_U32 = np.uint32
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def rounding_keys(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """:func:`fastadam._scalars.rounding_key` of each (seed, step) pair, vectorized.
+
+    ``seeds`` and ``steps`` are uint64 arrays of one shape; returns uint32.
+    """
+    seeds = np.asarray(seeds, np.uint64)
+    steps = np.asarray(steps, np.uint64)
+    k = mix32((seeds & _M32).astype(_U32))
+    k = mix32(k ^ (seeds >> np.uint64(32)).astype(_U32))
+    k = mix32(k ^ (steps & _M32).astype(_U32))
+    return mix32(k ^ (steps >> np.uint64(32)).astype(_U32))
+
+
+def _as_list(name: str, value: Any, count: int | None) -> list:
+    if (
+        isinstance(value, np.ndarray)
+        or not isinstance(value, Sequence)
+        or isinstance(value, (str, bytes))
+    ):
+        raise TypeError(
+            f"{name} must be a sequence of arrays (a list or tuple), got {type(value).__name__}"
+        )
+    out = list(value)
+    if count is not None and len(out) != count:
+        raise ValueError(f"{name} has {len(out)} entries but params has {count}; they must match")
+    return out
+
+
+def _kind(param: np.ndarray, exp_avg: np.ndarray) -> str:
+    if exp_avg.dtype == BFLOAT16:
+        return KIND_BF16
+    return KIND_F32 if param.dtype == np.float32 else KIND_F64
+
+
+class MultiTensorPlan:
+    """A list of tensors checked once, then stepped as many times as needed.
+
+    Args:
+        params: sequence of parameter arrays (float32 or float64, any shapes,
+            C-contiguous, writeable, aligned, native byte order).
+        grads: one gradient per parameter, same dtype and shape (written to
+            only when a step has ``grad_scale``).
+        exp_avgs, exp_avg_sqs: the moments, each shaped like its parameter,
+            of its dtype, or bfloat16 (``ml_dtypes.bfloat16``) for float32 parameters.
+        max_exp_avg_sqs: None, or one array per parameter like its moments
+            (needed for steps with ``amsgrad=True``).
+        backend: ``"auto"``, ``"numpy"``, ``"numba"`` or ``"c"``.
+
+    Every array of every tensor must be a separate buffer: no two arrays of the
+    whole list may share memory. Tensors of different dtype kinds (float32,
+    float64, float32 with bfloat16 states) may be mixed; each kind is one
+    backend call per step.
+
+    The plan keeps references to the arrays, so their memory stays where it
+    is. Each :meth:`step` re-checks only what can change: that every array is
+    still writeable, and the hyperparameters.
+
+    Raises:
+        TypeError, ValueError: a bad array, named by list and index
+            (``grads[3] has dtype float64 ...``); nothing is modified.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[np.ndarray],
+        grads: Sequence[np.ndarray],
+        exp_avgs: Sequence[np.ndarray],
+        exp_avg_sqs: Sequence[np.ndarray],
+        max_exp_avg_sqs: Sequence[np.ndarray] | None = None,
+        *,
+        backend: str = "auto",
+        _private_views: bool = False,
+    ) -> None:
+        params = _as_list("params", params, None)
+        count = len(params)
+        lists = [params] + [
+            _as_list(name, value, count)
+            for name, value in zip(_LIST_NAMES[1:4], (grads, exp_avgs, exp_avg_sqs))
+        ]
+        lists.append(
+            None if max_exp_avg_sqs is None else _as_list("max_exp_avg_sqs", max_exp_avg_sqs, count)
+        )
+        for i in range(count):
+            validate_arrays(
+                *(lst[i] if lst is not None else None for lst in lists),
+                amsgrad=False,
+                names=tuple(self._label(r, i) for r in range(5)),
+            )
+        backends.get(backend)  # an unknown or unloadable backend fails now
+        self.backend = backend
+        self.count = count
+        self.has_max = lists[4] is not None
+        self._lists = lists
+        # Every array of the plan, for the per-step writeable check; none when
+        # the arrays are views that only the caller (fastadam.torch) can see.
+        self._arrays: list[np.ndarray] = (
+            [] if _private_views else [a for lst in lists if lst is not None for a in lst]
+        )
+        # Byte ranges of every array (rows: ROLES), for the overlap checks.
+        self._starts = np.zeros((5, count), np.uint64)
+        self._nbytes = np.zeros((5, count), np.uint64)
+        for r, lst in enumerate(lists):
+            for i, a in enumerate(lst or ()):
+                self._starts[r, i] = address(a)
+                self._nbytes[r, i] = a.nbytes
+        kinds = [_kind(params[i], lists[2][i]) for i in range(count)]
+        self._tables: list[tuple[str, TensorTable, np.ndarray]] = []
+        for kind in (KIND_F32, KIND_F64, KIND_BF16):
+            pos = np.array([i for i in range(count) if kinds[i] == kind], np.int64)
+            if pos.size:
+                rows = [tuple(None if lst is None else lst[i] for lst in lists) for i in pos]
+                table = table_from_arrays(kind, rows)
+                # The plan's lists own the arrays, new gradients included.
+                table.owners = [self._lists]
+                self._tables.append((kind, table, pos))
+        self._check_disjoint()
+
+    # -- the arrays ------------------------------------------------------------
+
+    @property
+    def params(self) -> list[np.ndarray]:
+        return list(self._lists[0])
+
+    @property
+    def grads(self) -> list[np.ndarray]:
+        return list(self._lists[1])
+
+    def _label(self, role: int, i: int) -> str:
+        """How errors name array ``role`` (a row of ROLES) of tensor ``i``."""
+        return f"{_LIST_NAMES[role]}[{i}]"
+
+    def _check_disjoint(self) -> None:
+        """No two arrays of the plan share memory (one sort of all byte ranges)."""
+        count = self.count
+        check_disjoint(
+            self._starts.reshape(-1),
+            self._nbytes.reshape(-1),
+            lambda k: self._label(k // count, k % count),
+        )
+
+    def set_grads(self, grads: Sequence[np.ndarray]) -> None:
+        """Step other gradient arrays from now on; the new ones are checked first.
+
+        Arrays that are the very ones the plan holds cost one identity test.
+        On an error nothing changes (the plan keeps its old gradients).
+        """
+        grads = _as_list("grads", grads, self.count)
+        old = self._lists[1]
+        changed = [i for i in range(self.count) if grads[i] is not old[i]]
+        if not changed:
+            return
+        params = self._lists[0]
+        for i in changed:
+            check_array(
+                self._label(1, i), grads[i], params[i].dtype, params[i].shape, self._label(0, i)
+            )
+        addresses = self._starts[1].copy()
+        addresses[changed] = [address(grads[i]) for i in changed]
+        self._rebind_grads(grads, addresses)
+
+    def _rebind_grads(self, grads: list, addresses: np.ndarray) -> None:
+        """Use the gradients ``grads`` (kept alive by the plan) at ``addresses``.
+
+        The caller has checked that each is contiguous with its parameter's
+        dtype and shape; this checks that no array of the plan overlaps another.
+        """
+        old = self._starts[1].copy()
+        self._starts[1] = addresses
+        try:
+            self._check_disjoint()
+        except ValueError:
+            self._starts[1] = old
+            raise
+        self._lists[1] = grads
+        if self._arrays:
+            self._arrays = [a for lst in self._lists if lst is not None for a in lst]
+        for _, table, pos in self._tables:
+            table.pointers[GRAD] = addresses[pos]
+
+    # -- stepping --------------------------------------------------------------
+
+    def step(
+        self,
+        *,
+        step: int | Sequence[int] | np.ndarray,
+        lr: float,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        eps_hat: bool = False,
+        grad_scale: float | None = None,
+        found_inf: bool = False,
+        state_rounding: str = "stochastic",
+        seeds: int | Sequence[int] | np.ndarray | None = None,
+        grads: Sequence[np.ndarray] | None = None,
+    ) -> None:
+        """One Adam/AdamW update of every tensor, in place.
+
+        The keywords are those of :func:`fastadam.adam_step`, with:
+
+        Args:
+            step: the 1-based update count, one int for every tensor or a
+                sequence of one per tensor (tensors that joined training later).
+            seeds: stochastic rounding's seeds (bfloat16 states): None (tensor
+                ``i`` uses seed ``i``), an int ``s`` (tensor ``i`` uses
+                ``(s + i) % 2**64``, the optimizers' rule), or one per tensor.
+            grads: new gradient arrays for this and later steps (see
+                :meth:`set_grads`); None keeps the plan's.
+
+        Raises:
+            TypeError, ValueError: a bad argument, named; nothing is modified.
+        """
+        self.prepare(
+            step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+            eps_hat=eps_hat, grad_scale=grad_scale, found_inf=found_inf,
+            state_rounding=state_rounding, seeds=seeds, grads=grads,
+        )()  # fmt: skip
+
+    def prepare(
+        self,
+        *,
+        step: int | Sequence[int] | np.ndarray,
+        lr: float,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        eps_hat: bool = False,
+        grad_scale: float | None = None,
+        found_inf: bool = False,
+        state_rounding: str = "stochastic",
+        seeds: int | Sequence[int] | np.ndarray | None = None,
+        grads: Sequence[np.ndarray] | None = None,
+    ) -> Callable[[], None]:
+        """Check a :meth:`step` (same arguments) and return the function that runs it.
+
+        Everything that can fail is checked here; the returned function only
+        calls the kernels. An optimizer with several groups prepares every
+        group's step before running any, so that a bad value anywhere
+        changes nothing.
+        """
+        if grads is not None:
+            self.set_grads(grads)
+        for a in self._arrays:
+            if not a.flags.writeable:
+                self._raise_not_writeable()
+        hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, state_rounding)
+        amsgrad = bool(amsgrad)
+        if amsgrad and not self.has_max:
+            raise ValueError("amsgrad=True needs max_exp_avg_sqs, one array per parameter")
+        steps = self._steps(step)
+        seed_array = self._seeds(seeds)
+        kernel = backends.get(self.backend)
+        if found_inf:
+            return _nothing
+        flags = (bool(decoupled_weight_decay), amsgrad, bool(maximize), bool(eps_hat))
+        calls = []
+        for kind, table, pos in self._tables:
+            rounding = hp.rounding if kind == KIND_BF16 else STATE_SAME_DTYPE
+            if isinstance(steps, int):
+                scalars: tuple[AdamScalars, ...] = (_scalars(steps, hp, flags, rounding),)
+                index = None
+                tensor_steps: Any = np.uint64(steps)
+            else:
+                tensor_steps = steps[pos]
+                unique, inverse = np.unique(tensor_steps, return_inverse=True)
+                scalars = tuple(_scalars(int(s), hp, flags, rounding) for s in unique)
+                index = None if len(scalars) == 1 else inverse.astype(np.int32)
+            keys = None
+            if rounding == STATE_BF16_STOCHASTIC:
+                keys = rounding_keys(seed_array[pos], tensor_steps)
+            calls.append((table, scalars, index, keys))
+        step_multi = kernel.step_multi
+
+        def run() -> None:
+            for call in calls:
+                step_multi(*call)
+
+        return run
+
+    def _raise_not_writeable(self) -> None:
+        for r, lst in enumerate(self._lists):
+            for i, a in enumerate(lst or ()):
+                if not a.flags.writeable:
+                    raise ValueError(
+                        f"{self._label(r, i)} must be writeable: it is updated in place"
+                    )
+
+    def _steps(self, step: Any) -> int | np.ndarray:
+        """One int for all tensors, or a uint64 array of one step per tensor."""
+        if isinstance(step, np.ndarray) and step.dtype.kind in "uif" and step.ndim == 1:
+            # Vectorized: the optimizers pass their step counts as an array.
+            if step.shape != (self.count,):
+                raise ValueError(
+                    f"step has {step.shape[0]} entries but there are {self.count} tensors"
+                )
+            ok = (step >= 1) & (step < 2.0**63) & (step == np.floor(step))
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                raise ValueError(
+                    f"step[{i}] must be an integer >= 1 (the 1-based count of this update), "
+                    f"got {step[i]}"
+                )
+            return step.astype(np.uint64)
+        if isinstance(step, (Sequence, np.ndarray)) and not isinstance(step, (str, bytes)):
+            values = [check_step(s, f"step[{i}]") for i, s in enumerate(step)]
+            if len(values) != self.count:
+                raise ValueError(
+                    f"step has {len(values)} entries but there are {self.count} tensors"
+                )
+            if any(s >= 2**63 for s in values):
+                raise ValueError("step must be < 2**63")
+            return np.array(values, np.uint64)
+        return check_step(step)
+
+    def _seeds(self, seeds: Any) -> np.ndarray:
+        """One uint64 seed per tensor."""
+        if seeds is None:
+            return np.arange(self.count, dtype=np.uint64)
+        if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64 and seeds.ndim == 1:
+            if seeds.shape != (self.count,):
+                raise ValueError(
+                    f"seeds has {seeds.shape[0]} entries but there are {self.count} tensors"
+                )
+            return seeds  # every uint64 is a valid seed
+        if isinstance(seeds, (Sequence, np.ndarray)) and not isinstance(seeds, (str, bytes)):
+            values = [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
+            if len(values) != self.count:
+                raise ValueError(
+                    f"seeds has {len(values)} entries but there are {self.count} tensors"
+                )
+            return np.array(values, np.uint64)
+        base = check_seed(check_int("seeds", seeds), "seeds")
+        return np.arange(self.count, dtype=np.uint64) + np.uint64(base)  # wraps mod 2**64
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{kind}: {table.count}" for kind, table, _ in self._tables)
+        return f"MultiTensorPlan({self.count} tensors; {kinds}; backend={self.backend!r})"
+
+
+def _nothing() -> None:
+    """The step a GradScaler skips (``found_inf``): checked, then nothing."""
+
+
+def _scalars(
+    step: int, hp: Any, flags: tuple[bool, bool, bool, bool], rounding: int
+) -> AdamScalars:
+    decoupled, amsgrad, maximize, eps_hat = flags
+    # seed 0: the per-tensor keys are passed to the backend separately.
+    return compute_scalars(
+        step, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, decoupled, amsgrad,
+        maximize, eps_hat, hp.grad_scale, rounding, 0,
+    )  # fmt: skip
+
+
+def adam_step_multi(
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    exp_avgs: Sequence[np.ndarray],
+    exp_avg_sqs: Sequence[np.ndarray],
+    *,
+    step: int | Sequence[int] | np.ndarray,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: Sequence[np.ndarray] | None = None,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    grad_scale: float | None = None,
+    found_inf: bool = False,
+    state_rounding: str = "stochastic",
+    seeds: int | Sequence[int] | np.ndarray | None = None,
+    backend: str = "auto",
+) -> None:
+    """One fused Adam/AdamW update of a list of tensors, in place.
+
+    ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` (and
+    ``max_exp_avg_sqs[i]``) obey :func:`fastadam.adam_step`'s rules, and no two
+    arrays of the whole call may share memory. The result is bit-identical to
+    ``adam_step`` on each tensor with ``step=step[i]`` (or ``step``) and
+    ``seed=seeds[i]`` (see :meth:`MultiTensorPlan.step` for ``seeds``), but it
+    costs one call into the backend per dtype kind, split over its threads by
+    elements across all the tensors.
+
+    For a loop that steps the same arrays every time, build a
+    :class:`MultiTensorPlan` once instead: this function checks every array
+    on every call.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named with its index
+            (``exp_avgs[7] ...``); nothing is modified.
+    """
+    plan = MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backend=backend)
+    plan.step(
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+        eps_hat=eps_hat, grad_scale=grad_scale, found_inf=found_inf,
+        state_rounding=state_rounding, seeds=seeds,
+    )  # fmt: skip
