@@ -17,7 +17,15 @@ that exact access pattern. This command measures, in order:
    ``--dtype``, each backend's steps of one size alternate in rounds, so the
    ratio of their times (bf16 against float32 states, a project target) is
    measured side by side;
-3. **the per-call cost** of a 1,024-element float32 step, validation included.
+3. **the per-call cost** of a 1,024-element float32 step, validation included,
+   as a multiple of ``np.add(p, g, out=p)`` on an array of the same size (timed
+   in the same alternating rounds: a ratio travels between machines whose Python
+   differs 3x in speed, a µs figure does not); and the cost per tensor of a
+   multi-tensor step (:class:`fastadam.MultiTensorPlan` over 256 tensors of
+   1,024 elements) beyond one ``adam_step`` over all their elements at once.
+
+``--model gpt2-small,gpt2-mini`` is another mode: a whole model's optimizer
+step, fastadam's optimizers against torch's (see :mod:`fastadam.bench_model`).
 
 It then prints a table (``--markdown`` for Markdown), checks the project's speed
 targets, and optionally writes ``--json`` records and a ``--plot``.
@@ -79,7 +87,18 @@ TARGET_SPEEDUP_VS_NUMPY = 6.0
 TARGET_SPEEDUP_VS_TORCH_LARGE = 1.0
 TARGET_IN_CACHE = (1 << 16, 1 << 20)  # inclusive range of "in cache" sizes
 TARGET_SPEEDUP_VS_TORCH_IN_CACHE = 2.0
-TARGET_PER_CALL_US = {"c": 5.0, "numba": 10.0}
+#: Per-call cost: one 1,024-element float32 adam_step at most this many times an
+#: np.add(p, g, out=p) on the same size, timed side by side (c and numba).
+TARGET_PER_CALL_RATIO = 6.0
+#: Multi-tensor step over PER_TENSOR_K tensors of PER_CALL_N elements: its time
+#: beyond one adam_step over all PER_TENSOR_K * PER_CALL_N elements, per tensor,
+#: at most this many times that np.add (c and numba).
+TARGET_PER_TENSOR_RATIO = 0.5
+PER_TENSOR_K = 256
+#: The backends the per-call targets are set for.
+PER_CALL_TARGET_BACKENDS = ("c", "numba")
+#: The per-call yardstick's name in tables and records.
+NP_ADD = "np.add"
 #: bfloat16 states move 20 instead of 28 B/element: at large sizes a bf16-state step
 #: should take at most this fraction of the float32-state step's time.
 TARGET_BF16_TIME_RATIO = 0.75
@@ -179,6 +198,12 @@ def _positive_float(text: str) -> float:
     return x
 
 
+def _parse_models(text: str) -> list:
+    from fastadam.bench_model import parse_models
+
+    return parse_models(text)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser (``prog`` is the name shown in usage lines)."""
     p = argparse.ArgumentParser(
@@ -195,10 +220,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes",
         type=parse_sizes,
-        default=list(DEFAULT_SIZES),
+        default=None,
         metavar="LIST",
         help="comma-separated sizes in elements, e.g. 2^16,2^20,1000000 "
         "(default: 2^12,2^16,2^20,2^22,2^24)",
+    )
+    p.add_argument(
+        "--model",
+        type=_parse_models,
+        default=None,
+        metavar="LIST",
+        help="instead of the size sweep, time whole-model optimizer steps "
+        "(fastadam.torch.AdamW with float32 and bf16 states, fastadam.AdamW, torch "
+        "AdamW fused and foreach) over GPT-2-shaped parameters: comma-separated, from "
+        "gpt2-small, gpt2-mini, or a spec such as "
+        "gpt2:n_layer=2,n_embd=64,vocab=1000,n_positions=128",
     )
     p.add_argument(
         "--backends",
@@ -206,12 +242,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         metavar="LIST",
         help=f"comma-separated, from {','.join(ALL_BACKENDS)} "
-        "(default: every one that is installed)",
+        "(default: every one that is installed). With --model: the fastadam rows run on "
+        "each fastadam backend named (default: auto's), the torch rows are those named "
+        "(default: both)",
     )
     p.add_argument(
         "--dtype",
         type=parse_dtypes,
-        default=["float32"],
+        default=None,
         metavar="LIST",
         help="comma-separated, from float32, float64 and bf16 (float32 params with "
         "bfloat16 optimizer states, 20 B/element); both = float32,float64; all = all three. "
@@ -371,6 +409,87 @@ def make_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
     if backend in TORCH_BACKENDS:
         return _torch_step(backend, state)
     return _fastadam_step(backend, state)
+
+
+def _np_add_step(n: int) -> Callable[[], Any]:
+    """``np.add(p, g, out=p)`` on ``n`` float32 elements: the per-call yardstick (the
+    cheapest call that takes arrays, so a ratio to it cancels the machine's Python speed)."""
+    p, g = make_state(n, "float32", seed=1)[:2]
+    add = np.add
+
+    def run() -> None:
+        add(p, g, out=p)
+
+    return run
+
+
+def _multi_step(backend: str, k: int, n: int) -> Callable[[], Any]:
+    """One :class:`fastadam.MultiTensorPlan` step over ``k`` separate float32 arrays of
+    ``n`` elements (the plan validated once, as a training loop uses it)."""
+    states = [make_state(n, "float32", seed=i) for i in range(k)]
+    params, grads, exp_avgs, exp_avg_sqs = (list(x) for x in zip(*states))
+    plan = fastadam.MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, backend=backend)
+    steps = itertools.count(1)
+
+    def run() -> None:
+        plan.step(step=next(steps), lr=1e-3)
+
+    return run
+
+
+def measure_per_call(
+    backends: Sequence[str],
+    threads: int,
+    roofline_gbps: float | None,
+    *,
+    min_time: float,
+    repeat: int | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """(per-call records, per-tensor records, notes), all timed in one set of alternating
+    rounds beside ``np.add(p, g, out=p)``.
+
+    Per call: each backend's PER_CALL_N-element float32 step. Per tensor (c and
+    numba): a MultiTensorPlan step over PER_TENSOR_K tensors of PER_CALL_N
+    elements against one adam_step over PER_TENSOR_K * PER_CALL_N elements, the
+    difference divided by PER_TENSOR_K: what each tensor costs beyond the kernel's
+    time. Skipped, with a note, where fastadam has no MultiTensorPlan.
+    """
+    state = make_state(PER_CALL_N, "float32")
+    fns = {NP_ADD: _np_add_step(PER_CALL_N)}
+    for b in backends:
+        fns[b] = make_step(b, state)
+    notes = []
+    multi = [b for b in backends if b in PER_CALL_TARGET_BACKENDS]
+    if multi and not hasattr(fastadam, "MultiTensorPlan"):
+        notes.append("multi-tensor per-tensor cost: skipped (this fastadam has no MultiTensorPlan)")
+        multi = []
+    n_multi = PER_TENSOR_K * PER_CALL_N
+    for b in multi:
+        fns[f"{b} multi"] = _multi_step(b, PER_TENSOR_K, PER_CALL_N)
+        fns[f"{b} single"] = make_step(b, make_state(n_multi, "float32"))
+    timed = time_interleaved(fns, min_time=min_time, repeat=repeat)
+    add_s = timed[NP_ADD][0]
+    per_call = []
+    for b in backends:
+        median, reps = timed[b]
+        r = _record("per_call", b, PER_CALL_N, "float32", median, reps, threads, roofline_gbps)
+        r.update(np_add_median_s=add_s, ratio_vs_np_add=median / add_s)
+        per_call.append(r)
+    per_tensor = []
+    for b in multi:
+        t_multi, reps = timed[f"{b} multi"]
+        t_single = timed[f"{b} single"][0]
+        beyond = (t_multi - t_single) / PER_TENSOR_K
+        r = _record("per_tensor", b, n_multi, "float32", t_multi, reps, threads, roofline_gbps)
+        r.update(
+            tensors=PER_TENSOR_K,
+            single_median_s=t_single,
+            per_tensor_s=beyond,
+            np_add_median_s=add_s,
+            ratio_vs_np_add=beyond / add_s,
+        )
+        per_tensor.append(r)
+    return per_call, per_tensor, notes
 
 
 def _warm_up(fn: Callable[[], Any], min_time: float, repeat: int | None) -> None:
@@ -601,12 +720,15 @@ def roofline_for(roofline: Roofline, dtype: str, n: int) -> float | None:
 
 def header_lines(info: dict[str, Any], roofline: Roofline) -> list[str]:
     """The header printed above the tables."""
+    layer = info["numba_threading_layer"] or "not started"
     lines = [
         f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
         f"{info['platform']}",
-        f"threads: {info['threads']} (fastadam, roofline kernel and torch alike)",
+        f"threads: {info['threads']} (fastadam, "
+        + ("roofline kernel " if roofline else "")
+        + "and torch alike)",
         f"versions: fastadam {info['fastadam']}, python {info['python']}, numpy {info['numpy']}, "
-        f"numba {info['numba']} (threading layer {info['numba_threading_layer']}), "
+        f"numba {info['numba']} (threading layer {layer}), "
         f"torch {info['torch'] or 'not installed'}",
         f"C backend ISA: {info['c_isa'] or 'n/a'}",
     ]
@@ -704,23 +826,53 @@ def sweep_table(records: list[dict[str, Any]], markdown: bool) -> str:
     return render_table(headers, rows, markdown, right)
 
 
+def _ratio_verdict(r: dict[str, Any], goal: float) -> list[str]:
+    """The target and verdict cells of a row measured as a ratio to np.add."""
+    if r["backend"] not in PER_CALL_TARGET_BACKENDS:
+        return ["-", "-"]
+    return [f"<= {goal:g}×", "met" if r["ratio_vs_np_add"] <= goal else "NOT MET"]
+
+
 def per_call_table(records: list[dict[str, Any]], markdown: bool) -> str:
-    """Per-call cost of a small step, with the target where there is one."""
-    rows = []
+    """Per-call cost of a small step in µs and as a multiple of np.add, with the target."""
+    add_us = records[0]["np_add_median_s"] * 1e6
+    rows = [[NP_ADD, f"{add_us:.2f}", "1.00×", "-", "-"]]
     for r in records:
-        us = r["median_s"] * 1e6
-        target = TARGET_PER_CALL_US.get(r["backend"])
-        verdict = "-" if target is None else ("met" if us <= target else "NOT MET")
         rows.append(
-            [r["backend"], f"{us:.2f}", "-" if target is None else f"<= {target:g}", verdict]
+            [r["backend"], f"{r['median_s'] * 1e6:.2f}", _fmt_ratio(r["ratio_vs_np_add"])]
+            + _ratio_verdict(r, TARGET_PER_CALL_RATIO)
         )
     return render_table(
-        ["backend", "median µs/call", "target µs", ""], rows, markdown, [False, True, True, False]
+        ["backend", "median µs/call", "× np.add", "target", ""],
+        rows,
+        markdown,
+        [False, True, True, True, False],
     )
 
 
+def per_tensor_table(records: list[dict[str, Any]], markdown: bool) -> str:
+    """A multi-tensor step's cost per tensor beyond the kernel, in µs and × np.add."""
+    rows = [
+        [
+            r["backend"],
+            str(r["tensors"]),
+            f"{r['median_s'] * 1e6:.1f}",
+            f"{r['single_median_s'] * 1e6:.1f}",
+            f"{r['per_tensor_s'] * 1e6:.3f}",
+            _fmt_ratio(r["ratio_vs_np_add"]),
+        ]
+        + _ratio_verdict(r, TARGET_PER_TENSOR_RATIO)
+        for r in records
+    ]
+    headers = ["backend", "tensors", "multi µs/step", "single µs/step", "µs/tensor beyond"]
+    headers += ["× np.add", "target", ""]
+    return render_table(headers, rows, markdown, [False] + [True] * 6 + [False])
+
+
 def evaluate_targets(
-    records: list[dict[str, Any]], per_call: list[dict[str, Any]]
+    records: list[dict[str, Any]],
+    per_call: list[dict[str, Any]],
+    per_tensor: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Each speed target that the measured data can decide: what, measured, goal, met."""
     out: list[dict[str, Any]] = []
@@ -774,9 +926,13 @@ def evaluate_targets(
                     r, "bf16-state time / float32-state time", ratio, TARGET_BF16_TIME_RATIO, True
                 )
     for r in per_call:
-        goal = TARGET_PER_CALL_US.get(r["backend"])
-        if goal is not None:
-            check(r, f"µs per {format_n(r['n'])}-element call", r["median_s"] * 1e6, goal, True)
+        if r["backend"] in PER_CALL_TARGET_BACKENDS:
+            what = f"{format_n(r['n'])}-element call / {NP_ADD}"
+            check(r, what, r["ratio_vs_np_add"], TARGET_PER_CALL_RATIO, True)
+    for r in per_tensor:
+        if r["backend"] in PER_CALL_TARGET_BACKENDS:
+            what = f"per-tensor cost beyond the kernel ({r['tensors']} tensors) / {NP_ADD}"
+            check(r, what, r["ratio_vs_np_add"], TARGET_PER_TENSOR_RATIO, True)
     return out
 
 
@@ -911,6 +1067,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        from fastadam import bench_model
+
+        return bench_model.run(args)
     if args.plot is not None:
         # Check before measuring anything: a minute of work then a crash is rude.
         try:
@@ -922,13 +1082,13 @@ def _run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     if not backends:
         raise BenchError("no backend to measure")
-    dtypes: list[str] = args.dtype
+    dtypes: list[str] = args.dtype or ["float32"]
     # torch has no float32-param/bfloat16-state Adam to compare with
     backends_for = {
         dt: [b for b in backends if not (dt == BF16_STATES and b in TORCH_BACKENDS)]
         for dt in dtypes
     }
-    sizes: list[int] = args.sizes
+    sizes: list[int] = args.sizes or list(DEFAULT_SIZES)
 
     uses_torch = any(b in TORCH_BACKENDS for b in backends)
     if uses_torch:
@@ -947,7 +1107,7 @@ def _run(args: argparse.Namespace) -> int:
     per_call = not args.no_per_call
     roof_sizes = sizes if args.roofline_per_size else [max(sizes)]
     total = sum(len(roof_sizes) + len(sizes) * len(backends_for[dt]) for dt in dtypes)
-    total += len(backends) if per_call else 0
+    total += 1 if per_call else 0
     bar = tqdm(
         total=total,
         file=sys.stderr,
@@ -960,6 +1120,8 @@ def _run(args: argparse.Namespace) -> int:
     roofline: Roofline = {}
     records: list[dict[str, Any]] = []
     per_call_records: list[dict[str, Any]] = []
+    per_tensor_records: list[dict[str, Any]] = []
+    per_call_notes: list[str] = []
     try:
         for dt in dtypes:
             roofline[dt] = {}
@@ -985,28 +1147,19 @@ def _run(args: argparse.Namespace) -> int:
         # grouped by dtype, then size, then backend, as the tables show them
         records.sort(key=lambda r: (dtypes.index(r["dtype"]), r["n"], backends.index(r["backend"])))
         if per_call:
-            state = make_state(PER_CALL_N, "float32")
-            for b in backends:
-                bar.set_description(f"{b} per call")
-                median, reps = time_calls(make_step(b, state), **timing)
-                per_call_records.append(
-                    _record(
-                        "per_call",
-                        b,
-                        PER_CALL_N,
-                        "float32",
-                        median,
-                        reps,
-                        threads,
-                        roofline_for(roofline, "float32", max(sizes)),
-                    )
-                )
-                bar.update()
+            bar.set_description("per call")
+            per_call_records, per_tensor_records, per_call_notes = measure_per_call(
+                backends, threads, roofline_for(roofline, "float32", max(sizes)), **timing
+            )
+            for note in per_call_notes:
+                print(note, file=sys.stderr)
+            bar.update()
     finally:
         bar.close()
     wall = time.perf_counter() - wall_before
     add_speedups(records)
     add_speedups(per_call_records)
+    add_speedups(per_tensor_records)
 
     info = machine_info(threads)
     cpu_after = _cpu_seconds()
@@ -1024,9 +1177,26 @@ def _run(args: argparse.Namespace) -> int:
     out += ["", f"Adam step ({how}; GB/s counts the bytes a step moves: {moved}):", ""]
     out.append(sweep_table(records, md))
     if per_call_records:
-        out += ["", f"Per-call cost, {PER_CALL_N}-element float32 step (validation included):", ""]
-        out.append(per_call_table(per_call_records, md))
-    targets = evaluate_targets(records, per_call_records)
+        out += [
+            "",
+            f"Per-call cost, {PER_CALL_N}-element float32 step (validation included), "
+            f"timed in alternating rounds beside {NP_ADD}(p, g, out=p) on {PER_CALL_N} "
+            "float32 elements:",
+            "",
+            per_call_table(per_call_records, md),
+        ]
+    if per_tensor_records:
+        out += [
+            "",
+            f"Per-tensor cost of a multi-tensor step: MultiTensorPlan over {PER_TENSOR_K} "
+            f"tensors of {PER_CALL_N} elements (multi) against one adam_step over "
+            f"{format_n(PER_TENSOR_K * PER_CALL_N)} elements (single); µs/tensor beyond = "
+            f"(multi - single) / {PER_TENSOR_K}:",
+            "",
+            per_tensor_table(per_tensor_records, md),
+        ]
+    out += ["", *per_call_notes] if per_call_notes else []
+    targets = evaluate_targets(records, per_call_records, per_tensor_records)
     if targets:
         out += ["", "Speed targets:", "", targets_table(targets, md)]
     print("\n".join(out))
@@ -1054,7 +1224,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         with open(args.json, "w") as f:
-            json.dump(records + per_call_records, f, indent=1)
+            json.dump(records + per_call_records + per_tensor_records, f, indent=1)
             f.write("\n")
     if args.plot is not None:
         title = f"fastadam Adam step, {info['cpu']}, {threads} threads"

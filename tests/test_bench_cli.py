@@ -36,6 +36,27 @@ REQUIRED_FIELDS = (
 )
 
 
+class LoopPlan:
+    """A stand-in for fastadam.MultiTensorPlan (one adam_step per tensor), for as long
+    as this fastadam has none: the bench's per-tensor rows run either way."""
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, backend):
+        self.arrays = list(zip(params, grads, exp_avgs, exp_avg_sqs))
+        self.backend = backend
+
+    def step(self, *, step, lr, **kwargs):
+        for p, g, m, v in self.arrays:
+            fastadam.adam_step(p, g, m, v, step=step, lr=lr, backend=self.backend, **kwargs)
+
+
+@pytest.fixture
+def multi_tensor_plan(monkeypatch):
+    """fastadam.MultiTensorPlan, the real one where it exists."""
+    if not hasattr(fastadam, "MultiTensorPlan"):
+        monkeypatch.setattr(fastadam, "MultiTensorPlan", LoopPlan, raising=False)
+    return fastadam.MultiTensorPlan
+
+
 @pytest.fixture
 def restore_threads():
     """main() sets process-wide thread counts (fastadam's and torch's): put them back."""
@@ -64,7 +85,9 @@ def _env_for_subprocess() -> dict[str, str]:
 # -- a real (tiny) run ----------------------------------------------------------------
 
 
-def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_threads):
+def test_json_markdown_and_plot_from_a_tiny_run(
+    tmp_path, capsys, restore_threads, multi_tensor_plan
+):
     backends = ["numpy", "numba"] + (["torch-fused"] if HAS_TORCH else [])
     out_json = tmp_path / "bench.json"
     argv = [
@@ -89,10 +112,27 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
     records = json.loads(out_json.read_text())
     sweep = [r for r in records if r["kind"] == "sweep"]
     per_call = [r for r in records if r["kind"] == "per_call"]
+    per_tensor = [r for r in records if r["kind"] == "per_tensor"]
     assert sorted((r["backend"], r["n"]) for r in sweep) == sorted(
         (b, n) for b in backends for n in (1024, 4096)
     )
     assert sorted(r["backend"] for r in per_call) == sorted(backends)
+    # Per call: each step as a multiple of np.add on the same size, timed beside it.
+    add_s = per_call[0]["np_add_median_s"]
+    assert add_s > 0
+    for r in per_call:
+        assert r["np_add_median_s"] == add_s
+        assert math.isclose(r["ratio_vs_np_add"], r["median_s"] / add_s)
+    # Per tensor (numba only here): a 256-tensor plan step against one step over
+    # 256 x 1024 elements, the difference per tensor, over np.add.
+    assert [(r["backend"], r["n"], r["tensors"]) for r in per_tensor] == [
+        ("numba", bench.PER_TENSOR_K * 1024, bench.PER_TENSOR_K)
+    ]
+    (pt,) = per_tensor
+    assert pt["single_median_s"] > 0
+    beyond = (pt["median_s"] - pt["single_median_s"]) / bench.PER_TENSOR_K
+    assert math.isclose(pt["per_tensor_s"], beyond, abs_tol=1e-15)
+    assert math.isclose(pt["ratio_vs_np_add"], beyond / add_s, abs_tol=1e-12)
     for r in records:
         for field in REQUIRED_FIELDS:
             assert field in r, (field, r)
@@ -102,6 +142,8 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
         # GB/s is the 28 bytes/element float32 step over the median time.
         assert math.isclose(r["gbps"], 28 * r["n"] / r["median_s"] / 1e9, rel_tol=1e-9)
         assert math.isclose(r["roofline_fraction"], r["gbps"] / r["roofline_gbps"], rel_tol=1e-9)
+        if r["kind"] == "per_tensor":
+            continue  # measured for the fast backends only: no numpy or torch row
         numpy_row = next(
             x for x in records if (x["kind"], x["n"], x["backend"]) == (r["kind"], r["n"], "numpy")
         )
@@ -116,7 +158,22 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
     assert "threading layer" in stdout
     lines = stdout.splitlines()
     assert sum(line.startswith("| numba | float32 | 2^1") for line in lines) == 2  # the sweep
-    assert sum(line.startswith("| numba | 2^10 | µs per") for line in lines) == 1  # targets
+    # the per-call table: np.add first, then each backend with its ratio
+    assert sum(line.startswith("| np.add | ") and "| 1.00× |" in line for line in lines) == 1
+    assert sum(line.startswith("| numba | ") and "| <= 6× |" in line for line in lines) == 1
+    assert sum(line.startswith("| numba | 256 | ") and "| <= 0.5× |" in line for line in lines) == 1
+    assert sum(line.startswith("| numpy | ") and line.endswith("| - | - |") for line in lines) == 1
+    # targets
+    assert (
+        sum(line.startswith("| numba | 2^10 | 2^10-element call / np.add |") for line in lines) == 1
+    )
+    assert (
+        sum(
+            line.startswith("| numba | 2^18 | per-tensor cost beyond the kernel (256 tensors)")
+            for line in lines
+        )
+        == 1
+    )
     if HAS_MPL:
         assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -229,10 +286,25 @@ def test_speedups_and_targets_are_computed_from_the_records():
     assert records[1]["speedup_vs_numpy"] == pytest.approx(10.0)
     assert records[2]["speedup_vs_torch_fused"] == pytest.approx(0.75)
     assert records[4]["speedup_vs_numpy"] is None  # no numpy row at 2^16
-    per_call = [_rec("c", 1024, 4e-6, kind="per_call"), _rec("numba", 1024, 12e-6, kind="per_call")]
+    per_call = [
+        _rec("numpy", 1024, 14e-6, kind="per_call"),  # the reference: no target
+        _rec("c", 1024, 5e-6, kind="per_call"),
+        _rec("numba", 1024, 7e-6, kind="per_call"),
+    ]
+    for r in per_call:
+        r.update(np_add_median_s=1e-6, ratio_vs_np_add=r["median_s"] / 1e-6)  # 14x, 5x, 7x
+    k = bench.PER_TENSOR_K
+    per_tensor = [
+        _rec("c", k * 1024, 200e-6, kind="per_tensor"),
+        _rec("numba", k * 1024, 300e-6, kind="per_tensor"),
+    ]
+    for r, beyond in zip(per_tensor, (0.4e-6, 0.6e-6)):
+        r.update(
+            tensors=k, per_tensor_s=beyond, np_add_median_s=1e-6, ratio_vs_np_add=beyond / 1e-6
+        )
     got = {
         (t["backend"], t["n"], t["target"]): t["met"]
-        for t in bench.evaluate_targets(records, per_call)
+        for t in bench.evaluate_targets(records, per_call, per_tensor)
     }
     assert got == {
         ("c", n, "fraction of roofline"): False,  # 4.7 GB/s of 100
@@ -242,9 +314,44 @@ def test_speedups_and_targets_are_computed_from_the_records():
         ("numba", n, "speed-up vs numpy"): False,
         ("numba", n, "speed-up vs torch fused"): False,
         ("c", 1 << 16, "speed-up vs torch fused (in cache)"): False,
-        ("c", 1024, "µs per 2^10-element call"): True,
-        ("numba", 1024, "µs per 2^10-element call"): False,
+        ("c", 1024, "2^10-element call / np.add"): True,
+        ("numba", 1024, "2^10-element call / np.add"): False,
+        ("c", k * 1024, f"per-tensor cost beyond the kernel ({k} tensors) / np.add"): True,
+        ("numba", k * 1024, f"per-tensor cost beyond the kernel ({k} tensors) / np.add"): False,
     }
+    assert bench.TARGET_PER_CALL_RATIO == 6.0
+    assert bench.TARGET_PER_TENSOR_RATIO == 0.5
+    table = bench.per_call_table(per_call, markdown=True).splitlines()
+    assert table[2:] == [
+        "| np.add | 1.00 | 1.00× | - | - |",
+        "| numpy | 14.00 | 14.00× | - | - |",
+        "| c | 5.00 | 5.00× | <= 6× | met |",
+        "| numba | 7.00 | 7.00× | <= 6× | NOT MET |",
+    ]
+    table = bench.per_tensor_table(
+        [dict(r, single_median_s=r["median_s"] - k * r["per_tensor_s"]) for r in per_tensor],
+        markdown=True,
+    ).splitlines()
+    assert table[2:] == [
+        "| c | 256 | 200.0 | 97.6 | 0.400 | 0.40× | <= 0.5× | met |",
+        "| numba | 256 | 300.0 | 146.4 | 0.600 | 0.60× | <= 0.5× | NOT MET |",
+    ]
+
+
+def test_per_tensor_rows_are_skipped_with_a_note_without_a_multi_tensor_plan(
+    capsys, monkeypatch, restore_threads
+):
+    """Until fastadam.MultiTensorPlan exists, the per-call rows still run."""
+    monkeypatch.delattr(fastadam, "MultiTensorPlan", raising=False)
+    backends = ["numpy"] + [b for b in ("numba", "c") if b in fastadam.available_backends()]
+    argv = ["--sizes", "2^10", "--backends", ",".join(backends), "--threads", "1"]
+    assert bench.main([*argv, "--repeat", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    note = "multi-tensor per-tensor cost: skipped (this fastadam has no MultiTensorPlan)"
+    assert note in captured.err
+    assert note in captured.out
+    assert "Per-call cost" in captured.out
+    assert "Per-tensor cost" not in captured.out
 
 
 def test_bf16_rows_count_20_bytes_and_feed_the_ratio_target(tmp_path, capsys, restore_threads):
