@@ -320,6 +320,16 @@ class _GroupPlan:
     steps_np: np.ndarray
     seeds: np.ndarray
     amsgrad: bool
+    numels: list[int]  # of each parameter: what its gradient must have
+
+    def next_steps(self) -> int | np.ndarray:
+        """The counts of this step: one int when the group's counts are equal (the
+        usual case, and the cheaper one for the plan), else one per parameter."""
+        steps = self.steps_np
+        first = float(steps[0])
+        if first.is_integer() and first >= 0.0 and (steps == first).all():
+            return int(first) + 1
+        return steps + 1  # the plan checks each count
 
     def still_valid(self, params: list[torch.Tensor], state: Any, amsgrad: bool) -> bool:
         if amsgrad != self.amsgrad or len(params) != len(self.params):
@@ -567,15 +577,13 @@ class Adam(torch.optim.Optimizer):
         # The per-step checks of new gradient tensors. torch itself keeps a
         # grad's dtype, device and shape equal to its parameter's; layout and
         # memory order are what can differ.
-        for k, g in enumerate(grads):
-            if g.layout is not _STRIDED or not g.is_contiguous() or g.numel() != params[k].numel():
-                p = params[k]
+        for g, n, p in zip(grads, gp.numels, params):
+            if g.layout is not _STRIDED or not g.is_contiguous() or g.numel() != n:
                 _diagnose_pair(p, g, gi, group["params"].index(p))
         addresses = np.fromiter((g.data_ptr() for g in grads), np.uintp, len(grads))
         gp.plan._rebind_grads(grads, addresses)
-        steps = gp.steps_np + 1
         run = gp.plan.prepare(
-            step=steps, seeds=gp.seeds, state_rounding=self.state_rounding, **kwargs
+            step=gp.next_steps(), seeds=gp.seeds, state_rounding=self.state_rounding, **kwargs
         )
         self._plans[gi] = gp
         return _PreparedGroup(gp, run, grads, pending)
@@ -650,8 +658,9 @@ class Adam(torch.optim.Optimizer):
         seeds = np.array(positions, np.uint64) + np.uint64(first)
         seeds += np.uint64(self.seed)  # wraps modulo 2**64, as in the NumPy optimizer
         return _GroupPlan(
-            params, states, [tuple(i) for i in identity], plan, steps, steps.numpy(), seeds, amsgrad
-        )
+            params, states, [tuple(i) for i in identity], plan, steps, steps.numpy(), seeds,
+            amsgrad, [p.numel() for p in params],
+        )  # fmt: skip
 
     def _group_kwargs(self, group: dict[str, Any], gi: int, grad_scale: float | None) -> dict:
         """adam_step's keyword arguments for one group, checked.

@@ -359,3 +359,29 @@ def test_rounding_keys_match_the_scalar_definition():
     ]
     assert [int(k) for k in pairs] == want
     assert [int(k) for k in got] == [rounding_key(s, t) for s, t in zip(seeds, steps)]
+
+
+def test_torch_per_parameter_steps_match_torch(fast_backend):
+    """Parameters that joined training later (their own step counts), and a count
+    changed in place from outside, step exactly as torch.optim.AdamW steps them."""
+    torch = pytest.importorskip("torch")
+    import fastadam.torch as ft
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in ((5, 3), (7,), (4, 4))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = ft.AdamW(ours, lr=1e-2, backend=fast_backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for t in range(6):
+        for k, (p, q) in enumerate(zip(ours, theirs)):
+            g = torch.randn_like(p) if k <= t else None  # parameter k joins at step k
+            p.grad, q.grad = g, None if g is None else g.clone()
+        if t == 4:  # a count changed in place, as a checkpoint surgery might do
+            opt.state[ours[0]]["step"].fill_(10.0)
+            ref.state[theirs[0]]["step"].fill_(10.0)
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert [float(opt.state[p]["step"]) for p in ours] == [12.0, 5.0, 4.0]
+    assert [float(ref.state[p]["step"]) for p in theirs] == [12.0, 5.0, 4.0]
