@@ -48,3 +48,7 @@ $PY bench/first_call.py --runs 5 | tee "$out/first_call.txt"
 # 6. bfloat16 optimizer states against float32 states (timed in alternating rounds).
 $PY -m fastadam bench --markdown --no-progress --dtype float32,bf16 --sizes 2^24,2^26 \
     --backends numba,c --no-per-call | tee "$out/bf16.md"
+
+# 7. A whole optimizer step over GPT-2-shaped parameter lists, optimizer against optimizer.
+$PY -m fastadam bench --markdown --no-progress --model gpt2-mini,gpt2-small \
+    --backends c,numba,torch-fused,torch-foreach | tee "$out/model-gpt2.md"
