@@ -93,6 +93,14 @@ def check_seed(seed: object, name: str = "seed") -> int:
     return seed
 
 
+def check_threads(n: object, name: str = "n") -> int:
+    """A thread count: an int (Python or NumPy) >= 1."""
+    n = check_int(name, n)
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
 def check_state_rounding(state_rounding: object) -> int:
     """The ``AdamScalars.state_rounding`` code of "stochastic" or "nearest"; else ValueError."""
     rounding = _ROUNDINGS.get(state_rounding) if isinstance(state_rounding, str) else None

@@ -59,13 +59,15 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
-from fastadam._validation import BFLOAT16, check_state_rounding
+from fastadam._validation import BFLOAT16, check_seed, check_state_rounding
 from fastadam.multi import MultiTensorPlan
 
 __all__ = ["Adam", "AdamW"]
 
 _DTYPES = (torch.float32, torch.float64)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: state_dtype by name, as fastadam.Adam takes it.
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STRIDED = torch.strided
 _KEEP = torch.preserve_format
 #: Per-optimizer settings (not group keys, so checkpoints stay torch's), with
@@ -431,13 +433,15 @@ class Adam(torch.optim.Optimizer):
         _check_hyper(lr, betas, eps, weight_decay)
         _check_backend(backend)
         self.backend = backend
+        if isinstance(state_dtype, str):
+            state_dtype = _STATE_DTYPES.get(state_dtype, state_dtype)
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(
-                f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype!r}"
+                "state_dtype must be None, torch.float32 or torch.bfloat16 (or 'float32', "
+                f"'bfloat16'), got {state_dtype!r}"
             )
         check_state_rounding(state_rounding)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        seed = check_seed(seed)
         self.state_dtype = state_dtype
         self.state_rounding = state_rounding
         self.seed = seed

@@ -40,3 +40,15 @@ def fast_backend(request) -> str:
 def backend(request) -> str:
     """Every backend, the reference included."""
     return request.param
+
+
+try:  # hypothesis is a test extra; without it the property tests skip themselves
+    from hypothesis import settings
+
+    # CI runs the property tests derandomized (the same examples on every run), so a
+    # red CI always means the code changed; locally they keep exploring new examples.
+    settings.register_profile("ci", derandomize=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass

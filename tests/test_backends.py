@@ -74,6 +74,12 @@ def test_broken_c_library_does_not_break_import():
 
 
 def test_set_num_threads_validates():
+    before = fastadam.get_num_threads()
+    try:
+        fastadam.set_num_threads(np.int64(1))  # NumPy ints are ints (a TypeError before)
+        assert fastadam.get_num_threads() == 1
+    finally:
+        fastadam.set_num_threads(before)
     with pytest.raises(TypeError, match="n must be an int"):
         fastadam.set_num_threads(2.0)
     with pytest.raises(ValueError, match="n must be >= 1"):

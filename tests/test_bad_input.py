@@ -192,3 +192,21 @@ def test_unavailable_backend_error_says_why(monkeypatch):
         fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, backend="c")
     assert_bit_identical((p, g, m, v), before)
     assert "c" not in fastadam.available_backends()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        ({"state_rounding": "bogus"}, ValueError, "state_rounding"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"max_exp_avg_sq": np.zeros(3, np.float32)}, ValueError, "max_exp_avg_sq"),
+    ],
+)
+def test_unused_arguments_are_checked_too(kwargs, exc, word):
+    """float32 states use neither rounding nor seed, and amsgrad is off: a bad
+    value is still refused (it used to be ignored)."""
+    p, g, m, v = (np.ones(8, np.float32) for _ in range(4))
+    with pytest.raises(exc, match=word):
+        fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, **kwargs)
+    assert (p == 1).all()

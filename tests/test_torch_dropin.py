@@ -666,3 +666,14 @@ def test_digits_example_tracks_torch(capsys, backend):
     assert rows[1][1] < rows[0][1]  # it learns
     m = re.search(r"^test accuracy: (0\.\d{3})$", out, re.M)
     assert m and float(m.group(1)) > 0.5
+
+
+def test_seed_and_state_dtype_follow_the_numpy_optimizer():
+    """One rule for both front ends: NumPy-int seeds and dtype names are accepted,
+    a non-int seed is a TypeError in both."""
+    p = [nn.Parameter(torch.randn(3))]
+    opt = ft.Adam(p, seed=np.int64(3), state_dtype="bfloat16")
+    assert opt.seed == 3 and opt.state_dtype == torch.bfloat16
+    for make in (lambda: ft.Adam(p, seed=1.5), lambda: fastadam.Adam([np.ones(3)], seed=1.5)):
+        with pytest.raises(TypeError, match="seed"):
+            make()

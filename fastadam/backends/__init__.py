@@ -108,10 +108,9 @@ def set_num_threads(n: int) -> None:
     Numba cannot exceed the pool it started with (``NUMBA_NUM_THREADS``, by
     default the CPU count) and uses at most that many.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    from .._validation import check_threads
+
+    n = check_threads(n)
     global _num_threads
     with _load_lock:
         _num_threads = n
