@@ -57,7 +57,7 @@ import fastadam
 from fastadam.functional import BFLOAT16
 
 #: Backend names this command knows, in table order.
-FASTADAM_BACKENDS: tuple[str, ...] = ("numpy", "numba", "c")
+FASTADAM_BACKENDS: tuple[str, ...] = fastadam.BACKEND_NAMES
 TORCH_BACKENDS: tuple[str, ...] = ("torch-fused", "torch-foreach")
 ALL_BACKENDS: tuple[str, ...] = FASTADAM_BACKENDS + TORCH_BACKENDS
 

@@ -12,7 +12,8 @@ import numpy as np
 
 import fastadam
 
-FAST_BACKENDS = ("numba", "c")
+#: The compiled backends, from the registry's one list of names.
+FAST_BACKENDS = tuple(name for name in fastadam.BACKEND_NAMES if name != "numpy")
 DTYPES = (np.float32, np.float64)
 #: 0-size, scalars, SIMD-width tails (4/8/16 lanes), a prime past the
 #: parallel threshold (so the threaded path runs too).

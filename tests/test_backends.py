@@ -126,3 +126,32 @@ def test_state_copy_helper_is_deep():
     s = make_state(10, np.float32)
     c = copy_state(s)
     assert all(not np.shares_memory(a, b) for a, b in zip(s, c))
+
+
+def test_every_backend_provides_the_contract():
+    from fastadam import backends
+
+    for name in fastadam.available_backends():
+        mod = backends.get(name)
+        for attr in backends._CONTRACT:
+            assert callable(getattr(mod, attr)) or attr == "NAME", (name, attr)
+        assert mod.NAME == name
+    # the Protocol and the load-time check name the same members
+    members = {m for m in dir(backends.Backend) if not m.startswith("_")}
+    assert members | {"NAME"} == set(backends._CONTRACT)
+
+
+def test_a_backend_missing_a_function_is_refused(monkeypatch):
+    import sys
+    import types
+
+    from fastadam import backends
+
+    fake = types.ModuleType("fastadam.backends._fake")
+    fake.NAME = "fake"
+    for attr in ("step", "unscale_and_check", "set_num_threads", "get_num_threads"):
+        setattr(fake, attr, lambda *a: None)  # no step_multi
+    monkeypatch.setitem(sys.modules, "fastadam.backends._fake", fake)
+    monkeypatch.setitem(backends._MODULES, "fake", "_fake")
+    with pytest.raises(TypeError, match="does not provide step_multi"):
+        backends.get("fake")

@@ -210,3 +210,13 @@ def test_unused_arguments_are_checked_too(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, **kwargs)
     assert (p == 1).all()
+
+
+def test_read_only_grad_with_grad_scale_is_refused_first(backend):
+    """grad_scale writes the unscaled gradient back: a read-only grad is a clear
+    ValueError on every backend (Numba used to fail inside with a TypingError)."""
+    p, g, m, v = (np.ones(100, np.float32) for _ in range(4))
+    g.flags.writeable = False
+    with pytest.raises(ValueError, match="grad must be writeable"):
+        fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, grad_scale=2.0, backend=backend)
+    assert (p == 1).all() and (m == 1).all()

@@ -167,3 +167,26 @@ def test_weight_decay_that_rounds_to_zero_in_float32_still_counts(backend):
     run_step(state, backend, step=1, lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=3.13e-242)
     assert np.isnan(ref[2][0])  # exp_avg took the NaN gradient
     assert_bit_identical(state, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("combo", OPTION_COMBOS, ids=combo_id)
+def test_every_option_bit_for_bit_on_the_threaded_path(fast_backend, dtype, combo):
+    """Every option combination above both parallel thresholds (C 32,768 elements,
+    Numba config.PARALLEL_MIN_ELEMENTS), on 2 threads: a bug in only the threaded
+    loop of one option (say, AdamW's decay dropped there) must fail here."""
+    from fastadam import config
+
+    n = max(config.PARALLEL_MIN_ELEMENTS, 1 << 15) + 4099
+    ref = make_state(n, dtype, seed=11)
+    fast = copy_state(ref)
+    before = fastadam.get_num_threads()
+    fastadam.set_num_threads(2)
+    try:
+        for step in (1, 2):
+            extra = {"grad_scale": 8.0, "eps_hat": True} if step == 2 else {}
+            run_step(ref, "numpy", step=step, **combo, **extra)
+            run_step(fast, fast_backend, step=step, **combo, **extra)
+    finally:
+        fastadam.set_num_threads(before)
+    assert_bit_identical(fast, ref)

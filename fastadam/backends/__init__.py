@@ -1,8 +1,7 @@
 """Backend registry: name -> kernel module, loaded lazily, failures remembered.
 
-A backend is a module with ``NAME``, ``step(param, grad, exp_avg, exp_avg_sq,
-max_exp_avg_sq, scalars)``, ``set_num_threads(n)`` and ``get_num_threads()``.
-Adding one (a GPU backend, say) is one module and one line in ``_MODULES``.
+A backend is a module that provides everything :class:`Backend` names.
+Adding one (a GPU backend, say) is one module and one row in ``_BACKENDS``.
 A backend that fails to import is recorded with the loader's own message, so
 ``import fastadam`` never fails and asking for that backend says why.
 """
@@ -13,12 +12,60 @@ import importlib
 import os
 import threading
 from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
-#: Public name -> module in this package. The order is "auto"'s preference:
-#: fastest first (C has the cheapest call, Numba the next).
-_MODULES: dict[str, str] = {"c": "c", "numba": "numba_", "numpy": "reference"}
+if TYPE_CHECKING:
+    import numpy as np
 
-BACKEND_NAMES: tuple[str, ...] = ("numpy", "numba", "c")
+    from .._scalars import AdamScalars
+    from .._table import TensorTable
+
+
+class Backend(Protocol):
+    """What a backend module provides (checked when it loads)."""
+
+    NAME: str
+
+    def step(
+        self,
+        param: np.ndarray,
+        grad: np.ndarray,
+        exp_avg: np.ndarray,
+        exp_avg_sq: np.ndarray,
+        max_exp_avg_sq: np.ndarray | None,
+        sc: AdamScalars,
+    ) -> None:
+        """One tensor's update in place (arrays validated by the caller)."""
+
+    def step_multi(
+        self,
+        table: TensorTable,
+        scalars: tuple[AdamScalars, ...],
+        index: np.ndarray | None,
+        keys: np.ndarray | None,
+    ) -> None:
+        """Every tensor of a table (see :mod:`fastadam._table`)."""
+
+    def unscale_and_check(self, grad: np.ndarray, scale: float) -> bool:
+        """``grad /= scale`` in place; True if any result is NaN or infinite."""
+
+    def set_num_threads(self, n: int) -> None: ...
+
+    def get_num_threads(self) -> int: ...
+
+
+#: The members of Backend, which every backend module must define.
+_CONTRACT = ("NAME", "step", "step_multi", "unscale_and_check", "set_num_threads",
+             "get_num_threads")  # fmt: skip
+
+#: (public name, module in this package), in "auto"'s order of preference:
+#: fastest first (C has the cheapest call, Numba the next). Every other list of
+#: backend names derives from this one.
+_BACKENDS: tuple[tuple[str, str], ...] = (("c", "c"), ("numba", "numba_"), ("numpy", "reference"))
+_MODULES: dict[str, str] = dict(_BACKENDS)
+
+#: Public names, the reference first.
+BACKEND_NAMES: tuple[str, ...] = tuple(name for name, _ in reversed(_BACKENDS))
 
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
@@ -44,6 +91,9 @@ def _try_load(name: str) -> ModuleType | None:
         except Exception as exc:  # any loader failure makes the backend unavailable
             _errors[name] = f"{type(exc).__name__}: {exc}"
             return None
+        missing = [attr for attr in _CONTRACT if not hasattr(mod, attr)]
+        if missing:  # a programming error, not a machine without the backend
+            raise TypeError(f"fastadam backend {name!r} does not provide {', '.join(missing)}")
         mod.set_num_threads(get_num_threads())
         _loaded[name] = mod
         return mod
