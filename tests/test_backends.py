@@ -155,3 +155,18 @@ def test_a_backend_missing_a_function_is_refused(monkeypatch):
     monkeypatch.setitem(backends._MODULES, "fake", "_fake")
     with pytest.raises(TypeError, match="does not provide step_multi"):
         backends.get("fake")
+
+
+def test_numba_refuses_scalars_in_another_order():
+    """The Numba loops take the scalars by position: a reordered AdamScalars must make
+    the backend unavailable with the reason, not feed eps where beta2 belongs."""
+    code = (
+        "import collections, fastadam._scalars as s\n"
+        "f = list(s.AdamScalars._fields); f[2], f[4] = f[4], f[2]\n"
+        "s.AdamScalars = collections.namedtuple('AdamScalars', f)\n"
+        "import fastadam\n"
+        "print(fastadam.unavailable_reasons().get('numba', 'LOADED'))\n"
+    )
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert "its loops take" in r.stdout and "AdamScalars has" in r.stdout

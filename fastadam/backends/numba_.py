@@ -54,6 +54,20 @@ from .._table import KIND_BF16, KIND_F32, KIND_F64, TensorTable
 
 NAME = "numba"
 
+# The loops take the scalars by position (``*sc`` for one tensor, the first nine
+# fields as a row of ``consts`` for a table), so their parameter order must be
+# AdamScalars' field order: checked here, as c.py checks the C struct's.
+_LOOP_SCALARS = (
+    "step_size", "bias_correction2_sqrt", "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
+    "weight_decay", "decay", "grad_scale", "unscale", "maximize", "amsgrad", "state_rounding",
+    "rounding_key",
+)  # fmt: skip
+if AdamScalars._fields != _LOOP_SCALARS:
+    raise ImportError(
+        f"fastadam Numba backend: its loops take {_LOOP_SCALARS}, AdamScalars has "
+        f"{AdamScalars._fields}"
+    )
+
 
 def _load_tbb() -> bool:
     """Make Numba's TBB layer loadable; True if it is."""
