@@ -445,24 +445,20 @@ def measure_per_call(
     min_time: float,
     repeat: int | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """(per-call records, per-tensor records, notes), all timed in one set of alternating
+    """(per-call records, per-tensor records), all timed in one set of alternating
     rounds beside ``np.add(p, g, out=p)``.
 
     Per call: each backend's PER_CALL_N-element float32 step. Per tensor (c and
     numba): a MultiTensorPlan step over PER_TENSOR_K tensors of PER_CALL_N
     elements against one adam_step over PER_TENSOR_K * PER_CALL_N elements, the
     difference divided by PER_TENSOR_K: what each tensor costs beyond the kernel's
-    time. Skipped, with a note, where fastadam has no MultiTensorPlan.
+    time.
     """
     state = make_state(PER_CALL_N, "float32")
     fns = {NP_ADD: _np_add_step(PER_CALL_N)}
     for b in backends:
         fns[b] = make_step(b, state)
-    notes = []
     multi = [b for b in backends if b in PER_CALL_TARGET_BACKENDS]
-    if multi and not hasattr(fastadam, "MultiTensorPlan"):
-        notes.append("multi-tensor per-tensor cost: skipped (this fastadam has no MultiTensorPlan)")
-        multi = []
     n_multi = PER_TENSOR_K * PER_CALL_N
     for b in multi:
         fns[f"{b} multi"] = _multi_step(b, PER_TENSOR_K, PER_CALL_N)
@@ -489,7 +485,7 @@ def measure_per_call(
             ratio_vs_np_add=beyond / add_s,
         )
         per_tensor.append(r)
-    return per_call, per_tensor, notes
+    return per_call, per_tensor
 
 
 def _warm_up(fn: Callable[[], Any], min_time: float, repeat: int | None) -> None:
@@ -1049,6 +1045,21 @@ def _resolve_backends(requested: list[str] | None) -> tuple[list[str], list[str]
     return list(requested), []
 
 
+def finish_run(info: dict[str, Any], json_path: str | None, records: list[dict[str, Any]]) -> None:
+    """The end of every mode: warn if the machine was busy, write the JSON records."""
+    busy = info.get("others_busy_cores")
+    if busy is not None and busy > 0.1:
+        print(
+            f"warning: other processes kept {busy:.2f} of {info['usable_cores']} cores busy "
+            "during the run: the numbers above are not those of a quiet machine",
+            file=sys.stderr,
+        )
+    if json_path is not None:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+            f.write("\n")
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Run the benchmark; return the exit status (0 ok, 2 usage error).
 
@@ -1121,7 +1132,6 @@ def _run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     per_call_records: list[dict[str, Any]] = []
     per_tensor_records: list[dict[str, Any]] = []
-    per_call_notes: list[str] = []
     try:
         for dt in dtypes:
             roofline[dt] = {}
@@ -1148,11 +1158,9 @@ def _run(args: argparse.Namespace) -> int:
         records.sort(key=lambda r: (dtypes.index(r["dtype"]), r["n"], backends.index(r["backend"])))
         if per_call:
             bar.set_description("per call")
-            per_call_records, per_tensor_records, per_call_notes = measure_per_call(
+            per_call_records, per_tensor_records = measure_per_call(
                 backends, threads, roofline_for(roofline, "float32", max(sizes)), **timing
             )
-            for note in per_call_notes:
-                print(note, file=sys.stderr)
             bar.update()
     finally:
         bar.close()
@@ -1195,7 +1203,6 @@ def _run(args: argparse.Namespace) -> int:
             "",
             per_tensor_table(per_tensor_records, md),
         ]
-    out += ["", *per_call_notes] if per_call_notes else []
     targets = evaluate_targets(records, per_call_records, per_tensor_records)
     if targets:
         out += ["", "Speed targets:", "", targets_table(targets, md)]
@@ -1214,18 +1221,7 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    busy = info.get("others_busy_cores")
-    if busy is not None and busy > 0.1:
-        print(
-            f"warning: other processes kept {busy:.2f} of {info['usable_cores']} cores busy "
-            "during the run: the numbers above are not those of a quiet machine",
-            file=sys.stderr,
-        )
-
-    if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump(records + per_call_records + per_tensor_records, f, indent=1)
-            f.write("\n")
+    finish_run(info, args.json, records + per_call_records + per_tensor_records)
     if args.plot is not None:
         title = f"fastadam Adam step, {info['cpu']}, {threads} threads"
         write_plot(records, roofline, args.plot, title)

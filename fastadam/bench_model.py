@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -565,15 +564,5 @@ def run(args: argparse.Namespace) -> int:
         out += [""] + [f"- {n}" if md else n for n in target_notes]
     print("\n".join(out))
 
-    busy = info.get("others_busy_cores")
-    if busy is not None and busy > 0.1:
-        print(
-            f"warning: other processes kept {busy:.2f} of {info['usable_cores']} cores busy "
-            "during the run: the numbers above are not those of a quiet machine",
-            file=sys.stderr,
-        )
-    if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
+    bench.finish_run(info, args.json, records)
     return 0

@@ -52,3 +52,20 @@ try:  # hypothesis is a test extra; without it the property tests skip themselve
         settings.load_profile("ci")
 except ImportError:  # pragma: no cover
     pass
+
+
+@pytest.fixture
+def restore_threads():
+    """Puts back the process-wide thread counts (fastadam's, and torch's if it is
+    installed) that a test changes, e.g. through the bench's main()."""
+    import importlib.util
+
+    before = fastadam.get_num_threads()
+    torch = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+    torch_before = torch.get_num_threads() if torch is not None else None
+    yield
+    fastadam.set_num_threads(before)
+    if torch is not None:
+        torch.set_num_threads(torch_before)

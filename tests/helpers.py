@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import numpy as np
 
@@ -95,3 +98,57 @@ def run_python(code: str, timeout: float = 120, **env: str) -> subprocess.Comple
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
             cwd=cwd, env={**os.environ, **env},
         )  # fmt: skip
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_isas() -> list[str]:
+    """The C library's variants this CPU can run, lowest first."""
+    isas = ["baseline"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = cpu_flags()
+        if "avx2" in flags:
+            isas.append("avx2")
+        if {"avx512f", "avx512vl", "avx512bw"} <= flags:
+            isas.append("avx512")
+    return isas
+
+
+def load_test_module(test_file: str) -> str:
+    """Python lines that import the test module ``test_file`` as ``mod`` in a
+    subprocess (with this directory on the path: test modules import helpers)."""
+    return textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        sys.path.insert(0, {os.path.dirname(test_file)!r})
+        spec = importlib.util.spec_from_file_location("test_module", {test_file!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        """
+    )
+
+
+def c_digests_per_isa(test_file: str, cwd) -> dict[str, dict]:
+    """For each supported ISA: what ``_c_digests_for_subprocess()`` of the test module
+    ``test_file`` returns in a subprocess run with ``FASTADAM_ISA`` set to it (the
+    library picks its variant once per process)."""
+    script = load_test_module(test_file) + "import json\n"
+    script += "print(json.dumps(mod._c_digests_for_subprocess()))\n"
+    results = {}
+    for isa in supported_isas():
+        proc = subprocess.run(
+            [sys.executable, "-c", script], cwd=cwd, env=dict(os.environ, FASTADAM_ISA=isa),
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        results[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results

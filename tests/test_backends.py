@@ -86,13 +86,6 @@ def test_set_num_threads_validates():
         fastadam.set_num_threads(0)
 
 
-@pytest.fixture
-def restore_threads():
-    n = fastadam.get_num_threads()
-    yield
-    fastadam.set_num_threads(n)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_thread_count_does_not_change_results(fast_backend, dtype, restore_threads):
     """1, 2 and 3 threads give bit-identical results (sizes past the parallel threshold)."""

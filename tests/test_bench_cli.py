@@ -36,44 +36,6 @@ REQUIRED_FIELDS = (
 )
 
 
-class LoopPlan:
-    """A stand-in for fastadam.MultiTensorPlan (one adam_step per tensor), for as long
-    as this fastadam has none: the bench's per-tensor rows run either way."""
-
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, backend):
-        self.arrays = list(zip(params, grads, exp_avgs, exp_avg_sqs))
-        self.backend = backend
-
-    def step(self, *, step, lr, **kwargs):
-        for p, g, m, v in self.arrays:
-            fastadam.adam_step(p, g, m, v, step=step, lr=lr, backend=self.backend, **kwargs)
-
-
-@pytest.fixture
-def multi_tensor_plan(monkeypatch):
-    """fastadam.MultiTensorPlan, the real one where it exists."""
-    if not hasattr(fastadam, "MultiTensorPlan"):
-        monkeypatch.setattr(fastadam, "MultiTensorPlan", LoopPlan, raising=False)
-    return fastadam.MultiTensorPlan
-
-
-@pytest.fixture
-def restore_threads():
-    """main() sets process-wide thread counts (fastadam's and torch's): put them back."""
-    before = fastadam.get_num_threads()
-    torch_before = None
-    if HAS_TORCH:
-        import torch
-
-        torch_before = torch.get_num_threads()
-    yield
-    fastadam.set_num_threads(before)
-    if torch_before is not None:
-        import torch
-
-        torch.set_num_threads(torch_before)
-
-
 def _env_for_subprocess() -> dict[str, str]:
     # The child must import the same fastadam as this process (source tree or installed).
     env = dict(os.environ)
@@ -85,9 +47,7 @@ def _env_for_subprocess() -> dict[str, str]:
 # -- a real (tiny) run ----------------------------------------------------------------
 
 
-def test_json_markdown_and_plot_from_a_tiny_run(
-    tmp_path, capsys, restore_threads, multi_tensor_plan
-):
+def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_threads):
     backends = ["numpy", "numba"] + (["torch-fused"] if HAS_TORCH else [])
     out_json = tmp_path / "bench.json"
     argv = [
@@ -336,22 +296,6 @@ def test_speedups_and_targets_are_computed_from_the_records():
         "| c | 256 | 200.0 | 97.6 | 0.400 | 0.40× | <= 0.5× | met |",
         "| numba | 256 | 300.0 | 146.4 | 0.600 | 0.60× | <= 0.5× | NOT MET |",
     ]
-
-
-def test_per_tensor_rows_are_skipped_with_a_note_without_a_multi_tensor_plan(
-    capsys, monkeypatch, restore_threads
-):
-    """Until fastadam.MultiTensorPlan exists, the per-call rows still run."""
-    monkeypatch.delattr(fastadam, "MultiTensorPlan", raising=False)
-    backends = ["numpy"] + [b for b in ("numba", "c") if b in fastadam.available_backends()]
-    argv = ["--sizes", "2^10", "--backends", ",".join(backends), "--threads", "1"]
-    assert bench.main([*argv, "--repeat", "1", "--no-progress"]) == 0
-    captured = capsys.readouterr()
-    note = "multi-tensor per-tensor cost: skipped (this fastadam has no MultiTensorPlan)"
-    assert note in captured.err
-    assert note in captured.out
-    assert "Per-call cost" in captured.out
-    assert "Per-tensor cost" not in captured.out
 
 
 def test_bf16_rows_count_20_bytes_and_feed_the_ratio_target(tmp_path, capsys, restore_threads):

@@ -23,23 +23,6 @@ TINY_SPEC = dict(n_layer=2, n_embd=16, vocab=64, n_positions=8)
 FAST = [b for b in ("numba", "c") if b in fastadam.available_backends()]
 
 
-@pytest.fixture
-def restore_threads():
-    """main() sets process-wide thread counts (fastadam's and torch's): put them back."""
-    before = fastadam.get_num_threads()
-    torch_before = None
-    if HAS_TORCH:
-        import torch
-
-        torch_before = torch.get_num_threads()
-    yield
-    fastadam.set_num_threads(before)
-    if torch_before is not None:
-        import torch
-
-        torch.set_num_threads(torch_before)
-
-
 def gpt2_elements(n_layer: int, n_embd: int, vocab: int, n_positions: int) -> int:
     """GPT-2's parameter count, tensor by tensor (independent of ModelSpec.elements)."""
     d = n_embd

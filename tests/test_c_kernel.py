@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import itertools
-import json
 import os
 import platform
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import c_digests_per_isa, cpu_flags, load_test_module, supported_isas
 
 from fastadam._scalars import (
     STATE_BF16_NEAREST,
@@ -355,32 +355,9 @@ def test_library_found_when_the_checkout_shadows_the_installed_package():
     assert "'c'" in backends, proc.stderr
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def supported_isas() -> list[str]:
-    """The variants this CPU can run (x86-64 Linux: from /proc/cpuinfo)."""
-    isas = ["baseline"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags = _cpu_flags()
-        if "avx2" in flags:
-            isas.append("avx2")
-        if {"avx512f", "avx512vl", "avx512bw"} <= flags:
-            isas.append("avx512")
-    return isas
-
-
 @pytest.mark.skipif("FASTADAM_ISA" in os.environ, reason="FASTADAM_ISA forces a variant")
 def test_best_isa_is_selected():
-    if not _cpu_flags():
+    if not cpu_flags():
         pytest.skip("no /proc/cpuinfo to compare against")
     assert c.isa() == supported_isas()[-1]
 
@@ -446,27 +423,7 @@ def test_misaligned_views_and_no_out_of_bounds(offset, n):
 def test_isa_variants_bit_identical(tmp_path):
     """Each variant the CPU supports, forced in a subprocess, gives NumPy's bits."""
     expected = case_digests(run_numpy, numpy_unscale)
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, json
-        spec = importlib.util.spec_from_file_location("tck", {__file__!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        print(json.dumps(mod._c_digests_for_subprocess()))
-        """
-    )
-    for isa in supported_isas():
-        env = dict(os.environ, FASTADAM_ISA=isa)
-        proc = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for isa, result in c_digests_per_isa(__file__, tmp_path).items():
         assert result["isa"] == isa, f"FASTADAM_ISA={isa} ran {result['isa']}"
         bad = [case for case, d in expected.items() if result["digests"][case] != d]
         assert not bad, f"{isa}: {len(bad)} cases differ from NumPy, e.g. {bad[:5]}"
@@ -487,13 +444,6 @@ def test_isa_env_cannot_raise_or_garble(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == best
-
-
-@pytest.fixture
-def restore_threads():
-    before = c.get_num_threads()
-    yield
-    c.set_num_threads(before)
 
 
 def test_thread_count_api(restore_threads):
@@ -743,14 +693,10 @@ def test_concurrent_python_threads(restore_threads):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_fork_after_parallel_step(tmp_path):
     """A child forked after a parallel step runs its own step (serially) and exits."""
-    script = textwrap.dedent(
-        f"""
+    script = load_test_module(__file__) + textwrap.dedent(
+        """
         import os, signal, sys
         import numpy as np
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("tck", {__file__!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
         c = mod.c
         sc = mod.make_scalars(0.1, True, True, False, 3.0)
         n = 1 << 21

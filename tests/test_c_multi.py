@@ -16,7 +16,6 @@ FASTADAM_C_LIBRARY to a library built elsewhere.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -27,6 +26,7 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import c_digests_per_isa, load_test_module
 
 from fastadam._scalars import (
     STATE_BF16_NEAREST,
@@ -183,13 +183,6 @@ def run_both(kind, sizes, combo, steps=(3,), seed=0, offset=0):
     return ours, ref, buffers
 
 
-@pytest.fixture
-def restore_threads():
-    before = c.get_num_threads()
-    yield
-    c.set_num_threads(before)
-
-
 # ------------------------------------------------------------- the results --
 
 
@@ -322,52 +315,10 @@ def _c_digests_for_subprocess() -> dict:
     }
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def supported_isas() -> list[str]:
-    isas = ["baseline"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags = _cpu_flags()
-        if "avx2" in flags:
-            isas.append("avx2")
-        if {"avx512f", "avx512vl", "avx512bw"} <= flags:
-            isas.append("avx512")
-    return isas
-
-
 def test_isa_variants_bit_identical(tmp_path):
     """Each variant the CPU supports, forced in a subprocess, gives the reference's bits."""
     expected = {_case_name(k): _case_digest(reference.step_multi, *k) for k in ISA_CASES}
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, json
-        spec = importlib.util.spec_from_file_location("tcm", {__file__!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        print(json.dumps(mod._c_digests_for_subprocess()))
-        """
-    )
-    for isa in supported_isas():
-        env = dict(os.environ, FASTADAM_ISA=isa)
-        proc = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for isa, result in c_digests_per_isa(__file__, tmp_path).items():
         assert result["isa"] == isa, f"FASTADAM_ISA={isa} ran {result['isa']}"
         bad = [case for case, d in expected.items() if result["digests"][case] != d]
         assert not bad, f"{isa}: {len(bad)} cases differ from the reference, e.g. {bad[:5]}"
@@ -411,13 +362,9 @@ def test_concurrent_python_threads(restore_threads):
 def test_fork_after_parallel_multi_step(tmp_path):
     """A child forked after a parallel multi step runs its own (serially) and exits;
     the parent's threads still work afterwards."""
-    script = textwrap.dedent(
-        f"""
+    script = load_test_module(__file__) + textwrap.dedent(
+        """
         import os, signal, sys
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("tcm", {__file__!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
         c, ref_mod = mod.c, mod.reference
         kind, combo, sizes = "float32", "all", (1 << 19, 3, 1 << 19)
         args = mod.step_args(kind, combo, len(sizes), (2, 5))

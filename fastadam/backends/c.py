@@ -185,6 +185,13 @@ def _struct_for(sc: AdamScalars):
     return struct
 
 
+def _raise_code(rc: int) -> None:
+    """A library error code (fastadam.h's FA_ERR_*) as the RuntimeError every entry point raises."""
+    raise RuntimeError(
+        f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
+    )
+
+
 def step(
     param: np.ndarray,
     grad: np.ndarray,
@@ -222,15 +229,7 @@ def step(
         scalars,
     )
     if rc:
-        raise RuntimeError(
-            f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
-        )
-
-
-def _raise_code(rc: int) -> None:
-    raise RuntimeError(
-        f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
-    )
+        _raise_code(rc)
 
 
 # -- multi-tensor step -------------------------------------------------------------
@@ -366,9 +365,7 @@ def unscale_and_check(grad: np.ndarray, scale: float) -> bool:
     found = _new("int *")
     rc = kernel(_from_buffer(grad, require_writable=True), n, scale, found)
     if rc:
-        raise RuntimeError(
-            f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
-        )
+        _raise_code(rc)
     return bool(found[0])
 
 
