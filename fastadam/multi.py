@@ -34,7 +34,7 @@ from ._table import (
     KIND_F64,
     TensorTable,
     address,
-    table_from_arrays,
+    make_table,
 )
 from ._validation import (
     BFLOAT16,
@@ -154,22 +154,24 @@ class MultiTensorPlan:
             [] if _private_views else [a for lst in lists if lst is not None for a in lst]
         )
         # Byte ranges of every array (rows: ROLES), for the overlap checks.
-        self._starts = np.zeros((5, count), np.uint64)
+        self._starts = np.zeros((5, count), np.uintp)
         self._nbytes = np.zeros((5, count), np.uint64)
         for r, lst in enumerate(lists):
             for i, a in enumerate(lst or ()):
                 self._starts[r, i] = address(a)
                 self._nbytes[r, i] = a.nbytes
         kinds = [_kind(params[i], lists[2][i]) for i in range(count)]
+        sizes = np.array([a.size for a in params], np.int64)
         self._tables: list[tuple[str, TensorTable, np.ndarray]] = []
         for kind in (KIND_F32, KIND_F64, KIND_BF16):
             pos = np.array([i for i in range(count) if kinds[i] == kind], np.int64)
             if pos.size:
-                rows = [tuple(None if lst is None else lst[i] for lst in lists) for i in pos]
-                table = table_from_arrays(kind, rows)
-                # The plan's lists own the arrays, new gradients included.
-                table.owners = [self._lists]
+                # A kind's table is its columns of the byte ranges' starts; the
+                # plan's lists own the arrays (new gradients included).
+                table = make_table(kind, self._starts[:, pos], sizes[pos], [self._lists])
                 self._tables.append((kind, table, pos))
+        # tensor i's default seed (see step)
+        self._positions = np.arange(count, dtype=np.uint64)
         self._check_disjoint()
 
     # -- the arrays ------------------------------------------------------------
@@ -355,10 +357,7 @@ class MultiTensorPlan:
         """One int for all tensors, or a uint64 array of one step per tensor."""
         if isinstance(step, np.ndarray) and step.dtype.kind in "uif" and step.ndim == 1:
             # Vectorized: the optimizers pass their step counts as an array.
-            if step.shape != (self.count,):
-                raise ValueError(
-                    f"step has {step.shape[0]} entries but there are {self.count} tensors"
-                )
+            self._check_count("step", step.shape[0])
             ok = (step >= 1) & (step < 2.0**63) & (step == np.floor(step))
             if not ok.all():
                 i = int(np.flatnonzero(~ok)[0])
@@ -367,12 +366,8 @@ class MultiTensorPlan:
                     f"got {step[i]}"
                 )
             return step.astype(np.uint64)
-        if isinstance(step, (Sequence, np.ndarray)) and not isinstance(step, (str, bytes)):
-            values = [check_step(s, f"step[{i}]") for i, s in enumerate(step)]
-            if len(values) != self.count:
-                raise ValueError(
-                    f"step has {len(values)} entries but there are {self.count} tensors"
-                )
+        if _is_sequence(step):
+            values = self._per_tensor("step", step, check_step)
             if any(s >= 2**63 for s in values):
                 raise ValueError("step must be < 2**63")
             return np.array(values, np.uint64)
@@ -381,26 +376,32 @@ class MultiTensorPlan:
     def _seeds(self, seeds: Any) -> np.ndarray:
         """One uint64 seed per tensor."""
         if seeds is None:
-            return np.arange(self.count, dtype=np.uint64)
+            return self._positions
         if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64 and seeds.ndim == 1:
-            if seeds.shape != (self.count,):
-                raise ValueError(
-                    f"seeds has {seeds.shape[0]} entries but there are {self.count} tensors"
-                )
+            self._check_count("seeds", seeds.shape[0])
             return seeds  # every uint64 is a valid seed
-        if isinstance(seeds, (Sequence, np.ndarray)) and not isinstance(seeds, (str, bytes)):
-            values = [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
-            if len(values) != self.count:
-                raise ValueError(
-                    f"seeds has {len(values)} entries but there are {self.count} tensors"
-                )
-            return np.array(values, np.uint64)
+        if _is_sequence(seeds):
+            return np.array(self._per_tensor("seeds", seeds, check_seed), np.uint64)
         base = check_seed(check_int("seeds", seeds), "seeds")
-        return np.arange(self.count, dtype=np.uint64) + np.uint64(base)  # wraps mod 2**64
+        return self._positions + np.uint64(base)  # wraps mod 2**64
+
+    def _per_tensor(self, name: str, values: Any, check: Callable[[Any, str], int]) -> list[int]:
+        """``check`` of each of one value per tensor, named ``name[i]``."""
+        out = [check(v, f"{name}[{i}]") for i, v in enumerate(values)]
+        self._check_count(name, len(out))
+        return out
+
+    def _check_count(self, name: str, n: int) -> None:
+        if n != self.count:
+            raise ValueError(f"{name} has {n} entries but there are {self.count} tensors")
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{kind}: {table.count}" for kind, table, _ in self._tables)
         return f"MultiTensorPlan({self.count} tensors; {kinds}; backend={self.backend!r})"
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
 
 
 def _nothing() -> None:
