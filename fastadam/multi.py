@@ -171,7 +171,7 @@ class MultiTensorPlan:
                 table = make_table(kind, self._starts[:, pos], sizes[pos], [self._lists])
                 self._tables.append((kind, table, pos))
         # tensor i's default seed (see step)
-        self._positions = np.arange(count, dtype=np.uint64)
+        self._default_seeds = np.arange(count, dtype=np.uint64)
         self._check_disjoint()
 
     # -- the arrays ------------------------------------------------------------
@@ -376,14 +376,14 @@ class MultiTensorPlan:
     def _seeds(self, seeds: Any) -> np.ndarray:
         """One uint64 seed per tensor."""
         if seeds is None:
-            return self._positions
+            return self._default_seeds
         if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64 and seeds.ndim == 1:
             self._check_count("seeds", seeds.shape[0])
             return seeds  # every uint64 is a valid seed
         if _is_sequence(seeds):
             return np.array(self._per_tensor("seeds", seeds, check_seed), np.uint64)
         base = check_seed(check_int("seeds", seeds), "seeds")
-        return self._positions + np.uint64(base)  # wraps mod 2**64
+        return self._default_seeds + np.uint64(base)  # wraps mod 2**64
 
     def _per_tensor(self, name: str, values: Any, check: Callable[[Any, str], int]) -> list[int]:
         """``check`` of each of one value per tensor, named ``name[i]``."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backends
 from ._validation import BFLOAT16, check_array, check_seed, check_state_rounding
-from .multi import MultiTensorPlan
+from .multi import _LIST_NAMES, MultiTensorPlan
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -131,8 +131,8 @@ class Adam:
             groups = [{"params": groups}]
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[int, dict[str, Any]] = {}
-        # group index -> (what the plan was built over, the plan); see _plan_for.
-        self._plans: dict[int, tuple[tuple, MultiTensorPlan]] = {}
+        # group index -> (what the plan was built over, the plan, its seeds); see _plan_for.
+        self._plans: dict[int, tuple[tuple, MultiTensorPlan, np.ndarray]] = {}
         for g in groups:
             self.add_param_group(g)
 
@@ -217,17 +217,22 @@ class Adam:
         if len(grads) != len(params):
             raise ValueError(f"got {len(grads)} grads for {len(params)} params")
         # Every group's step is prepared (checked) before any runs: a bad value
-        # in any group or gradient changes nothing.
-        runs = []
+        # in any group or gradient changes nothing, and attaches no new state.
+        runs, pending = [], []
         start = 0
         for gi, group in enumerate(self.param_groups):
             count = len(group["params"])
             active = [start + k for k in range(count) if grads[start + k] is not None]
             if active:
-                runs.append(self._prepare_group(gi, group, active, grads, grad_scale, found_inf))
+                runs.append(
+                    self._prepare_group(gi, group, active, params, grads, grad_scale, found_inf,
+                                        pending)
+                )  # fmt: skip
             start += count
         if found_inf:
             return
+        for mapping, key, value in pending:
+            mapping[key] = value
         for run, states in runs:
             run()
             for st in states:  # counted only once the update has happened
@@ -238,33 +243,38 @@ class Adam:
         gi: int,
         group: dict[str, Any],
         active: list[int],
+        params: list[np.ndarray],
         grads: list[np.ndarray],
         grad_scale: float | None,
         found_inf: bool,
+        pending: list[tuple[Any, Any, Any]],
     ) -> tuple[Any, list[dict[str, Any]]]:
         """Check group ``gi``'s step over the parameters at positions ``active``
-        and return (the function that runs it, the states whose step it counts)."""
+        and return (the function that runs it, the states whose step it counts).
+
+        The group's plan checks the gradients (named by position: ``grads[i]``);
+        state the step needs and does not have yet goes to ``pending``.
+        """
         try:
             _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param_groups[{gi}]: {exc}") from None
-        params = self._params()
         amsgrad = bool(group["amsgrad"])
-        for i in active:
-            p = params[i]
-            check_array(f"grads[{i}]", grads[i], p.dtype, p.shape, what=f"params[{i}]")
-        states = [self._state_for(i, params[i], amsgrad) for i in active]
-        plan = self._plan_for(gi, active, params, grads, states, amsgrad)
+        states, arrays = zip(*(self._state_for(i, params[i], amsgrad, pending) for i in active))
+        plan, seeds = self._plan_for(gi, active, params, grads, arrays, amsgrad)
+        steps = [st["step"] + 1 for st in states]
         beta1, beta2 = group["betas"]
         run = plan.prepare(
-            step=[st["step"] + 1 for st in states], lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"],
+            # one int when the counts agree (the usual case: the plan's cheap path)
+            step=steps[0] if steps.count(steps[0]) == len(steps) else np.array(steps),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
             maximize=group["maximize"], eps_hat=group["eps_hat"], grad_scale=grad_scale,
-            found_inf=found_inf, state_rounding=self.state_rounding,
-            seeds=[(self.seed + i) % 2**64 for i in active], grads=[grads[i] for i in active],
+            found_inf=found_inf, state_rounding=self.state_rounding, seeds=seeds,
+            grads=[grads[i] for i in active],
         )  # fmt: skip
-        return run, states
+        return run, list(states)
 
     def _plan_for(
         self,
@@ -272,19 +282,21 @@ class Adam:
         active: list[int],
         params: list[np.ndarray],
         grads: list[np.ndarray],
-        states: list[dict[str, Any]],
+        states: Sequence[dict[str, Any]],
         amsgrad: bool,
-    ) -> MultiTensorPlan:
-        """The group's plan, rebuilt only when its arrays changed (parameters
-        gaining or losing a gradient, new state, a loaded checkpoint)."""
+    ) -> tuple[MultiTensorPlan, np.ndarray]:
+        """The group's plan and its tensors' seeds, rebuilt only when its arrays
+        changed (parameters gaining or losing a gradient, new state, a loaded
+        checkpoint)."""
         key = tuple(
             (id(params[i]), id(st["exp_avg"]), id(st["exp_avg_sq"]), id(st.get("max_exp_avg_sq")))
             for i, st in zip(active, states)
         ) + (amsgrad,)
         cached = self._plans.get(gi)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        plan = MultiTensorPlan(
+            return cached[1], cached[2]
+        plan = _PositionedPlan(
+            active,
             [params[i] for i in active],
             [grads[i] for i in active],
             [st["exp_avg"] for st in states],
@@ -292,10 +304,17 @@ class Adam:
             [st["max_exp_avg_sq"] for st in states] if amsgrad else None,
             backend=self.backend,
         )
-        self._plans[gi] = (key, plan)
-        return plan
+        # parameter i's seed is seed + i, wrapping modulo 2**64
+        seeds = np.array(active, np.uint64) + np.uint64(self.seed)
+        self._plans[gi] = (key, plan, seeds)
+        return plan, seeds
 
-    def _state_for(self, i: int, p: np.ndarray, amsgrad: bool) -> dict[str, Any]:
+    def _state_for(
+        self, i: int, p: np.ndarray, amsgrad: bool, pending: list[tuple[Any, Any, Any]]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Parameter ``i``'s state, and its arrays as this step uses them: what is
+        missing is made and left in ``pending``, to be attached once every group
+        has been checked."""
         st = self.state.get(i)
         dtype = self._state_dtype(p)
         if st is None:
@@ -304,10 +323,12 @@ class Adam:
                 "exp_avg": np.zeros(p.shape, dtype),
                 "exp_avg_sq": np.zeros(p.shape, dtype),
             }
-            self.state[i] = st
-        if amsgrad and "max_exp_avg_sq" not in st:
-            st["max_exp_avg_sq"] = np.zeros(p.shape, dtype)
-        return st
+            pending.append((self.state, i, st))
+        if amsgrad and "max_exp_avg_sq" not in st:  # amsgrad switched on, or a new state
+            vmax = np.zeros(p.shape, dtype)
+            pending.append((st, "max_exp_avg_sq", vmax))
+            return st, {**st, "max_exp_avg_sq": vmax}
+        return st, st
 
     def _state_dtype(self, p: np.ndarray) -> np.dtype:
         return p.dtype if self.state_dtype is None else self.state_dtype
@@ -406,6 +427,18 @@ class Adam:
             lines.append(f"Parameter Group {i}")
             lines += [f"    {k}: {v}" for k, v in sorted(g.items()) if k != "params"]
         return "\n".join(lines)
+
+
+class _PositionedPlan(MultiTensorPlan):
+    """A group's plan that names each array by its parameter's position across
+    groups (``grads[5]``), as the optimizer's own arguments are numbered."""
+
+    def __init__(self, positions: list[int], *lists: Any, backend: str) -> None:
+        self._positions = positions
+        super().__init__(*lists, backend=backend)
+
+    def _label(self, role: int, i: int) -> str:
+        return f"{_LIST_NAMES[role]}[{self._positions[i]}]"
 
 
 def _resolve_state_dtype(state_dtype: Any) -> np.dtype | None:

@@ -242,3 +242,21 @@ def test_mismatched_checkpoint_is_refused_before_anything_changes(breaker, word)
         victim.load_state_dict(sd)
     assert word in str(info.value)
     assert (pickle.dumps(victim.state_dict()), [g["lr"] for g in victim.param_groups]) == before
+
+
+def test_gradient_errors_name_the_position_across_groups():
+    """A group's plan names arrays as the optimizer's arguments are numbered: the
+    gradient of the 4th parameter is grads[3], also when it is the 2nd of its group,
+    both when the plan is built and when a later step brings new gradients."""
+    params = _params()
+    opt = fastadam.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    bad = _grads(params, 1)
+    bad[3] = bad[3].astype(np.float64)
+    with pytest.raises(TypeError, match=r"grads\[3\] has dtype float64 but params\[3\]"):
+        opt.step(bad)
+    assert opt.state == {}  # a failed first step attaches no state
+    opt.step(_grads(params, 1))
+    bad = _grads(params, 2)
+    bad[3] = params[3]  # the parameter itself as its gradient
+    with pytest.raises(ValueError, match=r"params\[3\] and grads\[3\] share memory"):
+        opt.step(bad)

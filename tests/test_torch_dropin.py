@@ -677,3 +677,18 @@ def test_seed_and_state_dtype_follow_the_numpy_optimizer():
     for make in (lambda: ft.Adam(p, seed=1.5), lambda: fastadam.Adam([np.ones(3)], seed=1.5)):
         with pytest.raises(TypeError, match="seed"):
             make()
+
+
+def test_new_gradient_errors_name_the_parameter():
+    """A gradient swapped in after the group's plan exists (a later step) is checked,
+    and the error names the parameter by its group and position."""
+    ps = [nn.Parameter(torch.randn(4)) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.randn(4)
+    opt = ft.Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    ps[2].grad = ps[1].grad  # two parameters sharing one gradient buffer
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[\d\].*share memory"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
