@@ -309,17 +309,15 @@ class _TorchPlan(MultiTensorPlan):
 class _GroupPlan:
     """What one group's steps are built over, kept while it stays the same.
 
-    ``steps`` holds the group's step counts; each parameter's ``state["step"]``
-    is a 0-d view into it, so a step reads and advances every count with one
-    NumPy operation (torch's layout is unchanged: one 0-d float tensor each).
+    The group's step counts are one tensor, seen through ``steps_np``; each
+    parameter's ``state["step"]`` is a 0-d view into it, so a step reads and
+    advances every count with one NumPy operation (torch's layout is unchanged: one 0-d float tensor each).
     """
 
     params: list[torch.Tensor]
-    states: list[dict[str, Any]]
     identity: list[tuple[Any, ...]]  # per parameter: what must not have changed
     plan: _TorchPlan
-    steps: torch.Tensor
-    steps_np: np.ndarray
+    steps_np: np.ndarray  # NumPy view of the counts' tensor (it keeps the tensor alive)
     seeds: np.ndarray
     amsgrad: bool
     numels: list[int]  # of each parameter: what its gradient must have
@@ -662,8 +660,8 @@ class Adam(torch.optim.Optimizer):
         seeds = np.array(positions, np.uint64) + np.uint64(first)
         seeds += np.uint64(self.seed)  # wraps modulo 2**64, as in the NumPy optimizer
         return _GroupPlan(
-            params, states, [tuple(i) for i in identity], plan, steps, steps.numpy(), seeds,
-            amsgrad, [p.numel() for p in params],
+            params, [tuple(i) for i in identity], plan, steps.numpy(), seeds, amsgrad,
+            [p.numel() for p in params],
         )  # fmt: skip
 
     def _group_kwargs(self, group: dict[str, Any], gi: int, grad_scale: float | None) -> dict:
