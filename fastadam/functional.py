@@ -107,10 +107,10 @@ def adam_step(
         step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
         maximize, eps_hat, grad_scale, state_rounding, seed, same_dtype,
     )  # fmt: skip
-    if _memo_eligible(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_rounding):
+    if _plain(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_rounding):
         scalars = _SCALARS_MEMO.get(key)
         if scalars is None:
-            scalars = _SCALARS_MEMO[key] = _checked_scalars(*key)
+            scalars = _remember(key, _checked_scalars(*key))
     else:
         scalars = _checked_scalars(*key)
     kernel = backends.get(backend)
@@ -124,20 +124,24 @@ _SCALARS_MEMO: dict[tuple, AdamScalars] = {}
 _MEMO_SIZE = 512
 
 
-def _memo_eligible(
-    step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_rounding
-) -> bool:
-    """Only plain ints, floats and strs are memoized: ``True == 1`` and ``1.0 == 1``
-    would otherwise let a bool or int through on a float's earlier check, and an
-    unhashable argument must get its own error, not the memo's."""
-    if len(_SCALARS_MEMO) >= _MEMO_SIZE:
-        _SCALARS_MEMO.clear()
+def _plain(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_rounding) -> bool:
+    """Whether the memo may hold these: only plain ints, floats and strs, since
+    ``True == 1`` and ``1.0 == 1`` would otherwise let a bool or int through on a
+    float's earlier check, and an unhashable argument must get its own error,
+    not the memo's."""
     return (
         type(step) is int and type(seed) is int and type(lr) is float
         and type(beta1) is float and type(beta2) is float and type(eps) is float
         and type(weight_decay) is float and (grad_scale is None or type(grad_scale) is float)
         and type(state_rounding) is str
     )  # fmt: skip
+
+
+def _remember(key: tuple, scalars: AdamScalars) -> AdamScalars:
+    if len(_SCALARS_MEMO) >= _MEMO_SIZE:  # a loop advancing `step` fills it: start over
+        _SCALARS_MEMO.clear()
+    _SCALARS_MEMO[key] = scalars
+    return scalars
 
 
 def _checked_scalars(
