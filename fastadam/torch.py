@@ -311,7 +311,8 @@ class _GroupPlan:
 
     The group's step counts are one tensor, seen through ``steps_np``; each
     parameter's ``state["step"]`` is a 0-d view into it, so a step reads and
-    advances every count with one NumPy operation (torch's layout is unchanged: one 0-d float tensor each).
+    advances every count with one NumPy operation (torch's layout is unchanged:
+    one 0-d float tensor each).
     """
 
     params: list[torch.Tensor]
