@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
-from helpers import FAST_BACKENDS
+from helpers import FAST_BACKENDS, fast_backends_required
 
 import fastadam
-
-
-def _require_fast_backends() -> bool:
-    # On the platforms we build for, a missing fast backend is a build bug, not
-    # a reason to skip: fail loudly unless explicitly allowed.
-    return platform.machine() in ("x86_64", "AMD64") and not os.environ.get(
-        "FASTADAM_ALLOW_MISSING_BACKENDS"
-    )
 
 
 def _backend_params(names):
@@ -24,7 +15,7 @@ def _backend_params(names):
     available = fastadam.available_backends()
     for name in names:
         marks = []
-        if name not in available and not _require_fast_backends():
+        if name not in available and not fast_backends_required():
             marks.append(pytest.mark.skip(reason=fastadam.unavailable_reasons().get(name, "")))
         out.append(pytest.param(name, marks=marks, id=name))
     return out

@@ -12,11 +12,38 @@ import tempfile
 import textwrap
 
 import numpy as np
+import pytest
 
 import fastadam
 
 #: The compiled backends, from the registry's one list of names.
 FAST_BACKENDS = tuple(name for name in fastadam.BACKEND_NAMES if name != "numpy")
+
+#: csrc/fastadam.h's return codes.
+(FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS,
+ FA_ERR_ROUNDING, FA_ERR_INDEX) = range(0, -8, -1)  # fmt: skip
+
+
+def fast_backends_required() -> bool:
+    """On the platforms we build for, a fast backend that does not load is a build
+    bug, not a reason to skip: tests fail unless FASTADAM_ALLOW_MISSING_BACKENDS is set."""
+    return platform.machine() in ("x86_64", "AMD64") and not os.environ.get(
+        "FASTADAM_ALLOW_MISSING_BACKENDS"
+    )
+
+
+def c_backend_or_skip():
+    """fastadam.backends.c, for a test module that needs it: skips the module where
+    the library may be missing (see fast_backends_required), raises where not."""
+    try:
+        from fastadam.backends import c
+    except (ImportError, OSError) as exc:  # pragma: no cover - depends on the build
+        if fast_backends_required():
+            raise
+        pytest.skip(f"C backend unavailable: {exc}", allow_module_level=True)
+    return c
+
+
 DTYPES = (np.float32, np.float64)
 #: 0-size, scalars, SIMD-width tails (4/8/16 lanes), a prime past the
 #: parallel threshold (so the threaded path runs too).

@@ -18,7 +18,6 @@ import hashlib
 import importlib.resources
 import itertools
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,20 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import c_digests_per_isa, cpu_flags, load_test_module, supported_isas
+from helpers import (
+    FA_ERR_AMSGRAD,
+    FA_ERR_NULL,
+    FA_ERR_OVERLAP,
+    FA_ERR_ROUNDING,
+    FA_ERR_SIZE,
+    FA_ERR_THREADS,
+    FA_OK,
+    c_backend_or_skip,
+    c_digests_per_isa,
+    cpu_flags,
+    load_test_module,
+    supported_isas,
+)
 
 from fastadam._scalars import (
     STATE_BF16_NEAREST,
@@ -39,20 +51,10 @@ from fastadam._scalars import (
 )
 from fastadam.backends import reference
 
-try:
-    from fastadam.backends import c
-except (ImportError, OSError) as exc:  # pragma: no cover - depends on the build
-    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get(
-        "FASTADAM_ALLOW_MISSING_BACKENDS"
-    ):
-        raise  # on the platforms we build for, a missing library is a build bug
-    pytest.skip(f"C backend unavailable: {exc}", allow_module_level=True)
+c = c_backend_or_skip()
 
 ffi, lib = c.ffi, c.lib
 
-# csrc/fastadam.h's return codes
-FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS = range(0, -6, -1)
-FA_ERR_ROUNDING = -6
 FA_CODES = (
     FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS,
     FA_ERR_ROUNDING,

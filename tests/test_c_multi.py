@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,18 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import c_digests_per_isa, load_test_module
+from helpers import (
+    FA_ERR_AMSGRAD,
+    FA_ERR_INDEX,
+    FA_ERR_NULL,
+    FA_ERR_OVERLAP,
+    FA_ERR_ROUNDING,
+    FA_ERR_SIZE,
+    FA_OK,
+    c_backend_or_skip,
+    c_digests_per_isa,
+    load_test_module,
+)
 
 from fastadam._scalars import (
     STATE_BF16_NEAREST,
@@ -38,20 +48,10 @@ from fastadam._scalars import (
 from fastadam._table import GRAD, KIND_BF16, KIND_F32, KIND_F64, address, table_from_arrays
 from fastadam.backends import reference
 
-try:
-    from fastadam.backends import c
-except (ImportError, OSError) as exc:  # pragma: no cover - depends on the build
-    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get(
-        "FASTADAM_ALLOW_MISSING_BACKENDS"
-    ):
-        raise  # on the platforms we build for, a missing library is a build bug
-    pytest.skip(f"C backend unavailable: {exc}", allow_module_level=True)
+c = c_backend_or_skip()
 
 ffi, lib = c.ffi, c.lib
 
-# csrc/fastadam.h's return codes
-FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP = 0, -1, -2, -3, -4
-FA_ERR_ROUNDING, FA_ERR_INDEX = -6, -7
 # The library's parallel threshold (fastadam.c): totals past it use 2+ threads.
 PARALLEL_MIN = 32768
 BF16 = np.dtype(ml_dtypes.bfloat16)
