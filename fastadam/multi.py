@@ -223,13 +223,16 @@ class MultiTensorPlan:
         The caller has checked that each is contiguous with its parameter's
         dtype and shape; this checks that no array of the plan overlaps another.
         """
-        old = self._starts[1].copy()
-        self._starts[1] = addresses
-        try:
-            self._check_disjoint()
-        except ValueError:
-            self._starts[1] = old
-            raise
+        # The same addresses (gradients kept from step to step, as with torch's
+        # zero_grad(set_to_none=False)) need no new overlap check.
+        if not np.array_equal(addresses, self._starts[1]):
+            old = self._starts[1].copy()
+            self._starts[1] = addresses
+            try:
+                self._check_disjoint()
+            except ValueError:
+                self._starts[1] = old
+                raise
         self._lists[1] = grads
         if self._arrays:
             self._arrays = [a for lst in self._lists if lst is not None for a in lst]
