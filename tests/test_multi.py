@@ -10,11 +10,12 @@ change between steps; the optimizers make one kernel call per group and kind.
 from __future__ import annotations
 
 import itertools
+import os
 
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import OPTION_COMBOS, assert_bit_identical, combo_id
+from helpers import OPTION_COMBOS, assert_bit_identical, combo_id, run_python
 
 import fastadam
 from fastadam import config
@@ -385,3 +386,65 @@ def test_torch_per_parameter_steps_match_torch(fast_backend):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert [float(opt.state[p]["step"]) for p in ours] == [12.0, 5.0, 4.0]
     assert [float(ref.state[p]["step"]) for p in theirs] == [12.0, 5.0, 4.0]
+
+
+# -- threads and fork --------------------------------------------------------------
+
+
+def test_concurrent_python_threads_step_their_own_plans(fast_backend):
+    """Python threads stepping their own lists at once, past the parallel
+    thresholds: no abort, no deadlock, the bits of stepping them one by one."""
+    import threading
+
+    sizes = SIZES["past-parallel"]
+    lists = [make_tensors(sizes, "float32", seed=s) for s in range(4)]
+    expected = copy_tensors(t for tensors in lists for t in tensors)
+    per_tensor(expected, step=1, seeds=[0] * len(expected), backend="numpy", lr=1e-2,
+               amsgrad=True)  # fmt: skip
+    barrier = threading.Barrier(len(lists))
+    errors: list[BaseException] = []
+
+    def work(tensors):
+        try:
+            plan = fastadam.MultiTensorPlan(*columns(tensors), backend=fast_backend)
+            barrier.wait()
+            plan.step(step=1, lr=1e-2, amsgrad=True)
+        except BaseException as exc:  # reported below, in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(tensors,)) for tensors in lists]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck (deadlock?)"
+    assert not errors, errors
+    assert_tensors_identical([t for tensors in lists for t in tensors], expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_after_a_parallel_multi_step(fast_backend):
+    """A child forked after a threaded multi-tensor step runs its own, and the
+    parent's threads still work afterwards."""
+    code = f"""
+import os, sys, numpy as np, fastadam
+fastadam.set_num_threads(2)
+def lists(seed):
+    rng = np.random.default_rng(seed)
+    ps = [rng.standard_normal(n).astype(np.float32) for n in (70_000, 3, 50_000)]
+    return ps, [p * 0.1 for p in ps], [np.zeros_like(p) for p in ps], [np.ones_like(p) for p in ps]
+parent = fastadam.MultiTensorPlan(*lists(0), backend={fast_backend!r})
+parent.step(step=1, lr=1e-3)  # the parent runs the threaded kernel first
+pid = os.fork()
+if pid == 0:
+    arrays = lists(1)
+    before = [p.copy() for p in arrays[0]]
+    fastadam.adam_step_multi(*arrays, step=1, lr=1e-3, backend={fast_backend!r})
+    ok = all(np.isfinite(p).all() and not np.array_equal(p, b) for p, b in zip(arrays[0], before))
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+parent.step(step=2, lr=1e-3)
+sys.exit(0 if status == 0 else 1)
+"""
+    r = run_python(code, timeout=180)
+    assert r.returncode == 0, r.stderr
