@@ -392,26 +392,45 @@ static inline __attribute__((always_inline)) int fa_check_job(const fa_job *job,
 
 /* Elements [lo, hi) of tensor t, on the calling thread, by the kernel its
  * scalars select. bf16 pieces pass their global start, so the random bits (a
- * function of the index in the tensor) do not depend on how it was split. */
+ * function of the index in the tensor) do not depend on how it was split.
+ *
+ * The piece runs as two kernel calls: the few elements before param's next
+ * 64-byte boundary, then the rest, so that the vector loop's accesses to
+ * param (and to every array with param's offset within a line, as NumPy's
+ * large arrays all have) do not straddle cache lines. NumPy's large arrays
+ * start 16 bytes past a page boundary; unpeeled, a one-thread float32 step
+ * at 2^24 took 1.4x as long as on 64-byte aligned arrays (AVX-512, Zen 4;
+ * BENCHMARKS.md, "Aligned loops"). Elements are independent, so the split
+ * does not change a bit. */
 static inline __attribute__((always_inline)) void fa_run_piece(const fa_job *job, int64_t t,
                                                                int64_t lo, int64_t hi)
 {
     const fa_adam_scalars *const sc = fa_scalars_of(job, t);
     const int flags = fa_flags(sc);
     const int ams = sc->amsgrad != 0;
-    const int64_t len = hi - lo;
-#define FA_AT(T, r) (((T *const *)job->table[r])[t] + lo)
+    const uintptr_t base = (uintptr_t)fa_entry(job, 0, t);
+    const int64_t cut = fa_align_up(base, FA_ELSIZE[job->kind][0], lo, hi);
+    const int64_t bounds[3] = {lo, cut, hi};
+#define FA_AT(T, r) (((T *const *)job->table[r])[t] + a)
     switch (job->kind) {
     case FA_KIND_F32: {
         const fa_scalars_f32 s = FA_ROUND_SCALARS(float, sc);
-        g_table->f32[flags](FA_AT(float, 0), FA_AT(float, 1), FA_AT(float, 2), FA_AT(float, 3),
-                            ams ? FA_AT(float, 4) : NULL, len, &s);
+        for (int h = 0; h < 2; h++) {
+            const int64_t a = bounds[h], len = bounds[h + 1] - a;
+            if (len > 0)
+                g_table->f32[flags](FA_AT(float, 0), FA_AT(float, 1), FA_AT(float, 2),
+                                    FA_AT(float, 3), ams ? FA_AT(float, 4) : NULL, len, &s);
+        }
         break;
     }
     case FA_KIND_F64: {
         const fa_scalars_f64 s = FA_ROUND_SCALARS(double, sc);
-        g_table->f64[flags](FA_AT(double, 0), FA_AT(double, 1), FA_AT(double, 2),
-                            FA_AT(double, 3), ams ? FA_AT(double, 4) : NULL, len, &s);
+        for (int h = 0; h < 2; h++) {
+            const int64_t a = bounds[h], len = bounds[h + 1] - a;
+            if (len > 0)
+                g_table->f64[flags](FA_AT(double, 0), FA_AT(double, 1), FA_AT(double, 2),
+                                    FA_AT(double, 3), ams ? FA_AT(double, 4) : NULL, len, &s);
+        }
         break;
     }
     default: {
@@ -419,9 +438,13 @@ static inline __attribute__((always_inline)) void fa_run_piece(const fa_job *job
         const int mode = sc->state_rounding == FA_STATE_BF16_STOCHASTIC ? FA_BF16_STOCHASTIC
                                                                         : FA_BF16_NEAREST;
         const uint32_t key = job->keys != NULL ? job->keys[t] : sc->rounding_key;
-        g_table->bf16[mode][flags](FA_AT(float, 0), FA_AT(float, 1), FA_AT(uint16_t, 2),
-                                   FA_AT(uint16_t, 3), ams ? FA_AT(uint16_t, 4) : NULL, len,
-                                   job->first_index + lo, &s, key);
+        for (int h = 0; h < 2; h++) {
+            const int64_t a = bounds[h], len = bounds[h + 1] - a;
+            if (len > 0)
+                g_table->bf16[mode][flags](FA_AT(float, 0), FA_AT(float, 1), FA_AT(uint16_t, 2),
+                                           FA_AT(uint16_t, 3), ams ? FA_AT(uint16_t, 4) : NULL,
+                                           len, job->first_index + a, &s, key);
+        }
         break;
     }
     }

@@ -44,10 +44,14 @@ typedef int (*fa_unscale_f64)(double *grad, int64_t n, double scale, double reci
  * Software prefetch: every loop asks for the cache line FA_PREFETCH_BYTES of
  * param ahead of the one it works on (the same element distance in the other
  * arrays). The hardware streamer stops at each 4 KiB page boundary, so
- * without this each stream stalls on the first lines of every new page; with
- * it the step ran 5-25% faster at memory-bound sizes (bf16 and float32 states
- * alike, BENCHMARKS.md); 2, 3 and 6 KiB were no better, 8 KiB and prefetching
- * into L2 only (T1) were slower.
+ * without this each stream stalls on the first lines of every new page.
+ * The distance is a compromise between two machines, each measured side by
+ * side in one process (BENCHMARKS.md, "Software prefetch distance"): on the
+ * first (session 2) 4 KiB ran 5-25% faster than no prefetch at memory-bound
+ * sizes and 2-6 KiB were as good; on an AMD Zen 4 (session 7) 4 KiB was
+ * 13-20% *slower* than none at 2^24 float32, while 1 KiB matched none and
+ * torch's fused step. 1 KiB still reaches into the next page a quarter of a
+ * page early.
  * Each loop stops prefetching FA_PREFETCH_BYTES before the end of its own
  * share of the arrays. Past it lie another thread's share (or no array):
  * prefetching those lines pulled lines that another core was writing into
@@ -55,7 +59,7 @@ typedef int (*fa_unscale_f64)(double *grad, int64_t n, double scale, double reci
  * it (float32 at 2^16: 24.8 vs 19.2 us, measured side by side).
  * The address is formed as an integer: no out-of-bounds pointer arithmetic.
  */
-#define FA_PREFETCH_BYTES 4096
+#define FA_PREFETCH_BYTES 1024
 #define FA_PREFETCH(ptr, ahead) \
     __builtin_prefetch((const void *)((uintptr_t)(ptr) + (uintptr_t)(ahead) * sizeof *(ptr)), 0, 3)
 

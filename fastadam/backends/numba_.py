@@ -107,9 +107,11 @@ _num_threads = 1
 # Software prefetch: each loop walks blocks of _BLOCK elements and asks, once per
 # block, for the cache lines _PREFETCH_BYTES of param ahead in every array (the
 # same element distance in each). The hardware streamer stops at each 4 KiB page;
-# the C kernels do the same for the same reason (csrc/fastadam_internal.h).
+# the C kernels do the same for the same reason, and at the same distance, which
+# csrc/fastadam_internal.h explains (4 KiB won on one machine and lost 13-20% on
+# another; 1 KiB is the compromise).
 _BLOCK = 32
-_PREFETCH_BYTES = 4096
+_PREFETCH_BYTES = 1024
 
 
 @intrinsic
