@@ -16,7 +16,7 @@ library's own flags minus ``-fopenmp`` (what CMake does then) -- and checks:
 
 Only the baseline kernel variant is built (the variants do not depend on
 OpenMP; the dispatcher, fastadam.c, is what changes). Needs gcc (or cmake) and
-the C sources; skipped with the reason otherwise. About 10 s on 2 cores.
+the C sources; skipped with the reason otherwise. About 15 s on 2 cores.
 """
 
 from __future__ import annotations
