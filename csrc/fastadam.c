@@ -52,8 +52,10 @@
 
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static const fa_kernel_table *g_table; /* written once under g_once */
+#if defined(_OPENMP)
 static int g_default_threads = 1;      /* written once under g_once */
 static atomic_int g_num_threads;       /* 0 until set: use g_default_threads */
+#endif
 /* Set in a fork() child: GNU libgomp's thread pool does not survive fork, and
  * a child that enters a parallel region after its parent used one hangs. */
 static atomic_int g_forked;
@@ -133,6 +135,7 @@ static int fa_choose_isa(void)
     return wanted < best ? wanted : best;
 }
 
+#if defined(_OPENMP)
 static int fa_cpus_available(void)
 {
 #if defined(__linux__)
@@ -147,10 +150,14 @@ static int fa_cpus_available(void)
     return n > 0 ? (n > FA_MAX_THREADS ? FA_MAX_THREADS : (int)n) : 1;
 }
 
+#endif
+
 static void fa_init(void)
 {
     g_table = fa_table_for(fa_choose_isa());
+#if defined(_OPENMP)
     g_default_threads = fa_cpus_available();
+#endif
 }
 
 static inline void fa_ensure_init(void)
@@ -160,23 +167,32 @@ static inline void fa_ensure_init(void)
 
 /* ----------------------------------------------------------- threads -- */
 
+/* Built without OpenMP (e.g. Apple clang, or -DFASTADAM_OPENMP=OFF), the library
+ * has one thread, the caller's: a count is still checked and accepted, and
+ * fa_get_num_threads says 1, the number every step then uses. */
 int fa_set_num_threads(int n)
 {
     if (n < 0)
         return FA_ERR_THREADS;
+#if defined(_OPENMP)
     if (n > FA_MAX_THREADS)
         n = FA_MAX_THREADS;
     atomic_store_explicit(&g_num_threads, n, memory_order_relaxed);
+#endif
     return FA_OK;
 }
 
 int fa_get_num_threads(void)
 {
+#if defined(_OPENMP)
     const int n = atomic_load_explicit(&g_num_threads, memory_order_relaxed);
     if (n > 0)
         return n;
     fa_ensure_init();
     return g_default_threads;
+#else
+    return 1;
+#endif
 }
 
 /* How many threads a call over n elements uses: one below min_total, else at

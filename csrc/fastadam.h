@@ -208,6 +208,11 @@ FA_API int fa_unscale_check_f64(double *grad, int64_t n, double grad_scale, int 
  * Steps under 32768 elements (multi-tensor steps: in total) always run on the
  * calling thread, and so does every step in the child of a fork().
  * Returns FA_OK or FA_ERR_THREADS.
+ *
+ * A library built without OpenMP (Apple clang has none; CMake option
+ * FASTADAM_OPENMP=OFF) runs every step on the calling thread:
+ * fa_set_num_threads still rejects n < 0 and accepts any other n, which then
+ * has no effect, and fa_get_num_threads always returns 1.
  */
 FA_API int fa_set_num_threads(int n);
 FA_API int fa_get_num_threads(void);

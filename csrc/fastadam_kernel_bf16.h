@@ -166,7 +166,9 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
     int64_t j = 0;
     for (; j + FA_BF16_BLOCK <= n; j += FA_BF16_BLOCK) {
         fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, n, ams);
+#if !defined(__clang__) /* clang lacks it (a warning) and vectorizes these anyway */
 #pragma GCC ivdep
+#endif
         for (int64_t i = j; i < j + FA_BF16_BLOCK; i++)
             fa_adam_bf16_element(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i,
                                  lo0 + (uint32_t)i, hkey, c, l2, ams, unscale, maximize,

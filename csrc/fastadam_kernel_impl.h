@@ -91,7 +91,9 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
             }
         /* the arrays do not overlap (checked by the caller); GCC forgets
          * their restrict through the inlined call and would test it per block */
+#if !defined(__clang__) /* clang lacks it (a warning) and vectorizes these anyway */
 #pragma GCC ivdep
+#endif
         for (int64_t i = j; i < j + BLOCK; i++)
             FA_FN(adam_element)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, c, l2, ams,
                                 unscale, maximize);
