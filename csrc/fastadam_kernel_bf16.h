@@ -183,6 +183,9 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
 #if defined(__AVX512BW__)
 #include "fastadam_kernel_bf16_avx512.h"
 #define FA_BF16_BODY fa_adam_bf16_body_avx512
+#elif defined(__AVX2__)
+#include "fastadam_kernel_bf16_avx2.h"
+#define FA_BF16_BODY fa_adam_bf16_body_avx2
 #else
 #define FA_BF16_BODY fa_adam_bf16_body
 #endif

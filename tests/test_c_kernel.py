@@ -302,6 +302,58 @@ def all_cases():
                 yield f"{kind}-{n}-{combo_id(combo)}", kind, n, combo
 
 
+# NaNs for the NaN-payload cases: quiet and signalling, both signs, low bits
+# that the rounding's add would carry out of (float32), the largest payloads.
+F32_NANS = np.array(
+    [0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F80FFFF, 0xFF80FFFF, 0x7FFFFFFF, 0xFFFFFFFF,
+     0x7FC0FFFF, 0x7FBFFFFF, 0x7F808000],
+    dtype=U32,
+)  # fmt: skip
+BF16_NANS = np.array([0x7FC0, 0xFFC1, 0x7F81, 0xFF81, 0x7FFF, 0xFFFF, 0x7FBF], dtype=np.uint16)
+NAN_PAYLOAD_SIZES = (97, 1000)
+
+
+def make_nan_payload_state(n, seed):
+    """bfloat16-state arrays where each NaN has one source: an eighth of the elements
+    get a NaN gradient, others a NaN exp_avg, exp_avg_sq or max_exp_avg_sq, never two
+    in one element. Every operation then sees one NaN (or two of the same bits), and
+    x86 and NumPy return it quieted, so the stored states' NaN bits are defined:
+    the rounding's ``(u >> 16) | 0x0040``, or the max's operand as it was."""
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    m = (rng.standard_normal(n) * 0.1).astype(BF16)
+    v = (rng.random(n) * 0.01).astype(BF16)
+    vmax = (rng.random(n) * 0.02).astype(BF16)
+    at = rng.permutation(n)
+    k = n // 8
+    g.view(U32)[at[:k]] = rng.choice(F32_NANS, k)
+    for j, a in enumerate((m, v, vmax), start=1):
+        a.view(np.uint16)[at[j * k : (j + 1) * k]] = rng.choice(BF16_NANS, k)
+    return [p, g, m, v, vmax]
+
+
+def nan_payload_cases():
+    """(case, kind, n, combo) for the NaN-payload digests. Not with maximize and L2
+    together: GCC compiles the portable loop's ``-g + wd * p`` as ``wd * p - g``,
+    which keeps a NaN's sign where NumPy's negation flips it (the compiler may: C
+    does not specify NaN signs), so the baseline variant differs there."""
+    for kind in ("bf16-nearest", "bf16-stochastic"):
+        for n in NAN_PAYLOAD_SIZES:
+            for combo in COMBOS:
+                if not (combo["maximize"] and combo["weight_decay"] and not combo["decoupled"]):
+                    yield f"nan-payload-{kind}-{n}-{combo_id(combo)}", kind, n, combo
+
+
+def raw_bf16_digest(arrays) -> str:
+    """digest(), but the bfloat16 arrays' bits as they are (NaN payloads included)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is not None:
+            h.update((a.view(np.uint16) if a.dtype == BF16 else bits(a)).tobytes())
+    return h.hexdigest()
+
+
 def case_digests(step_fn, unscale_fn) -> dict[str, str]:
     """Digest of the state after one step, for every case (also run in subprocesses),
     and of the unscaled gradient and flag for every size and float dtype."""
@@ -310,6 +362,10 @@ def case_digests(step_fn, unscale_fn) -> dict[str, str]:
         state = make_state_kind(n, kind, seed=n)
         step_fn(state, make_scalars(**combo, rounding=KINDS[kind]))
         out[case] = digest(state)
+    for case, kind, n, combo in nan_payload_cases():
+        state = make_nan_payload_state(n, seed=n)
+        step_fn(state, make_scalars(**combo, rounding=KINDS[kind]))
+        out[case] = raw_bf16_digest(state)
     for dtype in DTYPES:
         for n in ODD_SIZES:
             grad = make_state(n, dtype, seed=n)[1]
