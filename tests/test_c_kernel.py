@@ -506,6 +506,12 @@ def test_isa_env_cannot_raise_or_garble(tmp_path):
 
 def test_thread_count_api(restore_threads):
     c.set_num_threads(3)
+    by_hand = sys.platform == "darwin" or "FASTADAM_C_LIBRARY" in os.environ
+    if c.get_num_threads() == 1 and by_hand:
+        # Apple clang has no OpenMP, and a library given by hand may be built
+        # without it (tests/test_c_no_openmp.py checks that build); the builds
+        # of Linux installs and CI always have it, so there 1 is a failure.
+        pytest.skip("the C library was built without OpenMP: every step runs on one thread")
     assert c.get_num_threads() == 3
     with pytest.raises(ValueError):
         c.set_num_threads(0)
