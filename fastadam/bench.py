@@ -695,6 +695,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "numba_threading_layer": layer,
         "torch": torch_version,
         "c_isa": isa,
+        "numba_target": numba_target(),
+        "auto": ", ".join(f"{k} {v}" for k, v in fastadam.backends.auto_choices().items()),
         "backends_unavailable": fastadam.unavailable_reasons(),
     }
 
@@ -714,6 +716,24 @@ def roofline_for(roofline: Roofline, dtype: str, n: int) -> float | None:
     return per_size.get(n, per_size[max(per_size)])
 
 
+def numba_target() -> str:
+    """The CPU Numba compiles for and the widest vector ISA in its features, e.g.
+    ``"znver4 (AVX-512)"``: ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set,
+    else the host's (what the Numba backend's loops are built for)."""
+    import llvmlite.binding as llvm
+    import numba
+
+    name = numba.config.CPU_NAME or llvm.get_host_cpu_name()
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    for feature, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON")):
+        if feature in enabled:
+            return f"{name} ({label})"
+    return f"{name} (no AVX2)" if platform.machine().lower() in ("x86_64", "amd64") else name
+
+
 def header_lines(info: dict[str, Any], roofline: Roofline) -> list[str]:
     """The header printed above the tables."""
     layer = info["numba_threading_layer"] or "not started"
@@ -726,7 +746,9 @@ def header_lines(info: dict[str, Any], roofline: Roofline) -> list[str]:
         f"versions: fastadam {info['fastadam']}, python {info['python']}, numpy {info['numpy']}, "
         f"numba {info['numba']} (threading layer {layer}), "
         f"torch {info['torch'] or 'not installed'}",
-        f"C backend ISA: {info['c_isa'] or 'n/a'}",
+        f"kernel variants: C {info['c_isa'] or 'n/a'}"
+        + (" (FASTADAM_ISA)" if os.environ.get("FASTADAM_ISA") else "")
+        + f", Numba target {info['numba_target']}; auto: {info['auto']}",
     ]
     busy = info.get("others_busy_cores")
     if busy is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import backends
 from ._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, compute_scalars
-from ._table import address
+from ._table import KIND_BF16, KIND_F32, KIND_F64, address
 from ._validation import (
     BFLOAT16,
     check_array,
@@ -115,11 +115,15 @@ def adam_step(
             scalars = _remember(key, _checked_scalars(*key))
     else:
         scalars = _checked_scalars(*key)
-    kernel = backends.get(backend)
+    kernel = backends.get(backend, _KIND_OF[param.dtype] if same_dtype else KIND_BF16)
     if found_inf:
         return
     kernel.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, scalars)
 
+
+#: The kind of step (the backends' auto rule is per kind) of float32 and float64
+#: params whose states have their dtype.
+_KIND_OF = {np.dtype(np.float32): KIND_F32, np.dtype(np.float64): KIND_F64}
 
 #: Checked hyperparameters -> their scalars (see adam_step); cleared when full.
 _SCALARS_MEMO: dict[tuple, AdamScalars] = {}
@@ -195,8 +199,8 @@ def unscale_and_check(grads: Sequence[np.ndarray], scale: float, *, backend: str
         lambda k: f"grads[{k}]",
     )
     scale = check_positive("scale", scale)
-    kernel = backends.get(backend)
+    kernels = [backends.get(backend, _KIND_OF[g.dtype]) for g in grads]
     found = False
-    for g in grads:
+    for kernel, g in zip(kernels, grads):
         found |= kernel.unscale_and_check(g, scale)
     return found

@@ -320,7 +320,7 @@ class MultiTensorPlan:
             raise ValueError("amsgrad=True needs max_exp_avg_sqs, one array per parameter")
         steps = self._steps(step)
         seed_array = self._seeds(seeds)
-        kernel = backends.get(self.backend)
+        kernels = {kind: backends.get(self.backend, kind) for kind, _, _ in self._tables}
         if found_inf:
             return _nothing
         flags = (bool(decoupled_weight_decay), amsgrad, bool(maximize), bool(eps_hat))
@@ -339,12 +339,11 @@ class MultiTensorPlan:
             keys = None
             if rounding == STATE_BF16_STOCHASTIC:
                 keys = rounding_keys(seed_array[pos], tensor_steps)
-            calls.append((table, scalars, index, keys))
-        step_multi = kernel.step_multi
+            calls.append((kernels[kind].step_multi, table, scalars, index, keys))
 
         def run() -> None:
-            for call in calls:
-                step_multi(*call)
+            for step_multi, table, scalars, index, keys in calls:
+                step_multi(table, scalars, index, keys)
 
         return run
 

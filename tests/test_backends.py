@@ -48,6 +48,75 @@ def test_env_var_overrides_auto(name):
     assert r.stdout.strip() == name
 
 
+def test_env_var_overrides_auto_for_every_kind():
+    r = run_python(
+        "import fastadam as fa\nprint(sorted(set(fa.backends.auto_choices().values())))",
+        FASTADAM_BACKEND="numba",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['numba']"
+
+
+def test_auto_follows_the_rule_for_this_isa():
+    from fastadam import backends
+
+    rule = backends._AUTO_RULE[backends._isa_class()]
+    available = fastadam.available_backends()
+    for kind, name in backends.auto_choices().items():
+        if rule[kind] in available:
+            assert name == rule[kind], kind
+        else:  # the preferred backend cannot load: the next in the registry's order
+            assert name in available
+
+
+def test_auto_dispatches_each_kind_to_its_own_backend():
+    """A rule naming different backends per kind: adam_step, the multi-tensor step
+    and unscale_and_check each run the backend of their kind (counted by wrapping
+    the backends' functions)."""
+    code = """
+import numpy as np, ml_dtypes, fastadam as fa
+from fastadam import backends
+isa = backends._isa_class()
+backends._AUTO_RULE[isa] = {"float32": "numba", "float64": "numpy", "bfloat16": "numba"}
+calls, depth = [], [0]
+for name in ("numpy", "numba"):
+    mod = backends.get(name)
+    for fn in ("step", "step_multi", "unscale_and_check"):
+        def wrapped(*a, _f=getattr(mod, fn), _n=f"{name}.{fn}"):
+            if not depth[0]:  # not a backend calling its own functions
+                calls.append(_n)
+            depth[0] += 1
+            try:
+                return _f(*a)
+            finally:
+                depth[0] -= 1
+        setattr(mod, fn, wrapped)
+def state(dt, sdt):
+    return [np.ones(5, dt), np.full(5, 0.5, dt), np.zeros(5, sdt), np.zeros(5, sdt)]
+fa.adam_step(*state(np.float32, np.float32), step=1, lr=0.1)
+fa.adam_step(*state(np.float64, np.float64), step=1, lr=0.1)
+fa.adam_step(*state(np.float32, ml_dtypes.bfloat16), step=1, lr=0.1)
+a32, a64 = state(np.float32, np.float32), state(np.float64, np.float64)
+fa.adam_step_multi(*[[x, y] for x, y in zip(a32, a64)], step=1, lr=0.1)
+fa.unscale_and_check([a32[1], a64[1]], 2.0)
+print(calls)
+print(fa.backends.auto_choices())
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    calls, choices = r.stdout.strip().splitlines()
+    assert eval(calls) == [
+        "numba.step", "numpy.step", "numba.step", "numba.step_multi", "numpy.step_multi",
+        "numba.unscale_and_check", "numpy.unscale_and_check",
+    ]  # fmt: skip
+    assert eval(choices) == {"float32": "numba", "float64": "numpy", "bfloat16": "numba"}
+
+
+def test_auto_kind_must_be_known():
+    with pytest.raises(ValueError, match="kind"):
+        fastadam.backends.get("auto", "float16")
+
+
 def test_env_var_unknown_name_is_a_clear_error():
     r = run_python(
         "import numpy as np, fastadam as fa\n"

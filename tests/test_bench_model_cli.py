@@ -214,7 +214,7 @@ def test_tiny_model_end_to_end(tmp_path, capsys, restore_threads):
         else:
             assert r["speedup_vs_torch_fused"] is None
 
-    assert "- C backend ISA:" in stdout  # the sweep's machine header, as Markdown
+    assert "- kernel variants: C " in stdout  # the sweep's machine header, as Markdown
     assert "- threads: 1" in stdout
     assert f"| {TINY} | 2 | 16 | 64 | 8 | 28 | {elements:,} |" in stdout
     table = [line for line in stdout.splitlines() if line.startswith(f"| {TINY} | ")]

@@ -14,6 +14,8 @@ import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
+from .._table import KIND_BF16, KIND_F32, KIND_F64, KINDS
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -69,7 +71,7 @@ BACKEND_NAMES: tuple[str, ...] = tuple(name for name, _ in reversed(_BACKENDS))
 
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
-_auto: ModuleType | None = None
+_auto: dict[str, ModuleType] = {}  # kind -> what "auto" resolved to
 _load_lock = threading.RLock()
 _num_threads: int | None = None  # None: each backend's default from config
 
@@ -99,16 +101,37 @@ def _try_load(name: str) -> ModuleType | None:
         return mod
 
 
-def get(name: str) -> ModuleType:
-    """The kernel module for ``name`` (``"auto"`` included); raise if it cannot run here."""
+#: Which backend ``"auto"`` prefers, by the C library's kernel variant (the ISA
+#: class of the CPU, or the one FASTADAM_ISA forces) and the kind of a step
+#: (fastadam._table's KIND_*: float32, float64, float32 with bfloat16 states).
+#: A fixed rule, from steps of the two backends timed side by side in one
+#: process at 2^16-2^26 elements (BENCHMARKS.md, "Which backend auto picks";
+#: ``python bench/vs_torch_fused.py --dtype float32,float64,bf16``); no timing
+#: happens at import. A preferred backend that cannot load here falls back to
+#: the _BACKENDS order.
+_AUTO_RULE: dict[str, dict[str, str]] = {
+    "avx512": {KIND_F32: "c", KIND_F64: "c", KIND_BF16: "c"},
+    "avx2": {KIND_F32: "c", KIND_F64: "c", KIND_BF16: "c"},
+    "baseline": {KIND_F32: "c", KIND_F64: "c", KIND_BF16: "c"},
+}
+
+
+def get(name: str, kind: str = KIND_F32) -> ModuleType:
+    """The kernel module for ``name``; for ``"auto"``, the one ``auto`` picks for steps of
+    ``kind`` (``"float32"``, ``"float64"`` or ``"bfloat16"`` states). Raises if it cannot
+    run here."""
     if type(name) is str:  # the per-step fast path: an already loaded backend
         mod = _loaded.get(name)
         if mod is not None:
             return mod
+        if name == "auto":
+            mod = _auto.get(kind)
+            if mod is not None:
+                return mod
     elif not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
-        return _resolve_auto()
+        return _resolve_auto(kind)
     if name not in _MODULES:
         raise ValueError(
             f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}"
@@ -119,10 +142,20 @@ def get(name: str) -> ModuleType:
     return mod
 
 
-def _resolve_auto() -> ModuleType:
+def _isa_class() -> str:
+    """The key of _AUTO_RULE for this process: the C library's variant, or the
+    baseline rule when C does not load (then only the order of _BACKENDS matters)."""
+    c = _try_load("c")
+    return c.isa() if c is not None else "baseline"
+
+
+def _resolve_auto(kind: str) -> ModuleType:
     # FASTADAM_BACKEND is read once, at the first "auto" step of the process.
-    global _auto
-    if _auto is None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+    with _load_lock:
+        if kind in _auto:
+            return _auto[kind]
         forced = os.environ.get("FASTADAM_BACKEND", "").strip()
         if forced and forced != "auto":
             if forced not in _MODULES:
@@ -130,10 +163,13 @@ def _resolve_auto() -> ModuleType:
                     f"FASTADAM_BACKEND must be one of {', '.join(map(repr, BACKEND_NAMES))}; "
                     f"got {forced!r}"
                 )
-            _auto = get(forced)
+            mod = get(forced)
         else:
-            _auto = next(m for n in _MODULES if (m := _try_load(n)) is not None)
-    return _auto
+            preferred = _AUTO_RULE.get(_isa_class(), _AUTO_RULE["baseline"])[kind]
+            order = [preferred] + [n for n in _MODULES if n != preferred]
+            mod = next(m for n in order if (m := _try_load(n)) is not None)
+        _auto[kind] = mod
+        return mod
 
 
 def available_backends() -> tuple[str, ...]:
@@ -147,9 +183,15 @@ def unavailable_reasons() -> dict[str, str]:
     return dict(_errors)
 
 
-def auto_backend() -> str:
-    """The backend ``backend="auto"`` uses in this process."""
-    return _resolve_auto().NAME
+def auto_backend(kind: str = KIND_F32) -> str:
+    """The backend ``backend="auto"`` uses in this process for steps of ``kind``
+    (``"float32"``, ``"float64"``, or ``"bfloat16"`` states)."""
+    return _resolve_auto(kind).NAME
+
+
+def auto_choices() -> dict[str, str]:
+    """``auto_backend(kind)`` for every kind."""
+    return {kind: auto_backend(kind) for kind in KINDS}
 
 
 def set_num_threads(n: int) -> None:
