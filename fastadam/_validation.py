@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import ml_dtypes
@@ -36,9 +37,7 @@ _CARRAY = _C_CONTIGUOUS | _ALIGNED | _WRITEABLE
 
 def check_real(name: str, x: object) -> float:
     """``x`` as a finite float; bools and non-numbers are a TypeError."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
+    x = as_real(name, x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
     return x
@@ -60,6 +59,54 @@ def check_beta(name: str, x: object) -> float:
     if not 0.0 <= x < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {x}")
     return x
+
+
+def as_real(name: str, x: object) -> float:
+    """``x`` as a float, finite or not; bools and non-numbers are a TypeError."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def check_optimizer_hyper(
+    lr: object,
+    betas: object,
+    eps: object,
+    weight_decay: object,
+    as_float: Callable[[str, object], float] = as_real,
+) -> tuple[float, float, float, float, float]:
+    """The constructor and param-group checks of ``torch.optim.Adam``/``AdamW``, shared
+    by :class:`fastadam.Adam` and :class:`fastadam.torch.Adam`.
+
+    In torch's order (lr, eps, betas[0], betas[1], weight_decay) and with torch's
+    exact message first, then the rule in words: code that matches torch's
+    messages keeps working. Unlike torch, non-finite values are refused too
+    (``adam_step`` would refuse them at the first step anyway). ``as_float``
+    turns one value into a float or raises TypeError (the torch front end's
+    also takes 1-element tensors). Returns ``(lr, beta1, beta2, eps,
+    weight_decay)`` as floats.
+    """
+    lr_f = as_float("lr", lr)
+    if not (math.isfinite(lr_f) and lr_f >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr} (lr must be finite and >= 0)")
+    eps_f = as_float("eps", eps)
+    if not (math.isfinite(eps_f) and eps_f >= 0.0):
+        raise ValueError(f"Invalid epsilon value: {eps} (eps must be finite and >= 0)")
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta = [0.0, 0.0]
+    for i in (0, 1):
+        beta[i] = as_float(f"betas[{i}]", betas[i])
+        if not 0.0 <= beta[i] < 1.0:
+            raise ValueError(
+                f"Invalid beta parameter at index {i}: {betas[i]} (betas[{i}] must be in [0, 1))"
+            )
+    wd_f = as_float("weight_decay", weight_decay)
+    if not (math.isfinite(wd_f) and wd_f >= 0.0):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} (weight_decay must be finite and >= 0)"
+        )
+    return lr_f, beta[0], beta[1], eps_f, wd_f
 
 
 def check_positive(name: str, x: object) -> float:

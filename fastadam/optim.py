@@ -12,43 +12,22 @@ arrays stay the same): one kernel call per group and dtype. The per-parameter st
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import backends
-from ._validation import BFLOAT16, check_array, check_seed, check_state_rounding
+from ._validation import (
+    BFLOAT16,
+    check_array,
+    check_optimizer_hyper,
+    check_seed,
+    check_state_rounding,
+)
 from .multi import _LIST_NAMES, MultiTensorPlan
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    """torch.optim.Adam's constructor checks, with the argument named."""
-    for name, value, what in (
-        ("lr", lr, "learning rate"),
-        ("eps", eps, "epsilon value"),
-        ("weight_decay", weight_decay, "weight_decay value"),
-    ):
-        if not _is_number(value):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"Invalid {what}: {name}={value} (must be finite and >= 0)")
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        if not _is_number(b):
-            raise TypeError(f"betas[{i}] must be a real number, got {type(b).__name__}")
-        if not 0.0 <= b < 1.0:
-            raise ValueError(
-                f"Invalid beta parameter at index {i}: betas[{i}]={b} (must be in [0, 1))"
-            )
 
 
 class Adam:
@@ -92,7 +71,7 @@ class Adam:
         seed: int = 0,
         backend: str = "auto",
     ) -> None:
-        _check_hyper(lr, betas, eps, weight_decay)
+        check_optimizer_hyper(lr, betas, eps, weight_decay)
         backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
         self.backend = backend
         self.state_dtype = _resolve_state_dtype(state_dtype)
@@ -175,7 +154,7 @@ class Adam:
             raise ValueError("some parameters appear in more than one parameter group")
         for k, v in self.defaults.items():
             group.setdefault(k, v)
-        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_optimizer_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         group["params"] = ps
         self.param_groups.append(group)
 
@@ -256,7 +235,7 @@ class Adam:
         state the step needs and does not have yet goes to ``pending``.
         """
         try:
-            _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            check_optimizer_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param_groups[{gi}]: {exc}") from None
         amsgrad = bool(group["amsgrad"])

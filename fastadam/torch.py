@@ -44,8 +44,7 @@ PyTorch is optional for :mod:`fastadam`; this module alone needs it
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +58,13 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
-from fastadam._validation import BFLOAT16, check_seed, check_state_rounding
+from fastadam._validation import (
+    BFLOAT16,
+    as_real,
+    check_optimizer_hyper,
+    check_seed,
+    check_state_rounding,
+)
 from fastadam.multi import MultiTensorPlan
 
 __all__ = ["Adam", "AdamW"]
@@ -89,41 +94,12 @@ def _scalar(name: str, value: Any) -> float:
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         return float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    return as_real(name, value)
 
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> tuple[float, ...]:
-    """torch.optim.Adam's constructor checks, with the argument named.
-
-    Returns ``(lr, beta1, beta2, eps, weight_decay)`` as floats. Unlike torch,
-    non-finite values are refused too: :func:`fastadam.adam_step` would refuse
-    them at the first step anyway.
-    """
-    lr_f = _scalar("lr", lr)
-    if not (math.isfinite(lr_f) and lr_f >= 0.0):
-        raise ValueError(f"Invalid learning rate: lr={lr} (must be finite and >= 0)")
-    eps_f = _scalar("eps", eps)
-    if not (math.isfinite(eps_f) and eps_f >= 0.0):
-        raise ValueError(f"Invalid epsilon value: eps={eps} (must be finite and >= 0)")
-    if isinstance(betas, (str, bytes, torch.Tensor)) or not isinstance(betas, Iterable):
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    betas = tuple(betas)
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {len(betas)} values")
-    b = [_scalar(f"betas[{i}]", x) for i, x in enumerate(betas)]
-    for i, x in enumerate(b):
-        if not 0.0 <= x < 1.0:
-            raise ValueError(
-                f"Invalid beta parameter at index {i}: betas[{i}]={betas[i]} (must be in [0, 1))"
-            )
-    wd_f = _scalar("weight_decay", weight_decay)
-    if not (math.isfinite(wd_f) and wd_f >= 0.0):
-        raise ValueError(
-            f"Invalid weight_decay value: weight_decay={weight_decay} (must be finite and >= 0)"
-        )
-    return lr_f, b[0], b[1], eps_f, wd_f
+    """torch.optim.Adam's checks (fastadam._validation), 1-element tensors accepted."""
+    return check_optimizer_hyper(lr, betas, eps, weight_decay, _scalar)
 
 
 def _check_backend(backend: Any) -> None:

@@ -531,7 +531,7 @@ def test_bad_group_hyperparameter_changes_nothing():
         p.grad = torch.randn_like(p)
     opt.param_groups[1]["lr"] = -1.0
     snap = _snapshot(opt, good)
-    with pytest.raises(ValueError, match=r"param_groups\[1\].*lr=-1"):
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*Invalid learning rate: -1"):
         opt.step()
     _assert_unchanged(opt, good, snap)
 
@@ -539,12 +539,12 @@ def test_bad_group_hyperparameter_changes_nothing():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(lr=-1.0), "learning rate: lr=-1"),
-        (dict(lr=float("nan")), "learning rate: lr=nan"),
-        (dict(eps=-1e-8), "epsilon value: eps="),
-        (dict(betas=(1.0, 0.999)), r"index 0: betas\[0\]=1.0"),
-        (dict(betas=(0.9, -0.1)), r"index 1: betas\[1\]=-0.1"),
-        (dict(weight_decay=-0.1), "weight_decay value: weight_decay=-0.1"),
+        (dict(lr=-1.0), r"learning rate: -1.0 \(lr must be finite and >= 0\)"),
+        (dict(lr=float("nan")), "learning rate: nan"),
+        (dict(eps=-1e-8), "epsilon value: -1e-08"),
+        (dict(betas=(1.0, 0.999)), r"index 0: 1.0 \(betas\[0\] must be in \[0, 1\)\)"),
+        (dict(betas=(0.9, -0.1)), r"index 1: -0.1 \(betas\[1\]"),
+        (dict(weight_decay=-0.1), "weight_decay value: -0.1"),
         (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
         (dict(backend="nope"), "backend must be"),
         (dict(capturable=True), "capturable"),
@@ -557,10 +557,45 @@ def test_constructor_checks(cls, kwargs, match):
         cls([nn.Parameter(torch.zeros(2))], **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-1),
+        dict(lr=-0.5),
+        dict(lr=float("nan")),
+        dict(eps=-1e-8),
+        dict(betas=(1.0, 0.999)),
+        dict(betas=(0.9, -0.1)),
+        dict(betas=(-0.5, 0.999)),
+        dict(weight_decay=-1),
+        dict(weight_decay=-0.01),
+        dict(lr=-1, eps=-1, weight_decay=-1),  # several bad: the first in torch's order
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [(ft.Adam, torch.optim.Adam), (ft.AdamW, torch.optim.AdamW), (fastadam.Adam, torch.optim.Adam)],
+    ids=["torch.Adam", "torch.AdamW", "numpy.Adam"],
+)
+def test_bad_hyperparameters_start_with_torchs_own_message(ours, theirs, kwargs):
+    """Code matching torch's messages (its own test suite does) keeps working: each
+    message starts with torch's exact text, detail after it."""
+    with pytest.raises(ValueError) as torch_error:
+        theirs([nn.Parameter(torch.zeros(2))], **kwargs)
+    params = [np.zeros(2, np.float32)] if ours is fastadam.Adam else [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError) as our_error:
+        ours(params, **kwargs)
+    assert str(our_error.value).startswith(str(torch_error.value)), (
+        str(our_error.value),
+        str(torch_error.value),
+    )
+
+
 def test_add_param_group_checks_and_works():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
     opt = ft.Adam([a], lr=0.1)
-    with pytest.raises(ValueError, match="lr=-0.5"):
+    with pytest.raises(ValueError, match="Invalid learning rate: -0.5"):
         opt.add_param_group({"params": [b], "lr": -0.5})
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [b], "lr": 0.01})
