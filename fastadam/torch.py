@@ -336,12 +336,18 @@ class _PreparedGroup:
 # -- the optimizers ------------------------------------------------------------
 
 
-class Adam(torch.optim.Optimizer):
+class Adam(torch.optim.Adam):
     """``torch.optim.Adam`` (and, with ``decoupled_weight_decay=True``, AdamW) on fastadam kernels.
 
     Same constructor, checks, parameter groups, state layout and ``state_dict``
     as ``torch.optim.Adam``, and it is stepped, scheduled and checkpointed the
     same way. Parameters: float32/float64, contiguous, on the CPU.
+
+    A subclass of ``torch.optim.Adam`` (and :class:`AdamW` of
+    ``torch.optim.AdamW``), so code that checks ``isinstance`` (schedulers,
+    trainer integrations, ZeRO wrappers) accepts it; none of torch's update
+    path is used: ``__init__`` and ``step`` are this class's own, and only
+    torch's checkpoint upgrades (``__setstate__``) run.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of
@@ -400,7 +406,8 @@ class Adam(torch.optim.Optimizer):
         seed: int = 0,
         backend: str = "auto",
     ) -> None:
-        del foreach, fused  # always one fused pass per parameter
+        # foreach and fused are stored (torch's checkpoints carry them) and
+        # ignored: the update is always one fused pass over each group.
         if capturable:
             raise ValueError("capturable=True (CUDA graphs) is not supported by fastadam.torch")
         if differentiable:
@@ -420,6 +427,10 @@ class Adam(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.state_rounding = state_rounding
         self.seed = seed
+        # torch.optim.Adam's group keys, in its order and with the values it
+        # stores, so that checkpoints move both ways and save -> load -> save is
+        # stable (torch's Optimizer.__setstate__ adds "differentiable" to the
+        # defaults of an optimizer that lacks it); then fastadam's own.
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -427,12 +438,18 @@ class Adam(torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "amsgrad": bool(amsgrad),
             "maximize": bool(maximize),
+            "foreach": foreach,
+            "capturable": False,
+            "differentiable": False,
+            "fused": fused,
             "decoupled_weight_decay": bool(decoupled_weight_decay),
             "eps_hat": bool(eps_hat),
         }
         # group index -> the group's _GroupPlan (see _prepare_group)
         self._plans: dict[int, _GroupPlan] = {}
-        super().__init__(params, defaults)
+        # torch.optim.Adam.__init__ is skipped on purpose: its checks are
+        # check_optimizer_hyper's, and the rest configures torch's update.
+        torch.optim.Optimizer.__init__(self, params, defaults)
 
     # -- groups and checkpoints ------------------------------------------------
 
@@ -461,14 +478,11 @@ class Adam(torch.optim.Optimizer):
         for key, default in _OPTIMIZER_SETTINGS.items():
             self.__dict__.setdefault(key, default)
         self._plans = {}  # rebuilt at the next step
+        # torch.optim.Adam's __setstate__ (above, by super()) has filled in its
+        # group keys and made old-style numeric steps tensors; fill in ours.
         for group in self.param_groups:
             for key, default in self.defaults.items():
                 group.setdefault(key, default)
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and "step" in st and not torch.is_tensor(st["step"]):
-                    # Old-style checkpoints store the step as a number.
-                    st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, keeping bfloat16 states bfloat16.
@@ -666,7 +680,7 @@ class Adam(torch.optim.Optimizer):
         }
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     """``torch.optim.AdamW`` on fastadam kernels: Adam with decoupled weight decay.
 
     Same arguments as :class:`Adam` without ``decoupled_weight_decay`` (always
@@ -700,8 +714,5 @@ class AdamW(Adam):
             state_rounding=state_rounding, seed=seed, backend=backend,
         )  # fmt: skip
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # As torch.optim.AdamW: a loaded Adam checkpoint does not turn the decay off.
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
+    # __setstate__: torch.optim.AdamW's (next in the MRO after Adam's) keeps
+    # decoupled_weight_decay on for a loaded Adam checkpoint.

@@ -297,6 +297,55 @@ def test_adamw_loading_adam_checkpoint_keeps_decoupled_decay():
     assert opt.param_groups[0]["eps_hat"] is False  # our key, absent from torch's groups
 
 
+def _assert_same_checkpoint(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for key, t in a["state"][k].items():
+            assert t.dtype == b["state"][k][key].dtype and torch.equal(t, b["state"][k][key])
+
+
+@pytest.mark.parametrize("which", ["Adam", "AdamW"])
+@pytest.mark.parametrize("source", ["ours", "torch"])
+def test_checkpoints_round_trip_stably_with_torchs_group_keys(which, source):
+    """save -> load -> save gives the same checkpoint, from ours or from torch's, and
+    the groups carry exactly torch's keys (plus fastadam's eps_hat) with torch's values."""
+    ours, theirs = getattr(ft, which), getattr(torch.optim, which)
+    p = nn.Parameter(torch.randn(5))
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    first = (ours if source == "ours" else theirs)([p], **kw)
+    p.grad = torch.randn(5)
+    first.step()
+    saved = _roundtrip(first.state_dict())
+    reference = theirs([nn.Parameter(torch.randn(5))], **kw).state_dict()["param_groups"][0]
+    ours_fresh = ours([nn.Parameter(torch.randn(5))], **kw).state_dict()["param_groups"][0]
+    assert set(ours_fresh) - set(reference) == {"eps_hat"}
+    assert {k: ours_fresh[k] for k in reference} == reference
+    for i in range(3):  # load into ours, save, load again: nothing drifts
+        opt = ours([p], **kw)
+        opt.load_state_dict(saved)
+        again = _roundtrip(opt.state_dict())
+        if source == "ours" or i > 0:  # torch's own checkpoint gains eps_hat once
+            _assert_same_checkpoint(again, saved)
+        saved = again
+    back = theirs([p], **kw)  # and torch takes ours back, unchanged
+    back.load_state_dict(saved)
+    _assert_same_checkpoint(_roundtrip(back.state_dict()), saved)
+
+
+def test_isinstance_of_torchs_classes_without_torchs_update():
+    p = nn.Parameter(torch.ones(3))
+    adam, adamw = ft.Adam([p]), ft.AdamW([p])
+    assert isinstance(adam, torch.optim.Adam) and not isinstance(adam, torch.optim.AdamW)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(adamw, ft.Adam)
+    # torch's update path is never taken: step and __init__ are fastadam's own
+    for cls in (ft.Adam, ft.AdamW):
+        assert cls.step.__qualname__.startswith("Adam.step")
+        assert cls.step.__module__ == "fastadam.torch"
+    assert ft.AdamW.__init__.__module__ == "fastadam.torch"
+
+
 def test_pickle_keeps_backend_and_state():
     p = nn.Parameter(torch.randn(3))
     p.grad = torch.ones(3)
