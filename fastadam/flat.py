@@ -27,17 +27,52 @@ def aligned_zeros(n: int, dtype: np.dtype, alignment: int = ALIGNMENT) -> np.nda
 class FlatParams:
     """Parameters and gradients of many arrays, packed into two flat buffers.
 
-    Args:
-        arrays: a mapping name -> array, or a sequence of arrays (then the names
-            are 0, 1, ...). The values are copied in.
-        dtype: float32 or float64; by default the arrays' common float type.
+    A whole model becomes one kernel call over ``data`` and ``grad``,
+    while the training loop keeps using per-array views (no copies in either
+    direction).
 
-    Attributes:
-        data: 1-D parameter buffer (64-byte aligned); each array starts on a
-            64-byte boundary, the padding between them stays zero.
-        grad: 1-D gradient buffer of the same layout, zero to start.
-        params: name -> view into ``data`` with the array's original shape.
-        grads: name -> view into ``grad`` with the array's original shape.
+    Parameters
+    ----------
+    arrays : mapping of name to numpy.ndarray, or sequence of numpy.ndarray
+        The arrays to pack (any shapes, real numbers); with a sequence the
+        names are 0, 1, .... The values are copied in.
+    dtype : {numpy.float32, numpy.float64} or None, default None
+        dtype of the buffers; by default the arrays' common type, which must
+        be float32 or float64.
+
+    Attributes
+    ----------
+    data : numpy.ndarray
+        1-D parameter buffer, 64-byte aligned; each array starts on a 64-byte
+        boundary, and the padding between them stays zero.
+    grad : numpy.ndarray
+        1-D gradient buffer of the same layout, zero to start.
+    params : dict
+        Name to a view into ``data`` with the array's original shape.
+    grads : dict
+        Name to a view into ``grad`` with the array's original shape.
+    dtype : numpy.dtype
+        float32 or float64.
+
+    Raises
+    ------
+    TypeError
+        ``arrays`` is one array, not a mapping or sequence, or holds a
+        non-array or complex/non-numeric array; ``dtype`` is not float32 or
+        float64.
+    ValueError
+        ``arrays`` is empty.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam
+    >>> flat = fastadam.FlatParams({"w": np.ones((3, 5)), "b": np.zeros(5)}, dtype=np.float32)
+    >>> flat
+    FlatParams(2 arrays, 32 elements, dtype=float32)
+    >>> flat.params["w"].shape, flat.grads["b"].shape
+    ((3, 5), (5,))
+    >>> np.shares_memory(flat.params["b"], flat.data)
+    True
     """
 
     def __init__(
@@ -92,7 +127,7 @@ class FlatParams:
 
     @property
     def size(self) -> int:
-        """Elements in the flat buffers, padding included."""
+        """int: Elements in each flat buffer, padding included."""
         return self.data.size
 
     def zero_grad(self) -> None:

@@ -54,47 +54,101 @@ def adam_step(
 ) -> None:
     """Apply one fused Adam/AdamW update to ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
 
-    The math and its order are those of ``torch.optim.Adam`` (``AdamW`` with
-    ``decoupled_weight_decay=True``); float32 arrays are updated in float32
-    arithmetic, float64 in float64.
+    The math and its order are those of ``torch.optim.Adam`` (``torch.optim.AdamW``
+    with ``decoupled_weight_decay=True``); float32 arrays are updated in float32
+    arithmetic, float64 in float64. Every backend gives bit-identical results.
 
-    Args:
-        param: parameters θ, float32 or float64, any shape, C-contiguous, writeable.
-        grad: gradient of the loss w.r.t. ``param``; same dtype and shape.
-            Written to only when ``grad_scale`` is given (the unscaled gradient).
-        exp_avg: first moment m, same dtype and shape; updated in place.
-        exp_avg_sq: second moment v, same dtype and shape; updated in place.
-        step: 1-based count of this update (torch's ``state["step"]`` after its
-            increment); the bias corrections are ``1 - beta**step``.
-        lr: learning rate, >= 0.
-        beta1, beta2: moment decay rates in [0, 1).
-        eps: term added to the denominator, >= 0.
-        weight_decay: >= 0. Adam (``decoupled_weight_decay=False``) adds
-            ``weight_decay * θ`` to the gradient; AdamW multiplies θ by
-            ``1 - lr * weight_decay`` first.
-        amsgrad: use ``max(max_exp_avg_sq, v)`` in the denominator;
-            ``max_exp_avg_sq`` (same dtype and shape) is then required and updated.
-        maximize: ascend instead of descend.
-        eps_hat: the Keras/TensorFlow/scikit-learn convention
-            ``θ -= lr·sqrt(1-β2^t)/(1-β1^t) · m/(sqrt(v)+ε)`` instead of torch's.
-        grad_scale: if given (finite, > 0), the gradient is divided by it in the
-            same pass and the unscaled gradient is written back into ``grad``.
-        found_inf: if true, validate and return without touching anything
-            (the step a ``GradScaler`` skips).
-        state_rounding: with bfloat16 states (``exp_avg``, ``exp_avg_sq`` and
-            ``max_exp_avg_sq`` of dtype ``ml_dtypes.bfloat16``, param and grad
-            float32), how the float32 results are stored: ``"stochastic"``
-            (default; unbiased, so small decays are not lost) or ``"nearest"``.
-            Checked always, used only with bfloat16 states.
-        seed: stochastic rounding's random bits are a hash of (seed, step,
-            element index): reproducible, whatever the thread count. An integer
-            in [0, 2**64); give each parameter array its own.
-        backend: ``"auto"``, ``"numpy"``, ``"numba"`` or ``"c"``.
+    Parameters
+    ----------
+    param : numpy.ndarray
+        Parameters θ, float32 or float64, any shape; C-contiguous, aligned,
+        native byte order, writeable. Updated in place.
+    grad : numpy.ndarray
+        Gradient of the loss with respect to ``param``: same dtype and shape.
+        Written to only when ``grad_scale`` is given (the unscaled gradient).
+    exp_avg : numpy.ndarray
+        First moment m, shaped like ``param``, of its dtype (or
+        ``ml_dtypes.bfloat16`` for a float32 ``param``). Updated in place.
+    exp_avg_sq : numpy.ndarray
+        Second moment v, shaped like ``param``, of ``exp_avg``'s dtype. Updated
+        in place.
+    step : int
+        1-based count of this update (torch's ``state["step"]`` after its
+        increment), >= 1; the bias corrections are ``1 - beta**step``.
+    lr : float
+        Learning rate, finite and >= 0.
+    beta1 : float, default 0.9
+        Decay rate of the first moment, in [0, 1).
+    beta2 : float, default 0.999
+        Decay rate of the second moment, in [0, 1).
+    eps : float, default 1e-8
+        Term added to the denominator, finite and >= 0.
+    weight_decay : float, default 0.0
+        Finite and >= 0. Adam (``decoupled_weight_decay=False``) adds
+        ``weight_decay * θ`` to the gradient; AdamW multiplies θ by
+        ``1 - lr * weight_decay`` first.
+    decoupled_weight_decay : bool, default False
+        AdamW's weight decay instead of Adam's L2 term.
+    amsgrad : bool, default False
+        Use ``max(max_exp_avg_sq, v)`` in the denominator; ``max_exp_avg_sq``
+        is then required and updated.
+    max_exp_avg_sq : numpy.ndarray or None, default None
+        Running maximum of v for ``amsgrad``, like ``exp_avg_sq``; ignored
+        without ``amsgrad``.
+    maximize : bool, default False
+        Ascend the objective instead of descending it.
+    eps_hat : bool, default False
+        The Keras/TensorFlow/scikit-learn placement of ``eps``:
+        ``θ -= lr·sqrt(1-β2^t)/(1-β1^t) · m/(sqrt(v)+ε)`` instead of torch's.
+    grad_scale : float or None, default None
+        If given (finite, > 0), the gradient is divided by it in the same pass
+        and the unscaled gradient is written back into ``grad``.
+    found_inf : bool, default False
+        If true, validate and return without touching anything (the step a
+        loss scaler skips after an overflow).
+    state_rounding : {"stochastic", "nearest"}, default "stochastic"
+        With bfloat16 states (``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``
+        of dtype ``ml_dtypes.bfloat16``, ``param`` and ``grad`` float32), how
+        the float32 results are stored: stochastic rounding is unbiased, so
+        small decays are not lost. Checked always, used only with bfloat16
+        states.
+    seed : int, default 0
+        Stochastic rounding's random bits are a hash of (seed, step, element
+        index): reproducible whatever the thread count. In [0, 2**64); give
+        each parameter array its own.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        The kernel to run; ``"auto"`` is :func:`auto_backend`'s choice.
 
-    Raises:
-        TypeError, ValueError: a bad argument, named in the message; nothing
-            has been modified.
-        BackendUnavailableError: the named backend cannot load here (says why).
+    Raises
+    ------
+    TypeError
+        An argument of the wrong kind: an array of the wrong dtype, a
+        non-array, a bool or non-number hyperparameter, a non-str backend.
+        The message names the argument; nothing has been modified.
+    ValueError
+        An argument of the right kind with a bad value: mismatched shapes,
+        non-contiguous, read-only or overlapping arrays, NaN or out-of-range
+        hyperparameters, ``amsgrad`` without ``max_exp_avg_sq``, an unknown
+        backend name. Nothing has been modified.
+    BackendUnavailableError
+        The backend named cannot load on this machine (the message says why).
+
+    See Also
+    --------
+    adam_step_multi : the same update over a list of tensors, in one call.
+    Adam, AdamW : optimizers that keep the moments and the step count.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam
+    >>> p = np.ones(4, np.float32)
+    >>> g = np.full(4, 0.5, np.float32)
+    >>> m, v = np.zeros_like(p), np.zeros_like(p)
+    >>> fastadam.adam_step(p, g, m, v, step=1, lr=0.1)
+    >>> p.round(6)  # the first Adam step moves each element by about lr
+    array([0.9, 0.9, 0.9, 0.9], dtype=float32)
+    >>> m
+    array([0.05, 0.05, 0.05, 0.05], dtype=float32)
     """
     if amsgrad is not False:
         amsgrad = bool(amsgrad)
@@ -177,16 +231,43 @@ def unscale_and_check(grads: Sequence[np.ndarray], scale: float, *, backend: str
         opt.step(grads, found_inf=found_inf)   # skipped (step not advanced) on overflow
 
     Every gradient is unscaled even after an overflow is found (as torch's
-    GradScaler does). The division is the same IEEE division ``adam_step``
-    applies with ``grad_scale``.
+    ``GradScaler`` does). The division is the same IEEE division
+    :func:`adam_step` applies with ``grad_scale``.
 
-    Args:
-        grads: float32/float64 arrays, C-contiguous, writeable, not overlapping.
-        scale: the loss scale the gradients were multiplied by; finite, > 0.
-        backend: as for :func:`adam_step`.
+    Parameters
+    ----------
+    grads : sequence of numpy.ndarray, or numpy.ndarray
+        float32 or float64 arrays of any shapes; C-contiguous, writeable, no
+        two sharing memory. One array counts as a list of one.
+    scale : float
+        The loss scale the gradients were multiplied by; finite and > 0.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        As for :func:`adam_step`.
 
-    Returns:
+    Returns
+    -------
+    bool
         True if any unscaled gradient element is NaN or infinite.
+
+    Raises
+    ------
+    TypeError
+        A gradient that is not a float32/float64 array, or a non-number
+        ``scale``; nothing has been modified.
+    ValueError
+        A non-contiguous, read-only or overlapping gradient, or a ``scale``
+        that is not finite and > 0; nothing has been modified.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam
+    >>> grads = [np.array([2.0, 4.0]), np.array([np.inf])]
+    >>> fastadam.unscale_and_check(grads, 2.0)
+    True
+    >>> grads[0]
+    array([1., 2.])
     """
     if isinstance(grads, np.ndarray):
         grads = [grads]

@@ -89,19 +89,9 @@ def _kind(param: np.ndarray, exp_avg: np.ndarray) -> str:
     return KIND_F32 if param.dtype == np.float32 else KIND_F64
 
 
-class MultiTensorPlan:
+# PR01: the keyword _private_views is for fastadam.torch only, and stays undocumented.
+class MultiTensorPlan:  # numpydoc ignore=PR01
     """A list of tensors checked once, then stepped as many times as needed.
-
-    Args:
-        params: sequence of parameter arrays (float32 or float64, any shapes,
-            C-contiguous, writeable, aligned, native byte order).
-        grads: one gradient per parameter, same dtype and shape (written to
-            only when a step has ``grad_scale``).
-        exp_avgs, exp_avg_sqs: the moments, each shaped like its parameter,
-            of its dtype, or bfloat16 (``ml_dtypes.bfloat16``) for float32 parameters.
-        max_exp_avg_sqs: None, or one array per parameter like its moments
-            (needed for steps with ``amsgrad=True``).
-        backend: ``"auto"``, ``"numpy"``, ``"numba"`` or ``"c"``.
 
     Every array of every tensor must be a separate buffer: no two arrays of the
     whole list may share memory. Tensors of different dtype kinds (float32,
@@ -112,9 +102,59 @@ class MultiTensorPlan:
     is. Each :meth:`step` re-checks only what can change: that every array is
     still writeable, and the hyperparameters.
 
-    Raises:
-        TypeError, ValueError: a bad array, named by list and index
-            (``grads[3] has dtype float64 ...``); nothing is modified.
+    Parameters
+    ----------
+    params : sequence of numpy.ndarray
+        The parameter arrays: float32 or float64, any shapes, C-contiguous,
+        writeable, aligned, native byte order. A list or tuple.
+    grads : sequence of numpy.ndarray
+        One gradient per parameter, of its dtype and shape (written to only
+        when a step has ``grad_scale``).
+    exp_avgs : sequence of numpy.ndarray
+        First moments, each shaped like its parameter, of its dtype, or
+        ``ml_dtypes.bfloat16`` for a float32 parameter.
+    exp_avg_sqs : sequence of numpy.ndarray
+        Second moments, each of its ``exp_avgs`` entry's dtype and shape.
+    max_exp_avg_sqs : sequence of numpy.ndarray or None, default None
+        One array per parameter like its moments, needed for steps with
+        ``amsgrad=True``.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        The kernels to run, as for :func:`adam_step`.
+
+    Attributes
+    ----------
+    count : int
+        Number of tensors.
+    backend : str
+        The ``backend`` argument.
+
+    Raises
+    ------
+    TypeError
+        A list that is not a sequence, or an array of the wrong dtype, named
+        by list and index (``grads[3] has dtype float64 ...``).
+    ValueError
+        Lists of different lengths, or an array with a bad shape, layout or
+        overlap, named by list and index; an unknown backend.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
+
+    See Also
+    --------
+    adam_step_multi : the same step without keeping a plan.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam
+    >>> params = [np.ones((2, 3), np.float32), np.ones(5, np.float32)]
+    >>> grads = [np.full_like(a, 0.5) for a in params]
+    >>> exp_avgs = [np.zeros_like(a) for a in params]
+    >>> exp_avg_sqs = [np.zeros_like(a) for a in params]
+    >>> plan = fastadam.MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs)
+    >>> for t in range(1, 4):
+    ...     plan.step(step=t, lr=0.1)
+    >>> params[1].round(6)  # each step moved it by about lr
+    array([0.7, 0.7, 0.7, 0.7, 0.7], dtype=float32)
     """
 
     def __init__(
@@ -178,10 +218,12 @@ class MultiTensorPlan:
 
     @property
     def params(self) -> list[np.ndarray]:
+        """list of numpy.ndarray: The parameter arrays (a new list; the arrays themselves)."""
         return list(self._lists[0])
 
     @property
     def grads(self) -> list[np.ndarray]:
+        """list of numpy.ndarray: The gradient arrays the next step reads."""
         return list(self._lists[1])
 
     def _label(self, role: int, i: int) -> str:
@@ -201,7 +243,21 @@ class MultiTensorPlan:
         """Step other gradient arrays from now on; the new ones are checked first.
 
         Arrays that are the very ones the plan holds cost one identity test.
-        On an error nothing changes (the plan keeps its old gradients).
+
+        Parameters
+        ----------
+        grads : sequence of numpy.ndarray
+            One gradient per tensor, each of its parameter's dtype and shape,
+            C-contiguous, sharing memory with no other array of the plan.
+
+        Raises
+        ------
+        TypeError
+            A gradient of the wrong dtype, or ``grads`` not a sequence.
+        ValueError
+            The wrong number of gradients, or one of the wrong shape, layout
+            or overlapping another array. On an error nothing changes (the
+            plan keeps its old gradients).
         """
         grads = _as_list("grads", grads, self.count)
         old = self._lists[1]
@@ -262,19 +318,32 @@ class MultiTensorPlan:
     ) -> None:
         """One Adam/AdamW update of every tensor, in place.
 
-        The keywords are those of :func:`fastadam.adam_step`, with:
+        Parameters
+        ----------
+        step : int or sequence of int or numpy.ndarray
+            The 1-based update count (>= 1): one int for every tensor, or one
+            per tensor (tensors that joined training later).
+        lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad : optional
+            As for :func:`adam_step` (the same defaults); ``amsgrad=True``
+            needs a plan built with ``max_exp_avg_sqs``.
+        maximize, eps_hat, grad_scale, found_inf, state_rounding : optional
+            As for :func:`adam_step` (the same defaults).
+        seeds : int or sequence of int or numpy.ndarray or None, default None
+            Stochastic rounding's seeds (bfloat16 states), each in [0, 2**64):
+            None (tensor ``i`` uses seed ``i``), an int ``s`` (tensor ``i``
+            uses ``(s + i) % 2**64``, the optimizers' rule), or one per tensor.
+        grads : sequence of numpy.ndarray or None, default None
+            New gradient arrays for this and later steps (see
+            :meth:`set_grads`); None keeps the plan's.
 
-        Args:
-            step: the 1-based update count, one int for every tensor or a
-                sequence of one per tensor (tensors that joined training later).
-            seeds: stochastic rounding's seeds (bfloat16 states): None (tensor
-                ``i`` uses seed ``i``), an int ``s`` (tensor ``i`` uses
-                ``(s + i) % 2**64``, the optimizers' rule), or one per tensor.
-            grads: new gradient arrays for this and later steps (see
-                :meth:`set_grads`); None keeps the plan's.
-
-        Raises:
-            TypeError, ValueError: a bad argument, named; nothing is modified.
+        Raises
+        ------
+        TypeError
+            An argument of the wrong kind, named; nothing is modified.
+        ValueError
+            A bad value (a step < 1, a NaN hyperparameter, the wrong number
+            of steps or seeds, an array made read-only since the plan was
+            built), named; nothing is modified.
         """
         self.prepare(
             step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -308,6 +377,27 @@ class MultiTensorPlan:
         calls the kernels. An optimizer with several groups prepares every
         group's step before running any, so that a bad value anywhere
         changes nothing.
+
+        Parameters
+        ----------
+        step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay : optional
+            As for :meth:`step`.
+        amsgrad, maximize, eps_hat, grad_scale, found_inf, state_rounding : optional
+            As for :meth:`step`.
+        seeds, grads : optional
+            As for :meth:`step`.
+
+        Returns
+        -------
+        callable
+            A function of no arguments that applies the step and returns None.
+
+        Raises
+        ------
+        TypeError
+            As for :meth:`step`.
+        ValueError
+            As for :meth:`step`.
         """
         if grads is not None:
             self.set_grads(grads)
@@ -447,20 +537,43 @@ def adam_step_multi(
     """One fused Adam/AdamW update of a list of tensors, in place.
 
     ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` (and
-    ``max_exp_avg_sqs[i]``) obey :func:`fastadam.adam_step`'s rules, and no two
+    ``max_exp_avg_sqs[i]``) obey :func:`adam_step`'s rules, and no two
     arrays of the whole call may share memory. The result is bit-identical to
     ``adam_step`` on each tensor with ``step=step[i]`` (or ``step``) and
-    ``seed=seeds[i]`` (see :meth:`MultiTensorPlan.step` for ``seeds``), but it
-    costs one call into the backend per dtype kind, split over its threads by
-    elements across all the tensors.
+    ``seed=seeds[i]``, but it costs one call into the backend per dtype kind,
+    split over its threads by elements across all the tensors.
 
     For a loop that steps the same arrays every time, build a
     :class:`MultiTensorPlan` once instead: this function checks every array
     on every call.
 
-    Raises:
-        TypeError, ValueError: a bad argument, named with its index
-            (``exp_avgs[7] ...``); nothing is modified.
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs : sequence of numpy.ndarray
+        One parameter, gradient and pair of moments per tensor, as for
+        :class:`MultiTensorPlan`.
+    step : int or sequence of int or numpy.ndarray
+        The 1-based update count: one for every tensor, or one per tensor.
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad : optional
+        As for :func:`adam_step` (the same defaults).
+    max_exp_avg_sqs : sequence of numpy.ndarray or None, default None
+        One array per tensor, needed with ``amsgrad=True``.
+    maximize, eps_hat, grad_scale, found_inf, state_rounding : optional
+        As for :func:`adam_step` (the same defaults).
+    seeds : int or sequence of int or numpy.ndarray or None, default None
+        As for :meth:`MultiTensorPlan.step`.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        As for :func:`adam_step`.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong kind, named with its index
+        (``exp_avgs[7] ...``); nothing is modified.
+    ValueError
+        A bad value, named with its index; nothing is modified.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
     """
     plan = MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backend=backend)
     plan.step(

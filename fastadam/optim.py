@@ -33,26 +33,86 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 class Adam:
     """Adam (``decoupled_weight_decay=False``) or AdamW over NumPy arrays.
 
-    Args:
-        params: a list of float32/float64 C-contiguous writeable arrays, a list of
-            param-group dicts (``{"params": [...], "lr": ...}``), or a
-            :class:`fastadam.FlatParams` (then :meth:`step` takes no gradients).
-        lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-        eps_hat: defaults for every group; see :func:`fastadam.adam_step`.
-        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``:
-            by default each parameter's own; ``"float32"``, or ``"bfloat16"``
-            (float32 parameters only) to halve the optimizer's memory and
-            bytes moved per step.
-        state_rounding: how bfloat16 states are rounded, ``"stochastic"``
-            (default) or ``"nearest"``; see :func:`fastadam.adam_step`.
-        seed: base seed of stochastic rounding; parameter ``i`` (its position
-            across groups) uses ``seed + i``, so no two arrays share random bits.
-        backend: kernel to use, ``"auto"`` (the fastest available) by default.
+    The parameter groups, the per-array state and :meth:`state_dict` have
+    ``torch.optim.Adam``'s layout. Each :meth:`step` is one kernel call per
+    group (and dtype) over all the group's arrays.
 
-    Attributes:
-        param_groups: list of dicts; ``group["lr"]`` etc. may be changed between
-            steps (learning-rate schedules).
-        state: per-array state, keyed by the array's position across groups.
+    Parameters
+    ----------
+    params : list of numpy.ndarray, list of dict, or FlatParams
+        float32/float64 C-contiguous writeable arrays, param-group dicts
+        (``{"params": [...], "lr": ...}``), or a :class:`FlatParams` (then
+        :meth:`step` takes no gradients).
+    lr : float, default 1e-3
+        Learning rate, finite and >= 0.
+    betas : tuple of (float, float), default (0.9, 0.999)
+        Decay rates ``(beta1, beta2)`` of the first and second moments, each in [0, 1).
+    eps : float, default 1e-8
+        Term added to the denominator, finite and >= 0.
+    weight_decay : float, default 0.0
+        Finite and >= 0: Adam adds ``weight_decay * θ`` to the gradient; with
+        ``decoupled_weight_decay``, θ is multiplied by ``1 - lr * weight_decay`` first.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment (keeps ``max_exp_avg_sq``).
+    maximize : bool, default False
+        Ascend the objective instead of descending it.
+    decoupled_weight_decay : bool, default False
+        AdamW's decoupled weight decay (what :class:`AdamW` sets).
+    eps_hat : bool, default False
+        The Keras/TensorFlow/scikit-learn placement of ``eps``; see :func:`adam_step`.
+    state_dtype : {None, "float32", "bfloat16"} or numpy.dtype, default None
+        dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None keeps each
+        parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, float32
+        parameters only) halves the optimizer's memory and moves 20 instead of
+        28 bytes per element and step.
+    state_rounding : {"stochastic", "nearest"}, default "stochastic"
+        How bfloat16 states are rounded; see :func:`adam_step`.
+    seed : int, default 0
+        Base seed of stochastic rounding, in [0, 2**64); parameter ``i`` (its
+        position across groups) uses ``seed + i``, so no two arrays share
+        random bits.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        The kernels to run; ``"auto"`` is :func:`auto_backend`'s choice.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        One dict per group: ``"params"`` (the arrays) and the
+        hyperparameters, which may be changed between steps (learning-rate
+        schedules).
+    state : dict of int to dict
+        Per-array state (``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``, and
+        ``"max_exp_avg_sq"`` with amsgrad), keyed by the array's position
+        across groups; made at the array's first step.
+
+    Raises
+    ------
+    TypeError
+        ``params`` of the wrong kind (one array, a mapping, torch tensors, an
+        array that is not float32/float64), a non-number hyperparameter, or
+        ``state_dtype="bfloat16"`` with float64 parameters.
+    ValueError
+        An empty parameter list, an array listed twice, a hyperparameter out
+        of range, an unknown ``state_dtype``, ``state_rounding`` or backend,
+        a non-contiguous or read-only array.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
+
+    See Also
+    --------
+    AdamW : the same with decoupled weight decay and ``weight_decay=1e-2``.
+    fastadam.torch.Adam : the same over PyTorch tensors.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam
+    >>> params = [np.ones((2, 2), np.float32), np.zeros(2, np.float32)]
+    >>> opt = fastadam.Adam(params, lr=0.1)
+    >>> opt.step([np.ones_like(a) for a in params])
+    >>> params[1].round(6)
+    array([-0.1, -0.1], dtype=float32)
+    >>> opt.state[1]["step"]
+    1
     """
 
     def __init__(
@@ -118,7 +178,25 @@ class Adam:
     # -- groups -------------------------------------------------------------
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
-        """Add a group of arrays with its own hyperparameters (torch semantics)."""
+        """Add a group of arrays with its own hyperparameters (torch semantics).
+
+        Parameters
+        ----------
+        param_group : dict
+            ``"params"`` (a list of arrays, or one array) and any
+            hyperparameters of the constructor's (``lr``, ``betas``, ...);
+            those missing take the optimizer's defaults.
+
+        Raises
+        ------
+        TypeError
+            ``param_group`` not a dict, ``"params"`` a set or holding
+            something other than float32/float64 arrays, or a non-number
+            hyperparameter.
+        ValueError
+            No ``"params"`` entry, an array twice or already in another group,
+            a hyperparameter out of range, a non-contiguous or read-only array.
+        """
         if not isinstance(param_group, Mapping):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
@@ -172,15 +250,33 @@ class Adam:
     ) -> None:
         """Update every parameter from its gradient: one kernel call per group (and dtype).
 
-        Args:
-            grads: one gradient per parameter, in the order of the parameters
-                across groups (``None`` skips that parameter). Omit it when the
-                optimizer was built over a FlatParams: ``flat.grad`` is used.
-            grad_scale: divide the gradients by this in the same pass (and
-                write the unscaled gradients back), as after a loss scaled for
-                mixed precision.
-            found_inf: a gradient overflowed: skip the step entirely; no state
-                changes and ``step`` does not advance.
+        Every group's step is checked before any runs: on an error nothing
+        has changed.
+
+        Parameters
+        ----------
+        grads : sequence of (numpy.ndarray or None), optional
+            One gradient per parameter, each of its dtype and shape, in the
+            order of the parameters across groups (``None`` skips that
+            parameter). Omit it when the optimizer was built over a
+            :class:`FlatParams`: ``flat.grad`` is used.
+        grad_scale : float or None, default None
+            Divide the gradients by this (finite, > 0) in the same pass, and
+            write the unscaled gradients back, as after a loss scaled for
+            mixed precision.
+        found_inf : bool, default False
+            A gradient overflowed: skip the step entirely; no state changes
+            and ``step`` does not advance.
+
+        Raises
+        ------
+        TypeError
+            ``grads`` omitted without a FlatParams, one array instead of a
+            list, or a gradient of the wrong dtype (named: ``grads[5] ...``).
+        ValueError
+            The wrong number of gradients, a gradient of the wrong shape or
+            layout, or a hyperparameter of a group out of range
+            (``param_groups[1]: ...``).
         """
         params = self._params()
         if grads is None:
@@ -313,7 +409,14 @@ class Adam:
         return p.dtype if self.state_dtype is None else self.state_dtype
 
     def zero_grad(self) -> None:
-        """Zero ``flat.grad`` (FlatParams only; list gradients belong to the caller)."""
+        """Zero ``flat.grad``, the gradient buffer of the optimizer's :class:`FlatParams`.
+
+        Raises
+        ------
+        TypeError
+            The optimizer was built over a list of arrays: the caller owns
+            those gradients.
+        """
         if self.flat is None:
             raise TypeError("zero_grad() needs a FlatParams; the caller owns list gradients")
         self.flat.grad.fill(0)
@@ -325,6 +428,13 @@ class Adam:
 
         Like torch, the arrays are the live state, not copies: save or copy the
         dict before the next step if it must stay as it is now.
+
+        Returns
+        -------
+        dict
+            ``{"state": {i: {"step": int, "exp_avg": array, "exp_avg_sq": array,
+            ...}}, "param_groups": [{"lr": ..., "params": [i, ...]}, ...]}``,
+            parameters numbered by position across groups.
         """
         groups, start = [], 0
         for g in self.param_groups:
@@ -339,8 +449,19 @@ class Adam:
         """Restore a :meth:`state_dict`; every check runs before anything changes.
 
         The arrays are copied in, so the loaded state never aliases the dict.
-        Raises ``ValueError`` if the groups, the parameter count, or any state
-        array's shape or dtype does not match these parameters.
+        A loaded state resumes training bit for bit.
+
+        Parameters
+        ----------
+        state_dict : dict
+            What :meth:`state_dict` returned (from an optimizer over
+            parameters of the same groups, shapes and dtypes).
+
+        Raises
+        ------
+        ValueError
+            The groups, the parameter count, a state's ``step``, or any state
+            array's shape or dtype does not match these parameters.
         """
         if (
             not isinstance(state_dict, Mapping)
@@ -446,7 +567,75 @@ def _check_saved_step(sid: object, step: object) -> int:
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov & Hutter), torch.optim.AdamW's defaults."""
+    """Adam with decoupled weight decay (Loshchilov & Hutter), ``torch.optim.AdamW``'s defaults.
+
+    :class:`Adam` with ``decoupled_weight_decay=True`` and ``weight_decay=1e-2``.
+
+    Parameters
+    ----------
+    params : list of numpy.ndarray, list of dict, or FlatParams
+        As for :class:`Adam`.
+    lr : float, default 1e-3
+        Learning rate, finite and >= 0.
+    betas : tuple of (float, float), default (0.9, 0.999)
+        Decay rates ``(beta1, beta2)`` of the first and second moments, each in [0, 1).
+    eps : float, default 1e-8
+        Term added to the denominator, finite and >= 0.
+    weight_decay : float, default 1e-2
+        Finite and >= 0: each step first multiplies θ by ``1 - lr * weight_decay``.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment (keeps ``max_exp_avg_sq``).
+    maximize : bool, default False
+        Ascend the objective instead of descending it.
+    eps_hat : bool, default False
+        The Keras/TensorFlow/scikit-learn placement of ``eps``; see :func:`adam_step`.
+    state_dtype : {None, "float32", "bfloat16"} or numpy.dtype, default None
+        dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None keeps each
+        parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, float32
+        parameters only) halves the optimizer's memory and moves 20 instead of
+        28 bytes per element and step.
+    state_rounding : {"stochastic", "nearest"}, default "stochastic"
+        How bfloat16 states are rounded; see :func:`adam_step`.
+    seed : int, default 0
+        Base seed of stochastic rounding, in [0, 2**64); parameter ``i`` (its
+        position across groups) uses ``seed + i``, so no two arrays share
+        random bits.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        The kernels to run; ``"auto"`` is :func:`auto_backend`'s choice.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        One dict per group: ``"params"`` (the arrays) and the
+        hyperparameters, which may be changed between steps (learning-rate
+        schedules).
+    state : dict of int to dict
+        Per-array state (``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``, and
+        ``"max_exp_avg_sq"`` with amsgrad), keyed by the array's position
+        across groups; made at the array's first step.
+
+    Raises
+    ------
+    TypeError
+        ``params`` of the wrong kind (one array, a mapping, torch tensors, an
+        array that is not float32/float64), a non-number hyperparameter, or
+        ``state_dtype="bfloat16"`` with float64 parameters.
+    ValueError
+        An empty parameter list, an array listed twice, a hyperparameter out
+        of range, an unknown ``state_dtype``, ``state_rounding`` or backend,
+        a non-contiguous or read-only array.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam
+    >>> flat = fastadam.FlatParams({"w": np.ones((3, 2)), "b": np.zeros(2)}, dtype=np.float32)
+    >>> opt = fastadam.AdamW(flat, lr=1e-3)
+    >>> flat.grads["w"][...] = 0.1  # the training loop writes gradients into views
+    >>> opt.step()
+    >>> opt.zero_grad()
+    """
 
     def __init__(
         self,

@@ -341,7 +341,8 @@ class Adam(torch.optim.Adam):
 
     Same constructor, checks, parameter groups, state layout and ``state_dict``
     as ``torch.optim.Adam``, and it is stepped, scheduled and checkpointed the
-    same way. Parameters: float32/float64, contiguous, on the CPU.
+    same way. Parameters: float32/float64, dense, contiguous, on the CPU;
+    anything else is refused at :meth:`step`, naming the parameter.
 
     A subclass of ``torch.optim.Adam`` (and :class:`AdamW` of
     ``torch.optim.AdamW``), so code that checks ``isinstance`` (schedulers,
@@ -349,36 +350,80 @@ class Adam(torch.optim.Adam):
     path is used: ``__init__`` and ``step`` are this class's own, and only
     torch's checkpoint upgrades (``__setstate__``) run.
 
-    Args:
-        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of
-            param-group dicts, as for any ``torch.optim.Optimizer``.
-        lr: learning rate, >= 0 (a float or a 1-element tensor).
-        betas: decay rates ``(beta1, beta2)`` of the first and second moments, in [0, 1).
-        eps: added to the denominator, >= 0.
-        weight_decay: >= 0; an L2 term added to the gradient (Adam) or, with
-            ``decoupled_weight_decay``, a decay of the weights by ``1 - lr * weight_decay``.
-        amsgrad: use the running maximum of the second moment (keeps ``max_exp_avg_sq``).
-        maximize: ascend the objective instead of descending.
-        foreach, fused: accepted for drop-in compatibility and ignored (the
-            update is always one fused pass per parameter).
-        capturable, differentiable: torch's CUDA-graph and autograd-through-the-step
-            modes; only ``False`` is supported.
-        decoupled_weight_decay: AdamW's weight decay (see :class:`AdamW`).
-        eps_hat: the Keras/TensorFlow/scikit-learn placement of ``eps``
-            (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
-        state_dtype: dtype of the moment estimates: None (the parameter's),
-            ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
-            the optimizer memory; stochastically rounded, see ``state_rounding``).
-        state_rounding: ``"stochastic"`` (default) or ``"nearest"``, for bfloat16 states.
-        seed: base seed of stochastic rounding; the parameter at position ``i``
-            (across groups, as numbered in ``state_dict``) uses ``seed + i``.
-        backend: ``"auto"`` (the fastest available), ``"numpy"``, ``"numba"`` or ``"c"``;
-            one per optimizer (kept out of the param groups, so checkpoints carry none).
-
     GradScaler: ``torch.amp.GradScaler.step(opt)`` hands this optimizer the
     loss scale and the overflow flag (``_step_supports_amp_scaling``); a step
     with an overflow is skipped entirely, otherwise the gradients are unscaled
     in the same pass as the update (and left unscaled in ``p.grad``).
+
+    Parameters
+    ----------
+    params : iterable
+        Tensors, ``(name, tensor)`` pairs, or param-group dicts, as for any
+        ``torch.optim.Optimizer``.
+    lr : float or torch.Tensor, default 1e-3
+        Learning rate, finite and >= 0 (a float or a 1-element tensor).
+    betas : tuple of (float, float), default (0.9, 0.999)
+        Decay rates ``(beta1, beta2)`` of the first and second moments, in [0, 1).
+    eps : float, default 1e-8
+        Added to the denominator, finite and >= 0.
+    weight_decay : float, default 0
+        Finite and >= 0; an L2 term added to the gradient (Adam) or, with
+        ``decoupled_weight_decay``, a decay of the weights by ``1 - lr * weight_decay``.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment (keeps ``max_exp_avg_sq``).
+    foreach, fused : bool or None, default None
+        Accepted for drop-in compatibility, stored in the param groups as torch
+        stores them, and ignored (the update is always one fused pass per
+        parameter group).
+    maximize : bool, default False
+        Ascend the objective instead of descending it.
+    capturable, differentiable : bool, default False
+        torch's CUDA-graph and autograd-through-the-step modes; only ``False``
+        is supported.
+    decoupled_weight_decay : bool, default False
+        AdamW's weight decay (see :class:`AdamW`).
+    eps_hat : bool, default False
+        The Keras/TensorFlow/scikit-learn placement of ``eps``
+        (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
+    state_dtype : {None, torch.float32, torch.bfloat16, "float32", "bfloat16"}, default None
+        dtype of the moment estimates: None (the parameter's),
+        ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
+        the optimizer memory; stochastically rounded, see ``state_rounding``).
+    state_rounding : {"stochastic", "nearest"}, default "stochastic"
+        How bfloat16 states are rounded.
+    seed : int, default 0
+        Base seed of stochastic rounding, in [0, 2**64); the parameter at
+        position ``i`` (across groups, as numbered in ``state_dict``) uses
+        ``seed + i``.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        The kernels to run, one per optimizer (kept out of the param groups,
+        so checkpoints carry none).
+
+    Raises
+    ------
+    TypeError
+        A non-number hyperparameter, ``betas`` not a pair, or a non-str
+        backend.
+    ValueError
+        A hyperparameter out of range, ``capturable=True`` or
+        ``differentiable=True``, an unknown ``state_dtype``,
+        ``state_rounding`` or backend, or an empty parameter list.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
+
+    See Also
+    --------
+    fastadam.Adam : the same over NumPy arrays.
+
+    Examples
+    --------
+    >>> import torch, fastadam.torch
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = fastadam.torch.Adam(model.parameters(), lr=1e-3)
+    >>> model(torch.ones(3, 4)).sum().backward()
+    >>> opt.step()
+    >>> sorted(opt.state[model.weight])
+    ['exp_avg', 'exp_avg_sq', 'step']
     """
 
     # torch.amp.GradScaler: set ``self.grad_scale``/``self.found_inf`` and let
@@ -457,6 +502,20 @@ class Adam(torch.optim.Adam):
         """Add a group of tensors with its own hyperparameters (torch semantics).
 
         The group's hyperparameters are checked before it is added.
+
+        Parameters
+        ----------
+        param_group : dict
+            ``"params"`` (tensors) and any of the constructor's
+            hyperparameters; those missing take the optimizer's defaults.
+
+        Raises
+        ------
+        TypeError
+            A non-number hyperparameter or ``betas`` not a pair.
+        ValueError
+            A hyperparameter out of range, or torch's own refusals (a
+            parameter already in another group, ...).
         """
         if isinstance(param_group, dict):
             merged = {**self.defaults, **param_group}
@@ -485,11 +544,23 @@ class Adam(torch.optim.Adam):
                 group.setdefault(key, default)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load_state_dict, keeping bfloat16 states bfloat16.
+        """torch's ``load_state_dict``, keeping bfloat16 states bfloat16.
 
         torch casts loaded state tensors to their parameter's dtype; with
         ``state_dtype=torch.bfloat16`` they are cast back, which is exact
         (a bfloat16 value widened to float32 and narrowed again is unchanged).
+        A ``torch.optim.Adam`` state dict loads too, and the other way round.
+
+        Parameters
+        ----------
+        state_dict : dict
+            What ``state_dict()`` of this class or of ``torch.optim.Adam``/``AdamW``
+            returned for parameters of the same groups.
+
+        Raises
+        ------
+        ValueError
+            torch's checks: the number of groups or of their parameters differs.
         """
         super().load_state_dict(state_dict)
         if self.state_dtype is None:
@@ -508,6 +579,29 @@ class Adam(torch.optim.Adam):
 
         Everything is checked before anything is written: on an error no
         parameter, gradient or state has changed and no step count has advanced.
+
+        Parameters
+        ----------
+        closure : callable or None, default None
+            Re-evaluates the model and returns the loss; called with gradients
+            enabled before the update.
+
+        Returns
+        -------
+        object
+            What ``closure`` returned, or None without one.
+
+        Raises
+        ------
+        TypeError
+            A parameter, gradient or state of an unsupported dtype (float16,
+            bfloat16 parameters, complex), or a hyperparameter of the wrong
+            kind, naming it (``param_groups[0]['params'][3] ...``).
+        ValueError
+            A non-CPU, non-dense or non-contiguous tensor, a state of the
+            wrong shape, or a hyperparameter out of range, naming it.
+        RuntimeError
+            A sparse gradient (as ``torch.optim.Adam`` raises).
         """
         loss = None
         if closure is not None:
@@ -683,8 +777,68 @@ class Adam(torch.optim.Adam):
 class AdamW(Adam, torch.optim.AdamW):
     """``torch.optim.AdamW`` on fastadam kernels: Adam with decoupled weight decay.
 
-    Same arguments as :class:`Adam` without ``decoupled_weight_decay`` (always
-    on), and torch's default ``weight_decay=1e-2``.
+    :class:`Adam` with ``decoupled_weight_decay=True`` (always on) and torch's
+    default ``weight_decay=1e-2``.
+
+    Parameters
+    ----------
+    params : iterable
+        Tensors, ``(name, tensor)`` pairs, or param-group dicts.
+    lr : float or torch.Tensor, default 1e-3
+        Learning rate, finite and >= 0.
+    betas : tuple of (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moments, in [0, 1).
+    eps : float, default 1e-8
+        Added to the denominator, finite and >= 0.
+    weight_decay : float, default 1e-2
+        Finite and >= 0: each step first multiplies the weights by
+        ``1 - lr * weight_decay``.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment.
+    maximize : bool, default False
+        Ascend the objective instead of descending it.
+    foreach, fused : bool or None, default None
+        Accepted and ignored.
+    capturable, differentiable : bool, default False
+        Only ``False`` is supported.
+    eps_hat : bool, default False
+        The Keras/TensorFlow/scikit-learn placement of ``eps``
+        (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
+    state_dtype : {None, torch.float32, torch.bfloat16, "float32", "bfloat16"}, default None
+        dtype of the moment estimates: None (the parameter's),
+        ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
+        the optimizer memory; stochastically rounded, see ``state_rounding``).
+    state_rounding : {"stochastic", "nearest"}, default "stochastic"
+        How bfloat16 states are rounded.
+    seed : int, default 0
+        Base seed of stochastic rounding, in [0, 2**64); the parameter at
+        position ``i`` (across groups, as numbered in ``state_dict``) uses
+        ``seed + i``.
+    backend : {"auto", "numpy", "numba", "c"}, default "auto"
+        The kernels to run, one per optimizer (kept out of the param groups,
+        so checkpoints carry none).
+
+    Raises
+    ------
+    TypeError
+        A non-number hyperparameter, ``betas`` not a pair, or a non-str
+        backend.
+    ValueError
+        A hyperparameter out of range, ``capturable=True`` or
+        ``differentiable=True``, an unknown ``state_dtype``,
+        ``state_rounding`` or backend, or an empty parameter list.
+    BackendUnavailableError
+        The backend named cannot load on this machine.
+
+    Examples
+    --------
+    >>> import torch, fastadam.torch
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = fastadam.torch.AdamW(model.parameters(), lr=1e-3)
+    >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    >>> model(torch.ones(3, 4)).sum().backward()
+    >>> opt.step()
+    >>> sched.step()
     """
 
     def __init__(

@@ -77,7 +77,11 @@ _num_threads: int | None = None  # None: each backend's default from config
 
 
 class BackendUnavailableError(ImportError):
-    """A backend was asked for by name but cannot be loaded on this machine."""
+    """A backend was asked for by name but cannot be loaded on this machine.
+
+    A subclass of :class:`ImportError`; the message gives the loader's reason
+    (as :func:`unavailable_reasons` does).
+    """
 
 
 def _try_load(name: str) -> ModuleType | None:
@@ -173,32 +177,95 @@ def _resolve_auto(kind: str) -> ModuleType:
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names of the backends that load on this machine, in ``BACKEND_NAMES`` order."""
+    """Names of the backends that load on this machine.
+
+    Loads each backend the first time it is asked for; a backend that fails
+    is remembered, with its reason (:func:`unavailable_reasons`).
+
+    Returns
+    -------
+    tuple of str
+        A subset of ``BACKEND_NAMES``, in its order, such as
+        ``('numpy', 'numba', 'c')``.
+    """
     return tuple(n for n in BACKEND_NAMES if _try_load(n) is not None)
 
 
 def unavailable_reasons() -> dict[str, str]:
-    """Why each backend that failed to load did so (the loader's message)."""
+    """Why each backend that failed to load did so.
+
+    Returns
+    -------
+    dict of str to str
+        Backend name to the loader's message (``"ImportError: ..."``); empty
+        when every backend loads.
+    """
     available_backends()
     return dict(_errors)
 
 
 def auto_backend(kind: str = KIND_F32) -> str:
-    """The backend ``backend="auto"`` uses in this process for steps of ``kind``
-    (``"float32"``, ``"float64"``, or ``"bfloat16"`` states)."""
+    """The backend ``backend="auto"`` uses in this process for steps of ``kind``.
+
+    ``FASTADAM_BACKEND``, if set, decides (read once, at the first such call
+    of the process); otherwise a fixed rule by the C library's kernel variant
+    and the kind of step, falling back to the first backend that loads.
+
+    Parameters
+    ----------
+    kind : {"float32", "float64", "bfloat16"}, default "float32"
+        The kind of step: float32 or float64 arrays, or float32 parameters
+        with bfloat16 states.
+
+    Returns
+    -------
+    str
+        ``"numpy"``, ``"numba"`` or ``"c"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``kind``, or ``FASTADAM_BACKEND`` naming no backend.
+    BackendUnavailableError
+        ``FASTADAM_BACKEND`` names a backend that cannot load here.
+    """
     return _resolve_auto(kind).NAME
 
 
 def auto_choices() -> dict[str, str]:
-    """``auto_backend(kind)`` for every kind."""
+    """:func:`fastadam.auto_backend` for every kind of step.
+
+    Returns
+    -------
+    dict of str to str
+        Kind (``"float32"``, ``"float64"``, ``"bfloat16"``) to backend name.
+
+    Raises
+    ------
+    ValueError, BackendUnavailableError
+        As for :func:`fastadam.auto_backend`, for a bad ``FASTADAM_BACKEND``.
+    """
     return {kind: auto_backend(kind) for kind in KINDS}
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the Numba and C kernels from now on (process-wide).
+    """Set the threads the Numba and C kernels use from now on (process-wide).
 
     Numba cannot exceed the pool it started with (``NUMBA_NUM_THREADS``, by
-    default the CPU count) and uses at most that many.
+    default the CPU count) and uses at most that many. Results do not depend
+    on the thread count.
+
+    Parameters
+    ----------
+    n : int
+        Thread count, >= 1 (a Python or NumPy integer).
+
+    Raises
+    ------
+    TypeError
+        ``n`` is not an integer (a bool is refused too).
+    ValueError
+        ``n`` < 1.
     """
     from .._validation import check_threads
 
@@ -211,7 +278,22 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """Threads the Numba and C kernels use (see :func:`set_num_threads`)."""
+    """Threads the Numba and C kernels use (see :func:`set_num_threads`).
+
+    Until :func:`set_num_threads` is called: ``FASTADAM_NUM_THREADS`` if set,
+    otherwise the CPUs this process may run on divided by torchrun's
+    ``LOCAL_WORLD_SIZE`` (so several ranks on one machine share its cores).
+
+    Returns
+    -------
+    int
+        The thread count, >= 1.
+
+    Raises
+    ------
+    ValueError
+        ``FASTADAM_NUM_THREADS`` is set but not a positive integer.
+    """
     global _num_threads
     if _num_threads is None:
         from ..config import default_num_threads
