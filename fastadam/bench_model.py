@@ -308,10 +308,14 @@ def make_optimizer_step(
         return lambda: opt.step(gs)
     import torch
 
+    # Tensors in torch's own memory, as a model's parameters and gradients are
+    # (64-byte aligned, like the states the optimizers allocate), not views of
+    # NumPy arrays (which start 16 bytes past a page, so against torch-made
+    # states every vector of a step would straddle two cache lines).
     tensors = []
     for p, g in zip(params, grads):
-        t = torch.from_numpy(p.copy()).requires_grad_(True)
-        t.grad = torch.from_numpy(g.copy())
+        t = torch.tensor(p).requires_grad_(True)
+        t.grad = torch.tensor(g)
         tensors.append(t)
     if row.optimizer == FASTADAM_TORCH:
         from fastadam.torch import AdamW
