@@ -72,6 +72,12 @@ def _public_objects() -> dict[str, object]:
                     inspect.isfunction(member) or isinstance(member, property)
                 ):
                     continue
+                # torch's Optimizer copies an inherited step onto the class of the
+                # first instance made (its profiling hook): not a method of its own
+                if getattr(member, "hooked", False) and not member.__qualname__.startswith(
+                    f"{obj.__name__}."
+                ):
+                    continue
                 out[f"{qual}.{name}"] = member
     return out
 
