@@ -319,7 +319,8 @@ def make_optimizer_step(
         sdt = torch.bfloat16 if row.state_dtype == "bfloat16" else None
         return AdamW(tensors, lr=LR, state_dtype=sdt, backend=row.backend).step
     kind = {TORCH_LABELS["torch-fused"]: "fused", TORCH_LABELS["torch-foreach"]: "foreach"}
-    return torch.optim.AdamW(tensors, lr=LR, **{kind[row.optimizer]: True}).step
+    options: dict[str, Any] = {kind[row.optimizer]: True}
+    return torch.optim.AdamW(tensors, lr=LR, **options).step
 
 
 def measure_model(
@@ -340,7 +341,7 @@ def measure_model(
     finally:
         del fns
         gc.collect()
-    records = []
+    records: list[dict[str, Any]] = []
     for row in rows:
         median, reps = timed[row.key]
         records.append(

@@ -21,6 +21,7 @@ import importlib.metadata
 import importlib.resources
 import os
 import sys
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -105,7 +106,7 @@ if _struct_fields != AdamScalars._fields:
 
 def _library_dirs() -> list:
     """Where the compiled library may be, most specific first."""
-    dirs = [importlib.resources.files("fastadam")]
+    dirs: list[Any] = [importlib.resources.files("fastadam")]
     # A source checkout first on sys.path (the repository root as the working
     # directory of `python -m fastadam ...`) shadows the installed package, and
     # the checkout holds no compiled library: the one installed with the

@@ -51,7 +51,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         pass
     cpu = cpu or platform.processor() or platform.machine()
     try:
-        usable = len(os.sched_getaffinity(0))
+        usable: int | None = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     import numba

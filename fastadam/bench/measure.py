@@ -74,7 +74,7 @@ def measure_per_call(
     *,
     min_time: float,
     repeat: int | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(per-call records, per-tensor records), all timed in one set of alternating
     rounds beside ``np.add(p, g, out=p)``.
 
@@ -169,7 +169,6 @@ def measure_sweep(
         leave=False,
         dynamic_ncols=True,
     )
-    timing = {"min_time": min_time, "repeat": repeat}
     roofline: Roofline = {}
     records: list[dict[str, Any]] = []
     per_call_records: list[dict[str, Any]] = []
@@ -179,7 +178,7 @@ def measure_sweep(
             roofline[dt] = {}
             for n in reversed(roof_sizes):  # largest first: the one that always counts
                 bar.set_description(f"roofline {dt} {format_n(n)}")
-                roofline[dt][n] = measure_roofline(n, dt, threads, **timing)
+                roofline[dt][n] = measure_roofline(n, dt, threads, min_time=min_time, repeat=repeat)
                 bar.update()
             roofline[dt] = dict(sorted(roofline[dt].items()))
         for n in sizes:
@@ -188,7 +187,9 @@ def measure_sweep(
                 dts = [dt for dt in dtypes if b in backends_for[dt]]
                 bar.set_description(f"{b} {'/'.join(dts)} {format_n(n)}")
                 steps = {dt: make_step(b, states[dt]) for dt in dts}
-                for dt, (median, reps) in time_interleaved(steps, **timing).items():
+                for dt, (median, reps) in time_interleaved(
+                    steps, min_time=min_time, repeat=repeat
+                ).items():
                     records.append(
                         _record(
                             "sweep", b, n, dt, median, reps, threads, roofline_for(roofline, dt, n)
@@ -201,7 +202,11 @@ def measure_sweep(
         if per_call:
             bar.set_description("per call")
             per_call_records, per_tensor_records = measure_per_call(
-                backends, threads, roofline_for(roofline, "float32", max(sizes)), **timing
+                backends,
+                threads,
+                roofline_for(roofline, "float32", max(sizes)),
+                min_time=min_time,
+                repeat=repeat,
             )
             bar.update()
     finally:

@@ -83,7 +83,11 @@ def _torch_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any
     # The same memory as the NumPy arrays: torch steps the very buffer fastadam does.
     tp = torch.from_numpy(p).requires_grad_(True)
     tp.grad = torch.from_numpy(g)
-    kind = {"torch-fused": {"fused": True}, "torch-foreach": {"foreach": True}}[backend]
+    kinds: dict[str, dict[str, Any]] = {
+        "torch-fused": {"fused": True},
+        "torch-foreach": {"foreach": True},
+    }
+    kind = kinds[backend]
     opt = torch.optim.Adam([tp], lr=1e-3, **kind)
     return opt.step
 
