@@ -71,12 +71,16 @@ class TensorTable:
         return int(self.offsets[-1])
 
 
-def make_table(kind: str, pointers: np.ndarray, sizes: Sequence[int], owners: list) -> TensorTable:
+def make_table(
+    kind: str, pointers: np.ndarray, sizes: Sequence[int] | np.ndarray, owners: list
+) -> TensorTable:
     """A table over ``pointers`` (uintp (5, count), C-contiguous) and ``sizes``."""
-    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
-    offsets = np.zeros(sizes.shape[0] + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    return TensorTable(kind, np.ascontiguousarray(pointers, dtype=np.uintp), sizes, offsets, owners)
+    counts = np.ascontiguousarray(sizes, dtype=np.int64)
+    offsets = np.zeros(counts.shape[0] + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return TensorTable(
+        kind, np.ascontiguousarray(pointers, dtype=np.uintp), counts, offsets, owners
+    )
 
 
 def address(a: np.ndarray) -> int:
@@ -84,9 +88,9 @@ def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def table_from_arrays(kind: str, arrays: Sequence[Sequence[np.ndarray | None]]) -> TensorTable:
+def table_from_arrays(kind: str, arrays: Sequence[Sequence[Any]]) -> TensorTable:
     """A table over NumPy arrays: ``arrays[i]`` is tensor ``i``'s
-    ``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None)``.
+    ``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None)`` (NumPy arrays).
 
     No checks: the caller has validated the arrays (see :mod:`fastadam.multi`).
     The arrays are kept alive by the table.

@@ -121,7 +121,7 @@ def check_int(name: str, x: object) -> int:
     if isinstance(x, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
-        return operator.index(x)
+        return operator.index(x)  # type: ignore[arg-type]  # its TypeError is the check
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
 
@@ -239,6 +239,7 @@ def validate_arrays(
 
     ``max_exp_avg_sq`` is checked whenever it is given, and required with amsgrad.
     """
+    arrays: tuple[np.ndarray, ...]
     if max_exp_avg_sq is None:
         if amsgrad:
             raise ValueError(f"amsgrad=True needs {names[4]}, an array shaped like {names[0]}")
@@ -251,7 +252,7 @@ def validate_arrays(
     # below, which names the problem or accepts the unusual.
     if type(param) is _ndarray and param.dtype in FLOAT_DTYPES:
         dtype, shape = param.dtype, param.shape
-        owned = True
+        owned: int = True  # truthy while every array so far owns its memory
         for a in arrays:
             if type(a) is not _ndarray or a.dtype is not dtype or a.shape != shape:
                 break

@@ -323,7 +323,8 @@ def make_optimizer_step(
         sdt = torch.bfloat16 if row.state_dtype == "bfloat16" else None
         return AdamW(tensors, lr=LR, state_dtype=sdt, backend=row.backend).step
     kind = {TORCH_LABELS["torch-fused"]: "fused", TORCH_LABELS["torch-foreach"]: "foreach"}
-    return torch.optim.AdamW(tensors, lr=LR, **{kind[row.optimizer]: True}).step
+    options: dict[str, Any] = {kind[row.optimizer]: True}
+    return torch.optim.AdamW(tensors, lr=LR, **options).step
 
 
 def measure_model(
@@ -344,7 +345,7 @@ def measure_model(
     finally:
         del fns
         gc.collect()
-    records = []
+    records: list[dict[str, Any]] = []
     for row in rows:
         median, reps = timed[row.key]
         records.append(
@@ -498,7 +499,8 @@ _SWEEP_ONLY = (
 
 
 def run(args: argparse.Namespace) -> int:
-    """``bench --model``: measure, print the tables, write ``--json``; return 0."""
+    """``bench --model``: measure, print the tables (the targets with ``--targets``), write
+    ``--json``; return 0."""
     for attr, option, unset in _SWEEP_ONLY:
         if getattr(args, attr, unset) != unset:
             raise bench.BenchError(f"{option} is an option of the size sweep, not of --model")
@@ -508,13 +510,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
 
-    if args.threads is not None:
-        fastadam.set_num_threads(args.threads)
-    threads = fastadam.get_num_threads()
-    if has_torch:
-        import torch
-
-        torch.set_num_threads(threads)  # the same thread count, or the ratios say nothing
+    threads = bench.apply_threads(args.threads, has_torch)  # torch's too: the same count
 
     from tqdm import tqdm
 
@@ -541,10 +537,7 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - wall_before
 
     info = bench.machine_info(threads)
-    cpu_after = bench._cpu_seconds()
-    if cpu_before is not None and cpu_after is not None:
-        others = max(0.0, (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1]))
-        info["others_busy_cores"] = others / wall
+    bench.note_others_busy(info, cpu_before, wall)
     md = args.markdown
     out = [f"- {line}" if md else line for line in bench.header_lines(info, {})]
     out += ["", "Models (GPT-2 shapes, float32 parameters):", "", models_table(specs, md)]
@@ -561,11 +554,12 @@ def run(args: argparse.Namespace) -> int:
         "",
         model_table(records, md),
     ]
-    targets, target_notes = evaluate_model_targets(records, info["c_isa"])
-    if targets:
-        out += ["", "Speed targets:", "", model_targets_table(targets, md)]
-    if target_notes:
-        out += [""] + [f"- {n}" if md else n for n in target_notes]
+    if args.targets:
+        targets, target_notes = evaluate_model_targets(records, info["c_isa"])
+        if targets:
+            out += ["", "Speed targets:", "", model_targets_table(targets, md)]
+        if target_notes:
+            out += [""] + [f"- {n}" if md else n for n in target_notes]
     print("\n".join(out))
 
     bench.finish_run(info, args.json, records)

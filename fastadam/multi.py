@@ -170,7 +170,8 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
     ) -> None:
         params = _as_list("params", params, None)
         count = len(params)
-        lists = [params] + [
+        # the five lists of arrays (ROLES), the last None without max_exp_avg_sqs
+        lists: list[Any] = [params] + [
             _as_list(name, value, count)
             for name, value in zip(_LIST_NAMES[1:4], (grads, exp_avgs, exp_avg_sqs))
         ]
@@ -178,10 +179,10 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
             None if max_exp_avg_sqs is None else _as_list("max_exp_avg_sqs", max_exp_avg_sqs, count)
         )
         for i in range(count):
+            p, g, m, v = (lst[i] for lst in lists[:4])
+            vmax = None if lists[4] is None else lists[4][i]
             validate_arrays(
-                *(lst[i] if lst is not None else None for lst in lists),
-                amsgrad=False,
-                names=tuple(self._label(r, i) for r in range(5)),
+                p, g, m, v, vmax, amsgrad=False, names=tuple(self._label(r, i) for r in range(5))
             )
         backends.get(backend)  # an unknown or unloadable backend fails now
         self.backend = backend

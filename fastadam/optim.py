@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
@@ -26,6 +26,14 @@ from ._validation import (
     check_state_rounding,
 )
 from .multi import _LIST_NAMES, MultiTensorPlan
+
+if TYPE_CHECKING:
+    from .flat import FlatParams
+
+#: What an optimizer's ``params`` may be (like torch's ``ParamsT``): the arrays,
+#: parameter groups (dicts with a ``"params"`` list and per-group options), or a
+#: :class:`~fastadam.FlatParams`.
+ParamsT = Union[Iterable[np.ndarray], Iterable[dict[str, Any]], "FlatParams"]
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -117,7 +125,7 @@ class Adam:
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -293,14 +301,17 @@ class Adam:
             raise ValueError(f"got {len(grads)} grads for {len(params)} params")
         # Every group's step is prepared (checked) before any runs: a bad value
         # in any group or gradient changes nothing, and attaches no new state.
-        runs, pending = [], []
+        runs: list[tuple[Any, list[dict[str, Any]]]] = []
+        # _prepare_group reads the grads of ``active`` positions only: none is None
+        present = cast("list[np.ndarray]", grads)
+        pending: list[tuple[Any, Any, Any]] = []
         start = 0
         for gi, group in enumerate(self.param_groups):
             count = len(group["params"])
             active = [start + k for k in range(count) if grads[start + k] is not None]
             if active:
                 runs.append(
-                    self._prepare_group(gi, group, active, params, grads, grad_scale, found_inf,
+                    self._prepare_group(gi, group, active, params, present, grad_scale, found_inf,
                                         pending)
                 )  # fmt: skip
             start += count
@@ -493,7 +504,7 @@ class Adam:
                 raise ValueError(f"state for parameter {sid!r} matches no parameter")
             pos = id_map[sid]
             p = params[pos]
-            new = {"step": _check_saved_step(sid, st.get("step"))}
+            new: dict[str, Any] = {"step": _check_saved_step(sid, st.get("step"))}
             for key in _STATE_KEYS:
                 if key not in st:
                     if key != "max_exp_avg_sq":
@@ -639,7 +650,7 @@ class AdamW(Adam):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

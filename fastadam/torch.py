@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 try:
     import torch
@@ -67,7 +67,11 @@ from fastadam._validation import (
 )
 from fastadam.multi import MultiTensorPlan
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "ParamsT"]
+
+#: What an optimizer's ``params`` may be, as for torch's optimizers (torch's
+#: ``ParamsT``): tensors, ``(name, tensor)`` pairs, or parameter groups (dicts).
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
 _DTYPES = (torch.float32, torch.float64)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -239,7 +243,7 @@ def _state_view(
     want = BFLOAT16 if sdt == torch.bfloat16 else pv.dtype
     if (
         a is not None and a.dtype == want and a.shape == pv.shape and a.flags.c_contiguous
-        and t.dtype == sdt
+        and t is not None and t.dtype == sdt
     ):  # fmt: skip
         return a
     what = f"state[{key!r}] of {_where(gi, pi)}"
@@ -432,7 +436,7 @@ class Adam(torch.optim.Adam):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -693,7 +697,7 @@ class Adam(torch.optim.Adam):
         views: list[list[np.ndarray]] = [[], [], [], [], []]
         states, identity, values = [], [], []
         for p, pi in zip(params, positions):
-            g = p.grad
+            g = cast(torch.Tensor, p.grad)  # positions: the params with a grad
             pv, gv = _view(p), _view(g)
             if (
                 pv is None or gv is None or pv.dtype.char not in "fd"
@@ -726,7 +730,7 @@ class Adam(torch.optim.Adam):
                 if vmax is None:  # amsgrad switched on after the state was made
                     vmax = torch.zeros_like(p, dtype=sdt, memory_format=_KEEP)
                     pending.append((st, "max_exp_avg_sq", vmax))
-                    views[4].append(_numpy_of(vmax))
+                    views[4].append(cast(np.ndarray, _numpy_of(vmax)))  # new, dense: a view
                 else:
                     views[4].append(_state_view(st, "max_exp_avg_sq", pv, sdt, p, gi, pi))
             values.append(_step_value(st, _where(gi, pi)))
@@ -843,7 +847,7 @@ class AdamW(Adam, torch.optim.AdamW):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

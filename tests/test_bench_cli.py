@@ -61,6 +61,7 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
         "1",
         "--no-progress",
         "--markdown",
+        "--targets",
         "--json",
         str(out_json),
     ]
@@ -136,6 +137,30 @@ def test_json_markdown_and_plot_from_a_tiny_run(tmp_path, capsys, restore_thread
     )
     if HAS_MPL:
         assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_print_only_under_the_flag(capsys, restore_threads):
+    """The default run compares backends; the project's own targets (the verdict columns
+    of the per-call tables, the table of speed targets, the bf16 target in the header)
+    print with --targets only."""
+    fast = [b for b in ("c", "numba") if b in fastadam.available_backends()]
+    if not fast:
+        pytest.skip("no fast backend loads here")
+    argv = ["--sizes", "2^10", "--backends", fast[0], "--dtype", "float32,bf16"]
+    argv += ["--threads", "1", "--repeat", "1", "--no-progress", "--markdown"]
+    assert bench.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert bench.main([*argv, "--targets"]) == 0
+    targeted = capsys.readouterr().out
+
+    for marker in ("Speed targets:", "NOT MET", "| target |", "bf16-state target"):
+        assert marker not in plain, marker
+    assert "Speed targets:" in targeted and "| target |" in targeted
+    assert "compare the bf16-state target, <= 0.75" in targeted
+    # the same tables otherwise: the per-call ones less their last two columns
+    per_call = [line for line in plain.splitlines() if line.startswith(f"| {fast[0]} | ")]
+    assert [line.count("|") for line in per_call] == [8, 8, 4, 7]  # sweep x2, call, tensor
+    assert "roofline time ratio bf16/float32: " in plain
 
 
 # -- argument checking (nothing is measured) --------------------------------------------

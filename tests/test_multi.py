@@ -34,7 +34,7 @@ SIZES = {
     "one": [37],
     "uneven-with-empty": [0, 1, 31, 32, 33, 0, 1000, 7, 4099],
     "hundreds-tiny": [int(x) for x in np.random.default_rng(5).integers(0, 40, 300)],
-    # over both parallel thresholds in total (C 32,768, Numba config.PARALLEL_MIN_ELEMENTS),
+    # over both parallel thresholds in total (config's C_ and Numba's PARALLEL_MIN_ELEMENTS),
     # with tensors split between threads
     "past-parallel": [3, config.PARALLEL_MIN_ELEMENTS + 77, 5000, 1, 40_000],
 }

@@ -167,19 +167,19 @@ def _serial_loop_llvm(kind: str) -> str:
     """LLVM IR of a freshly compiled (not cached) serial Numba loop after one call."""
     from numba import njit
 
-    from fastadam.backends import numba_
+    from fastadam.backends import _numba_loops
 
     n = 100  # three full blocks and a partial one
     p, g, m, v, _ = make_state(n, np.float32)
     scalars = (1e-3, 1.0, 1e-8, 0.1, 0.999, 1e-3, 0.01, 1.0, 2.0, True, True, False, 0, 7, 1)
     if kind == "float":
-        py_loop = numba_._make_loop(False)
+        py_loop = _numba_loops._make_loop(False)
         arrays = (p, g, m, v, v)
     else:
-        py_loop = numba_._make_bf16_loop(False, True, True, True, True, True)
+        py_loop = _numba_loops._make_bf16_loop(False, True, True, True, True, True)
         m16, v16 = (np.zeros(n, np.uint16) for _ in range(2))
         arrays = (p, g, m16, v16, np.zeros(n, np.uint16))
-    loop = njit(**{**numba_._JIT, "cache": False})(py_loop)
+    loop = njit(**{**_numba_loops._JIT, "cache": False})(py_loop)
     loop(*arrays, *scalars)
     return loop.inspect_llvm(loop.signatures[0])
 

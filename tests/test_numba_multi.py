@@ -42,7 +42,7 @@ if "numba" not in fastadam.available_backends():
         fastadam.unavailable_reasons().get("numba", "numba unavailable"), allow_module_level=True
     )
 
-from fastadam.backends import numba_  # noqa: E402 - only where Numba loads
+from fastadam.backends import _numba_loops, numba_  # noqa: E402 - only where Numba loads
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ROUNDINGS = {"nearest": STATE_BF16_NEAREST, "stochastic": STATE_BF16_STOCHASTIC}
@@ -267,9 +267,9 @@ def test_bf16_random_bits_change_key_at_each_2_to_the_32_elements(amsgrad, monke
     fp, fg, fm, fv, fvmax = _far_views((p, g, m.view(np.uint16), v.view(np.uint16),
                                         vmax.view(np.uint16)), first)  # fmt: skip
     n = first + n_here  # the tensor's length: its last block is partial (40 elements)
-    numba_._bf16_blocks(fp, fg, fm, fv, fvmax, first // 32, n // 32, sc.rounding_key, consts,
-                        flags)  # fmt: skip
-    numba_._bf16_tail(fp, fg, fm, fv, fvmax, n, sc.rounding_key, consts, flags)
+    _numba_loops._bf16_blocks(fp, fg, fm, fv, fvmax, first // 32, n // 32, sc.rounding_key,
+                              consts, flags)  # fmt: skip
+    _numba_loops._bf16_tail(fp, fg, fm, fv, fvmax, n, sc.rounding_key, consts, flags)
     for name, a, e in zip(ROLES, (p, g, m, v, vmax), ref):
         if name == "max_exp_avg_sq" and not amsgrad:
             continue

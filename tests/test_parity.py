@@ -172,12 +172,13 @@ def test_weight_decay_that_rounds_to_zero_in_float32_still_counts(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("combo", OPTION_COMBOS, ids=combo_id)
 def test_every_option_bit_for_bit_on_the_threaded_path(fast_backend, dtype, combo):
-    """Every option combination above both parallel thresholds (C 32,768 elements,
-    Numba config.PARALLEL_MIN_ELEMENTS), on 2 threads: a bug in only the threaded
-    loop of one option (say, AdamW's decay dropped there) must fail here."""
+    """Every option combination above both parallel thresholds (C
+    config.C_PARALLEL_MIN_ELEMENTS, Numba config.PARALLEL_MIN_ELEMENTS), on 2
+    threads: a bug in only the threaded loop of one option (say, AdamW's decay
+    dropped there) must fail here."""
     from fastadam import config
 
-    n = max(config.PARALLEL_MIN_ELEMENTS, 1 << 15) + 4099
+    n = max(config.PARALLEL_MIN_ELEMENTS, config.C_PARALLEL_MIN_ELEMENTS) + 4099
     ref = make_state(n, dtype, seed=11)
     fast = copy_state(ref)
     before = fastadam.get_num_threads()

@@ -21,13 +21,16 @@ import importlib.metadata
 import importlib.resources
 import os
 import sys
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 from cffi import FFI
 
+from .. import config
 from .._scalars import AdamScalars
 from .._table import KIND_BF16, KIND_F32, KIND_F64, TensorTable
+from .._validation import check_threads
 
 NAME = "c"
 
@@ -103,7 +106,7 @@ if _struct_fields != AdamScalars._fields:
 
 def _library_dirs() -> list:
     """Where the compiled library may be, most specific first."""
-    dirs = [importlib.resources.files("fastadam")]
+    dirs: list[Any] = [importlib.resources.files("fastadam")]
     # A source checkout first on sys.path (the repository root as the working
     # directory of `python -m fastadam ...`) shadows the installed package, and
     # the checkout holds no compiled library: the one installed with the
@@ -371,11 +374,8 @@ def unscale_and_check(grad: np.ndarray, scale: float) -> bool:
 
 def set_num_threads(n: int) -> None:
     """Threads for steps large enough to split (process-wide)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    rc = lib.fa_set_num_threads(min(n, 4096))  # the library's own cap
+    n = check_threads(n)
+    rc = lib.fa_set_num_threads(min(n, config.C_MAX_THREADS))  # the library's own cap
     if rc:
         raise RuntimeError(f"fa_set_num_threads failed with code {rc}")
 

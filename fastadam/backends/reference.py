@@ -141,7 +141,7 @@ def get_num_threads() -> int:
 
 # -- multi-tensor step -------------------------------------------------------------
 
-_KIND_DTYPES = {
+_KIND_DTYPES: dict[str, tuple[np.dtype, np.dtype]] = {
     KIND_F32: (np.dtype(np.float32), np.dtype(np.float32)),
     KIND_F64: (np.dtype(np.float64), np.dtype(np.float64)),
     KIND_BF16: (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)),
@@ -167,6 +167,4 @@ def step_multi(
             view_at(int(ptr[r]), n, param_dtype if r < 2 else state_dtype)
             for r in range(4 if not sc.amsgrad else 5)
         ]
-        if len(views) == 4:
-            views.append(None)
-        step(*views, sc)
+        step(views[0], views[1], views[2], views[3], views[4] if sc.amsgrad else None, sc)

@@ -1,0 +1,84 @@
+"""The roofline: a trivial Numba kernel that moves the bytes of a step, best of runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+import fastadam
+
+from .steps import BF16_STATES, bytes_per_element
+from .timing import time_calls
+
+Roofline = dict[str, dict[int, float]]  # dtype -> {n: GB/s}
+
+
+def roofline_for(roofline: Roofline, dtype: str, n: int) -> float | None:
+    """The roofline a record of ``n`` elements is compared with.
+
+    The one measured at ``n`` with ``--roofline-per-size``, otherwise the one
+    measured at the largest size.
+    """
+    per_size = roofline.get(dtype)
+    if not per_size:
+        return None
+    return per_size.get(n, per_size[max(per_size)])
+
+
+_roofline_kernel: tuple[Callable[..., None], Callable[..., None]] | None = None
+
+
+def _get_roofline_kernel() -> tuple[Callable[..., None], Callable[..., None]]:
+    """The roofline kernels (float states, bfloat16 states), compiled on first use."""
+    global _roofline_kernel
+    if _roofline_kernel is None:
+        # fastadam's Numba backend picks Numba's threading layer when it loads;
+        # load it first so the roofline runs on the same layer as the backend.
+        fastadam.available_backends()
+        import numba
+
+        # error_model="numpy": no ZeroDivisionError bookkeeping, nothing that
+        # blocks vectorization. No allocation: every element is updated in place.
+        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        def move_step_bytes(p, g, m, v):  # pragma: no cover - compiled
+            for i in numba.prange(p.size):
+                gi = g[i]
+                p[i] += gi
+                m[i] += gi
+                v[i] += gi * gi  # stays >= 0, like a second moment
+
+        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        def move_bf16_step_bytes(p, g, m, v):  # pragma: no cover - compiled
+            # m, v: the bfloat16 states' bits (uint16), read and written.
+            for i in numba.prange(p.size):
+                p[i] += g[i]
+                m[i] ^= 1
+                v[i] ^= 1
+
+        _roofline_kernel = (move_step_bytes, move_bf16_step_bytes)
+    return _roofline_kernel
+
+
+def measure_roofline(
+    n: int, dtype: np.dtype | str, threads: int, *, min_time: float, repeat: int | None
+) -> float:
+    """Best-case GB/s of the step's access pattern (4 reads + 3 writes) over ``n`` elements.
+
+    Best of several runs, not the median: this is the upper bound a step can
+    reach on this machine, with ``threads`` Numba threads.
+    """
+    import numba
+
+    float_kernel, bf16_kernel = _get_roofline_kernel()
+    if dtype == BF16_STATES:
+        kernel = bf16_kernel
+        arrays = [np.full(n, x, dtype=np.float32) for x in (1.0, 0.5)]
+        arrays += [np.full(n, x, dtype=np.uint16) for x in (0x3DCC, 0x3C23)]
+    else:
+        kernel = float_kernel
+        # np.full touches every page
+        arrays = [np.full(n, x, dtype=np.dtype(dtype)) for x in (1.0, 0.5, 0.1, 0.01)]
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    best, _ = time_calls(lambda: kernel(*arrays), min_time=min_time, repeat=repeat, best=True)
+    return bytes_per_element(dtype) * n / best / 1e9

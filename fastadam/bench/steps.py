@@ -1,0 +1,125 @@
+"""What the benchmark times: the arrays of a step and a no-argument callable per
+backend (fastadam's, torch's, the np.add yardstick, a multi-tensor plan)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import fastadam
+from fastadam.functional import BFLOAT16
+
+#: Backend names this command knows, in table order.
+FASTADAM_BACKENDS: tuple[str, ...] = fastadam.BACKEND_NAMES
+TORCH_BACKENDS: tuple[str, ...] = ("torch-fused", "torch-foreach")
+ALL_BACKENDS: tuple[str, ...] = FASTADAM_BACKENDS + TORCH_BACKENDS
+
+#: Elements of the per-call-cost step (small enough that the call overhead,
+#: validation included, dominates).
+PER_CALL_N = 1024
+PER_TENSOR_K = 256
+#: The per-call yardstick's name in tables and records.
+NP_ADD = "np.add"
+
+#: The pseudo-dtype of a step with float32 params/grads and bfloat16 states.
+BF16_STATES = "bf16"
+#: The step kinds --dtype can name, in table order, and its shorthands for several.
+DTYPES: tuple[str, ...] = ("float32", "float64", BF16_STATES)
+_DTYPE_SETS = {"both": ["float32", "float64"], "all": list(DTYPES)}
+
+
+def bytes_per_element(dtype: np.dtype | str) -> int:
+    """Bytes one Adam step moves per element: 4 arrays read + 3 written.
+
+    With bfloat16 states: θ and g (4 B) read, θ written; m, v (2 B) read and
+    written: 3*4 + 4*2 = 20 B.
+    """
+    if dtype == BF16_STATES:
+        return 20
+    return 7 * np.dtype(dtype).itemsize
+
+
+def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """(θ, g, m, v): ``n`` elements each, mid-training-like values.
+
+    No gradient is exactly zero and v > 0, so neither moment decays towards the
+    subnormal range over many steps (subnormal arithmetic is slow on x86 and
+    would measure the FPU instead of memory).
+    """
+    if dtype == BF16_STATES:
+        p, g, m, v = make_state(n, "float32", seed)
+        return p, g, m.astype(BFLOAT16), v.astype(BFLOAT16)
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n, dtype=dt)
+    g = rng.standard_normal(n, dtype=dt)
+    g[g == 0] = 1  # vanishingly rare, but a zero gradient would let m decay to subnormal
+    m = rng.standard_normal(n, dtype=dt)
+    m *= 0.1
+    v = rng.random(n, dtype=dt)
+    v *= 0.01
+    v += 1e-4
+    return p, g, m, v
+
+
+def _fastadam_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], None]:
+    p, g, m, v = state
+    steps = itertools.count(1)  # a real training loop's step counter
+    adam_step = fastadam.adam_step
+
+    def run() -> None:
+        adam_step(p, g, m, v, step=next(steps), lr=1e-3, backend=backend)
+
+    return run
+
+
+def _torch_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
+    import torch
+
+    p, g = state[0], state[1]
+    # The same memory as the NumPy arrays: torch steps the very buffer fastadam does.
+    tp = torch.from_numpy(p).requires_grad_(True)
+    tp.grad = torch.from_numpy(g)
+    kinds: dict[str, dict[str, Any]] = {
+        "torch-fused": {"fused": True},
+        "torch-foreach": {"foreach": True},
+    }
+    kind = kinds[backend]
+    opt = torch.optim.Adam([tp], lr=1e-3, **kind)
+    return opt.step
+
+
+def make_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
+    """A no-argument callable doing one Adam step of ``backend`` over ``state``."""
+    if backend in TORCH_BACKENDS:
+        return _torch_step(backend, state)
+    return _fastadam_step(backend, state)
+
+
+def _np_add_step(n: int) -> Callable[[], Any]:
+    """``np.add(p, g, out=p)`` on ``n`` float32 elements: the per-call yardstick (the
+    cheapest call that takes arrays, so a ratio to it cancels the machine's Python speed)."""
+    p, g = make_state(n, "float32", seed=1)[:2]
+    add = np.add
+
+    def run() -> None:
+        add(p, g, out=p)
+
+    return run
+
+
+def _multi_step(backend: str, k: int, n: int) -> Callable[[], Any]:
+    """One :class:`fastadam.MultiTensorPlan` step over ``k`` separate float32 arrays of
+    ``n`` elements (the plan validated once, as a training loop uses it)."""
+    states = [make_state(n, "float32", seed=i) for i in range(k)]
+    params, grads, exp_avgs, exp_avg_sqs = (list(x) for x in zip(*states))
+    plan = fastadam.MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, backend=backend)
+    steps = itertools.count(1)
+
+    def run() -> None:
+        plan.step(step=next(steps), lr=1e-3)
+
+    return run
