@@ -44,7 +44,7 @@ PyTorch is optional for :mod:`fastadam`; this module alone needs it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
