@@ -18,7 +18,7 @@ missing header, a C compiler needed at import -- fails here. The dependencies
 this environment's site-packages *after* the fresh one's, and the checks assert
 that ``fastadam`` and its library are the wheel's. The tests run there are the
 ones that exercise what the wheel carries, chosen for their run time (about
-40 s of the test's ~2.5 min, the build being most of the rest):
+40 s of the test's 1.5-2 min on 2 cores, the build being most of the rest):
 
 * ``test_c_kernel.py``: the library is the installed one; every compiled ISA
   variant, forced in its own process, gives the NumPy reference's bits on every
