@@ -31,7 +31,23 @@ from .functional import adam_step, unscale_and_check
 from .multi import MultiTensorPlan, adam_step_multi
 from .optim import Adam, AdamW
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source.
+
+    A source tree imported without any install of fastadam has no metadata;
+    "0+unknown" (a valid PEP 440 version) says so rather than
+    guessing.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastadam")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "BACKEND_NAMES",

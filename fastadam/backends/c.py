@@ -12,7 +12,8 @@ fastadam from a source checkout, e.g. ``python -m fastadam`` run in the
 repository root); the environment variable
 ``FASTADAM_C_LIBRARY=/path/to/libfastadam_c.so`` overrides both (for a
 sanitizer or debug build, say). Importing this module raises ``ImportError``
-with the reason when the library cannot be found or loaded.
+with the reason when the library cannot be found or loaded -- among them a
+package built with ``FASTADAM_SKIP_C=1``, which has no library by design.
 """
 
 from __future__ import annotations
@@ -131,9 +132,30 @@ def _library_candidates() -> list[str]:
     return [str(d / name) for d in _library_dirs() for name in names if (d / name).is_file()]
 
 
+def _installed_without_c() -> bool:
+    """Whether the installed distribution is a pure-Python wheel.
+
+    That is what ``FASTADAM_SKIP_C=1`` at build time makes (pyproject.toml's
+    override runs no CMake): the library is missing on purpose, and saying so
+    beats a list of searched directories.
+    """
+    try:
+        wheel = importlib.metadata.distribution("fastadam").read_text("WHEEL") or ""
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return "Root-Is-Purelib: true" in wheel
+
+
 def _load():
     candidates = _library_candidates()
     if not candidates:
+        if _installed_without_c():
+            raise ImportError(
+                "fastadam C backend: this fastadam was installed without its C library "
+                "(built with FASTADAM_SKIP_C=1, a pure-Python wheel); the numpy and numba "
+                "backends work. Reinstall without FASTADAM_SKIP_C (a C compiler needed) "
+                "for the C backend"
+            )
         searched = ", ".join(str(d) for d in _library_dirs())
         raise ImportError(
             f"fastadam C backend: libfastadam_c was not found (searched {searched}); "
