@@ -109,6 +109,32 @@ def check_optimizer_hyper(
     return lr_f, beta[0], beta[1], eps_f, wd_f
 
 
+def check_state_dtype(state_dtype: object) -> str | None:
+    """An optimizer's ``state_dtype`` as ``None`` (the parameters' dtype),
+    ``"float32"`` or ``"bfloat16"``; each front end maps the name to its own dtype
+    object. Accepted: those names, NumPy's float32 and ml_dtypes' bfloat16 (as
+    dtypes or types), and torch.float32/torch.bfloat16 (matched by name, so this
+    module needs no torch)."""
+    if state_dtype is None:
+        return None
+    if isinstance(state_dtype, str):
+        name: str | None = state_dtype if state_dtype in ("float32", "bfloat16") else None
+    elif type(state_dtype).__module__ == "torch":  # a torch.dtype
+        name = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}.get(str(state_dtype))
+    else:
+        try:
+            dt = np.dtype(state_dtype)  # type: ignore[call-overload]
+        except TypeError:
+            dt = None
+        name = "float32" if dt == np.float32 else "bfloat16" if dt == BFLOAT16 else None
+    if name is None:
+        raise ValueError(
+            "state_dtype must be None, 'float32' or 'bfloat16' (or that dtype itself), "
+            f"got {state_dtype!r}"
+        )
+    return name
+
+
 def check_positive(name: str, x: object) -> float:
     x = check_real(name, x)
     if x <= 0.0:

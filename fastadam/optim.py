@@ -23,6 +23,7 @@ from ._validation import (
     check_array,
     check_optimizer_hyper,
     check_seed,
+    check_state_dtype,
     check_state_rounding,
 )
 from .multi import _LIST_NAMES, MultiTensorPlan
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 ParamsT = Union[Iterable[np.ndarray], Iterable[dict[str, Any]], "FlatParams"]
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+#: state_dtype by name (check_state_dtype), as the arrays hold it.
+_STATE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
 
 
 class Adam:
@@ -142,7 +147,8 @@ class Adam:
         check_optimizer_hyper(lr, betas, eps, weight_decay)
         backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
         self.backend = backend
-        self.state_dtype = _resolve_state_dtype(state_dtype)
+        name = check_state_dtype(state_dtype)
+        self.state_dtype = None if name is None else _STATE_DTYPES[name]
         check_state_rounding(state_rounding)
         self.state_rounding = state_rounding
         self.seed = check_seed(seed)
@@ -550,21 +556,6 @@ class _PositionedPlan(MultiTensorPlan):
 
     def _label(self, role: int, i: int) -> str:
         return f"{_LIST_NAMES[role]}[{self._positions[i]}]"
-
-
-def _resolve_state_dtype(state_dtype: Any) -> np.dtype | None:
-    """None (the parameters' dtype), float32, or bfloat16; anything else is refused."""
-    if state_dtype is None:
-        return None
-    if isinstance(state_dtype, str) and state_dtype == "bfloat16":
-        return BFLOAT16
-    try:
-        dt = np.dtype(state_dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt not in (np.dtype(np.float32), BFLOAT16):
-        raise ValueError(f"state_dtype must be None, 'float32' or 'bfloat16', got {state_dtype!r}")
-    return dt
 
 
 def _check_saved_step(sid: object, step: object) -> int:

@@ -63,6 +63,7 @@ from fastadam._validation import (
     as_real,
     check_optimizer_hyper,
     check_seed,
+    check_state_dtype,
     check_state_rounding,
 )
 from fastadam.multi import MultiTensorPlan
@@ -75,7 +76,7 @@ ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str
 
 _DTYPES = (torch.float32, torch.float64)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-#: state_dtype by name, as fastadam.Adam takes it.
+#: state_dtype by name (check_state_dtype), as torch holds it.
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STRIDED = torch.strided
 _KEEP = torch.preserve_format
@@ -104,25 +105,6 @@ def _scalar(name: str, value: Any) -> float:
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> tuple[float, ...]:
     """torch.optim.Adam's checks (fastadam._validation), 1-element tensors accepted."""
     return check_optimizer_hyper(lr, betas, eps, weight_decay, _scalar)
-
-
-def _check_backend(backend: Any) -> None:
-    """Fail at construction, not at the first step, for a backend that cannot run here."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto":
-        fastadam.auto_backend()  # raises for a bad FASTADAM_BACKEND
-        return
-    if backend not in fastadam.BACKEND_NAMES:
-        raise ValueError(
-            f"backend must be 'auto' or one of {', '.join(map(repr, fastadam.BACKEND_NAMES))}; "
-            f"got {backend!r}"
-        )
-    if backend not in fastadam.available_backends():
-        reason = fastadam.unavailable_reasons().get(backend, "unknown reason")
-        raise fastadam.BackendUnavailableError(
-            f"fastadam backend {backend!r} is unavailable: {reason}"
-        )
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -462,18 +444,12 @@ class Adam(torch.optim.Adam):
         if differentiable:
             raise ValueError("differentiable=True is not supported by fastadam.torch")
         _check_hyper(lr, betas, eps, weight_decay)
-        _check_backend(backend)
+        fastadam.backends.get(backend)  # unknown or unloadable backend: fail now
         self.backend = backend
-        if isinstance(state_dtype, str):
-            state_dtype = _STATE_DTYPES.get(state_dtype, state_dtype)
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(
-                "state_dtype must be None, torch.float32 or torch.bfloat16 (or 'float32', "
-                f"'bfloat16'), got {state_dtype!r}"
-            )
+        name = check_state_dtype(state_dtype)
         check_state_rounding(state_rounding)
         seed = check_seed(seed)
-        self.state_dtype = state_dtype
+        self.state_dtype = None if name is None else _STATE_DTYPES[name]
         self.state_rounding = state_rounding
         self.seed = seed
         # torch.optim.Adam's group keys, in its order and with the values it

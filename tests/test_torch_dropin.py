@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -639,6 +640,38 @@ def test_bad_hyperparameters_start_with_torchs_own_message(ours, theirs, kwargs)
         str(our_error.value),
         str(torch_error.value),
     )
+
+
+_STATE_DTYPE_SPELLINGS = [
+    None, "float32", "bfloat16", np.float32, np.dtype(np.float32), ml_dtypes.bfloat16,
+    torch.float32, torch.bfloat16,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("state_dtype", _STATE_DTYPE_SPELLINGS, ids=repr)
+def test_both_front_ends_take_the_same_state_dtypes(state_dtype):
+    name = None if state_dtype is None else str(state_dtype).replace("torch.", "")
+    name = {"<class 'numpy.float32'>": "float32", "<class 'ml_dtypes.bfloat16'>": "bfloat16"}.get(
+        name, name
+    )
+    ours = fastadam.Adam([np.zeros(3, np.float32)], state_dtype=state_dtype)
+    theirs = ft.Adam([nn.Parameter(torch.zeros(3))], state_dtype=state_dtype)
+    assert (ours.state_dtype is None) == (theirs.state_dtype is None) == (name is None)
+    if name is not None:
+        assert ours.state_dtype.name == name
+        assert theirs.state_dtype == getattr(torch, name)
+
+
+@pytest.mark.parametrize(
+    "state_dtype", ["float16", "bf16", np.float64, torch.float16, torch.float64, 3], ids=repr
+)
+def test_both_front_ends_refuse_the_same_state_dtypes_alike(state_dtype):
+    with pytest.raises(ValueError) as ours:
+        fastadam.Adam([np.zeros(3, np.float32)], state_dtype=state_dtype)
+    with pytest.raises(ValueError) as theirs:
+        ft.Adam([nn.Parameter(torch.zeros(3))], state_dtype=state_dtype)
+    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value).startswith("state_dtype must be None, 'float32' or 'bfloat16'")
 
 
 def test_add_param_group_checks_and_works():
