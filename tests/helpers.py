@@ -10,11 +10,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import fastadam
+from fastadam import config
 
 #: The compiled backends, from the registry's one list of names.
 FAST_BACKENDS = tuple(name for name in fastadam.BACKEND_NAMES if name != "numpy")
@@ -64,11 +67,35 @@ def combo_id(c: dict) -> str:
     return "+".join(on) or "plain"
 
 
-def make_state(n, dtype, seed=0, shape=None, scale=1.0):
-    """A fresh (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) tuple.
+def special_values(dtype) -> np.ndarray:
+    """The values every backend must treat exactly as NumPy does: NaN, both
+    infinities, both zeros, the smallest subnormals and normal, the largest
+    finite values, and a tiny normal number."""
+    info = np.finfo(dtype)
+    return np.array(
+        [np.nan, np.inf, -np.inf, 0.0, -0.0, info.smallest_subnormal,
+         -info.smallest_subnormal, info.tiny, info.max, -info.max, 1e-30],
+        dtype=dtype,
+    )  # fmt: skip
+
+
+# bfloat16 bit patterns for the states: NaNs (quiet, signalling, negative),
+# infinities, signed zeros, the smallest subnormal, the smallest normal, the largest.
+BF16_SPECIALS = np.array(
+    [0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x8001, 0x0080, 0x7F7F],
+    dtype=np.uint16,
+)
+
+
+def make_state(n, dtype, seed=0, shape=None, scale=1.0, specials=False):
+    """A fresh (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) tuple: the one
+    case generator of the suite (every backend's tests draw from it).
 
     The moments start non-zero (as mid-training) so every term of the update
-    matters from the first step.
+    matters from the first step. With ``specials``, about one element in 64 of
+    each array is one of :func:`special_values`, and the first two elements
+    hold zero gradients and signed-zero ties of ``v`` and ``max_exp_avg_sq``
+    (where ``np.maximum`` picks its second operand).
     """
     rng = np.random.default_rng(seed)
     shape = (n,) if shape is None else shape
@@ -78,11 +105,80 @@ def make_state(n, dtype, seed=0, shape=None, scale=1.0):
     v = rng.random(shape) * 0.01
     vmax = v + rng.random(shape) * 0.01 * (rng.random(shape) < 0.5)
     # np.array, not astype: a 0-d result must stay an array, not become a scalar.
-    return tuple(np.array(a, dtype=dtype) for a in (p, g, m, v, vmax))
+    arrays = [np.array(a, dtype=dtype) for a in (p, g, m, v, vmax)]
+    size = int(np.prod(shape))
+    if specials and size >= 8:
+        flat = [a.reshape(-1) for a in arrays]
+        k = max(1, size // 64)
+        for a in flat:
+            a[rng.integers(0, size, k)] = rng.choice(special_values(dtype), k)
+        flat[1][:2] = 0.0
+        flat[3][:2] = (0.0, -0.0)
+        flat[4][:2] = (-0.0, 0.0)
+    return tuple(arrays)
+
+
+def make_state_kind(n, kind, seed=0, shape=None, specials=True):
+    """make_state for a kind of step: ``"float32"``, ``"float64"``, or float32
+    params with bfloat16 states (any other kind name), which are rounded from
+    float32 ones and, with ``specials``, sprinkled with BF16_SPECIALS."""
+    if kind in ("float32", "float64"):
+        return list(make_state(n, np.dtype(kind), seed, shape, specials=specials))
+    arrays = list(make_state(n, np.float32, seed, shape, specials=specials))
+    arrays[2:] = [a.astype(ml_dtypes.bfloat16) for a in arrays[2:]]
+    size = arrays[0].size
+    if specials and size >= 8:
+        rng = np.random.default_rng(seed + 1)
+        k = max(1, size // 64)
+        for a in arrays[2:]:
+            a.reshape(-1).view(np.uint16)[rng.integers(0, size, k)] = rng.choice(BF16_SPECIALS, k)
+    return arrays
 
 
 def copy_state(state):
     return tuple(a.copy() for a in state)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One entry of CASES: a kind of step, a size and adam_step's options."""
+
+    kind: str  # "float32", "float64", "bf16-nearest", "bf16-stochastic"
+    n: int
+    options: tuple[tuple[str, object], ...]
+
+    @property
+    def id(self) -> str:
+        on = "+".join(k if v is True else f"{k}={v}" for k, v in self.options if v) or "plain"
+        return f"{self.kind}-{self.n}-{on}"
+
+    def state(self, seed: int = 0) -> list:
+        """The arrays of this case, special values included (make_state_kind)."""
+        return make_state_kind(self.n, self.kind.split("-")[0], seed=seed)
+
+    def kwargs(self) -> dict:
+        kw = dict(self.options)
+        if self.kind.startswith("bf16"):
+            kw["state_rounding"] = self.kind.split("-")[1]
+            kw["seed"] = 7
+        return kw
+
+
+#: The table every backend is run over (tests/test_backends.py), as torch's
+#: optim_db lists configurations: each kind of step, sizes from empty to past
+#: both parallel thresholds (C 32,768 and Numba's config.PARALLEL_MIN_ELEMENTS
+#: elements), and option sets that between them turn every kernel flag on.
+CASES = tuple(
+    Case(kind, n, options)
+    for kind in ("float32", "float64", "bf16-nearest", "bf16-stochastic")
+    for n in (0, 1, 33, 4099, max(config.PARALLEL_MIN_ELEMENTS, 1 << 15) + 4099)
+    for options in (
+        (),
+        (("weight_decay", 0.1), ("decoupled_weight_decay", True), ("amsgrad", True)),
+        (("weight_decay", 0.1), ("maximize", True), ("grad_scale", 3.0)),
+        (("amsgrad", True), ("maximize", True), ("eps_hat", True), ("grad_scale", 0.5)),
+    )
+)
 
 
 def run_step(state, backend, step=3, **kw):
@@ -93,20 +189,28 @@ def run_step(state, backend, step=3, **kw):
 
 
 def bits(a: np.ndarray) -> np.ndarray:
-    """The array's bit patterns as unsigned ints, every NaN mapped to one pattern.
+    """The array's bit patterns as unsigned ints (flattened), every NaN mapped to one
+    pattern.
 
     Comparing bits (not values) tells +0.0 from -0.0; NaN payloads are not
-    specified by IEEE arithmetic, so only a NaN's position counts.
+    specified by IEEE arithmetic, so only a NaN's position counts. bfloat16
+    arrays are compared on their 16-bit patterns.
     """
-    u = np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}").copy()
-    u[np.isnan(a)] = np.array(np.nan, dtype=a.dtype).view(u.dtype)
+    u = np.ascontiguousarray(a).reshape(-1).view(f"u{a.dtype.itemsize}").copy()
+    if a.dtype.itemsize == 2:  # bfloat16: a NaN is any exponent-all-ones non-infinity
+        u[(u & 0x7FFF) > 0x7F80] = 0x7FC0
+        return u
+    u[np.isnan(a).reshape(-1)] = np.array(np.nan, dtype=a.dtype).view(u.dtype)
     return u
 
 
 def assert_bit_identical(
     actual, expected, names=("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 ):
+    """Every array of ``actual`` has the bits of ``expected``'s (pairs of None skipped)."""
     for name, a, e in zip(names, actual, expected):
+        if a is None and e is None:
+            continue
         assert a.dtype == e.dtype and a.shape == e.shape, name
         differ = bits(a) != bits(e)
         assert not differ.any(), (

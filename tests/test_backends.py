@@ -8,6 +8,7 @@ import platform
 import numpy as np
 import pytest
 from helpers import (
+    CASES,
     FAST_BACKENDS,
     assert_bit_identical,
     copy_state,
@@ -232,3 +233,22 @@ def test_numba_refuses_scalars_in_another_order():
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert "its loops take" in r.stdout and "AdamScalars has" in r.stdout
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_case_table_bit_identical_to_the_reference(case, backend, restore_threads):
+    """Every entry of the suite's case table (helpers.CASES: NaN, infinities,
+    subnormals, signed zeros, huge and tiny values; empty to past the parallel
+    thresholds; every kernel flag) on every fast backend, on 2 threads, bit for
+    bit against the NumPy reference."""
+    fastadam.set_num_threads(2)
+    state = case.state(seed=case.n)
+    expected = [a.copy() for a in state]
+    p, g, m, v, vmax = expected
+    fastadam.adam_step(p, g, m, v, step=5, lr=1e-2, max_exp_avg_sq=vmax, backend="numpy",
+                       **case.kwargs())  # fmt: skip
+    p, g, m, v, vmax = state
+    fastadam.adam_step(p, g, m, v, step=5, lr=1e-2, max_exp_avg_sq=vmax, backend=backend,
+                       **case.kwargs())  # fmt: skip
+    assert_bit_identical(state, expected)

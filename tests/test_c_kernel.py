@@ -35,12 +35,16 @@ from helpers import (
     FA_ERR_SIZE,
     FA_ERR_THREADS,
     FA_OK,
+    assert_bit_identical,
+    bits,
     c_backend_or_skip,
     c_digests_per_isa,
     cpu_flags,
     load_test_module,
+    make_state_kind,
     supported_isas,
 )
+from helpers import make_state as helpers_make_state
 
 from fastadam._scalars import (
     STATE_BF16_NEAREST,
@@ -59,7 +63,6 @@ FA_CODES = (
     FA_OK, FA_ERR_NULL, FA_ERR_SIZE, FA_ERR_AMSGRAD, FA_ERR_OVERLAP, FA_ERR_THREADS,
     FA_ERR_ROUNDING,
 )  # fmt: skip
-ARRAY_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 DTYPES = (np.float32, np.float64)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # What a case steps: float32/float64 states, or float32 params with bfloat16
@@ -188,90 +191,8 @@ def combo_id(combo: dict) -> str:
 
 
 def make_state(n, dtype, seed=0, shape=None):
-    """Random mid-training state sprinkled with NaN, inf, signed zeros and subnormals."""
-    rng = np.random.default_rng(seed)
-    arrays = [
-        rng.standard_normal(n),
-        rng.standard_normal(n),
-        rng.standard_normal(n) * 0.1,
-        rng.random(n) * 0.01,
-        rng.random(n) * 0.01,
-    ]
-    arrays[4] += arrays[3] * (rng.random(n) < 0.5)  # vmax sometimes >= v
-    arrays = [np.array(a, dtype=dtype) for a in arrays]
-    info = np.finfo(dtype)
-    specials = np.array(
-        [
-            np.nan,
-            np.inf,
-            -np.inf,
-            0.0,
-            -0.0,
-            info.smallest_subnormal,
-            -info.smallest_subnormal,
-            info.tiny,
-            info.max,
-            -info.max,
-            1e-30,
-        ],
-        dtype=dtype,
-    )
-    if n >= 8:
-        k = max(1, n // 64)
-        for a in arrays:
-            a[rng.integers(0, n, k)] = rng.choice(specials, k)
-        # np.maximum ties on signed zeros (v becomes +0 when v = g = 0).
-        p, g, m, v, vmax = arrays
-        g[:2] = 0.0
-        v[:2] = (0.0, -0.0)
-        vmax[:2] = (-0.0, 0.0)
-    if shape is not None:
-        arrays = [a.reshape(shape) for a in arrays]
-    return arrays
-
-
-# bfloat16 bit patterns for the states: NaNs (quiet, signalling, negative),
-# infinities, signed zeros, the smallest subnormal, the smallest normal, the largest.
-BF16_SPECIALS = np.array(
-    [0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x8001, 0x0080, 0x7F7F],
-    dtype=np.uint16,
-)
-
-
-def make_state_kind(n, kind, seed=0, shape=None):
-    """make_state for any KINDS entry: bfloat16 states are rounded from float32 ones."""
-    if kind in ("float32", "float64"):
-        return make_state(n, np.dtype(kind), seed=seed, shape=shape)
-    arrays = make_state(n, np.float32, seed=seed)
-    arrays[2:] = [a.astype(BF16) for a in arrays[2:]]
-    if n >= 8:
-        rng = np.random.default_rng(seed + 1)
-        k = max(1, n // 64)
-        for a in arrays[2:]:
-            a.view(np.uint16)[rng.integers(0, n, k)] = rng.choice(BF16_SPECIALS, k)
-    if shape is not None:
-        arrays = [a.reshape(shape) for a in arrays]
-    return arrays
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    """The array's bit patterns, every NaN made the same (payloads are not specified)."""
-    a = np.array(a, copy=True).reshape(-1)
-    if a.dtype.itemsize == 2:  # bfloat16
-        u = a.view(np.uint16)
-        u[(u & 0x7FFF) > 0x7F80] = 0x7FC0
-        return u
-    a[np.isnan(a)] = np.nan
-    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
-
-
-def assert_bits_equal(actual, expected, names=ARRAY_NAMES):
-    for name, a, e in zip(names, actual, expected, strict=True):
-        if a is None and e is None:
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape, name
-        diff = np.count_nonzero(bits(a) != bits(e))
-        assert diff == 0, f"{name}: {diff} of {a.size} elements differ in their bits"
+    """The suite's generator with special values (helpers.make_state), as a list."""
+    return list(helpers_make_state(n, dtype, seed, shape, specials=True))
 
 
 def digest(arrays) -> str:
@@ -429,7 +350,7 @@ def test_bit_identical_to_numpy(kind, n, combo):
     ours, ref = make_state_kind(n, kind, seed=n), make_state_kind(n, kind, seed=n)
     run_c(ours, sc)
     run_numpy(ref, sc)
-    assert_bits_equal(ours, ref)
+    assert_bit_identical(ours, ref)
 
 
 def test_matches_lead_reference_backend():
@@ -440,7 +361,7 @@ def test_matches_lead_reference_backend():
         run_c(ours, sc)
         p, g, m, v, vmax = ref
         ref_mod.step(p, g, m, v, vmax if sc.amsgrad else None, sc)
-        assert_bits_equal(ours, ref)
+        assert_bit_identical(ours, ref)
 
 
 @pytest.mark.parametrize("shape", [(), (3, 4), (2, 0, 5), (5, 1, 7)])
@@ -452,7 +373,7 @@ def test_any_shape(shape):
         ref = [a.copy() for a in ours]
         run_c(ours, sc)
         run_numpy(ref, sc)
-        assert_bits_equal(ours, ref)
+        assert_bit_identical(ours, ref)
 
 
 @pytest.mark.parametrize("offset", [1, 3])
@@ -473,7 +394,7 @@ def test_misaligned_views_and_no_out_of_bounds(offset, n):
         assert all(v.flags.c_contiguous for v in views)
         run_c(views, sc)
         run_numpy(src, sc)
-        assert_bits_equal(views, src)
+        assert_bit_identical(views, src)
         for b in bufs:
             assert np.all(b[:offset] == 12288.0) and np.all(b[offset + n :] == 12288.0)
 
@@ -541,7 +462,7 @@ def test_threads_bit_identical(restore_threads, kind, n):
     ref = make_state_kind(n, kind, seed=7)
     run_numpy(ref, sc)
     for r in results:
-        assert_bits_equal(r, ref)
+        assert_bit_identical(r, ref)
 
 
 # ------------------------------------------------------------ bfloat16 --
@@ -578,12 +499,12 @@ def test_bf16_random_bits_follow_the_global_index(restore_threads, first_index):
         c.set_num_threads(threads)
         state = shifted(make_state_kind(n, "bf16-stochastic", seed=9))
         assert _bf16_at(state, first_index, sc) == FA_OK
-        assert_bits_equal(state, ref)
+        assert_bit_identical(state, ref)
     c.set_num_threads(2)
     state = make_state_kind(n, "bf16-stochastic", seed=9)
     for lo, hi in ((0, 12_345), (12_345, 40_000), (40_000, n)):
         assert _bf16_at([a[lo:hi] for a in state], first_index + lo, sc) == FA_OK
-    assert_bits_equal(state, ref)
+    assert_bit_identical(state, ref)
 
 
 @pytest.mark.parametrize("rounding", [STATE_BF16_NEAREST, STATE_BF16_STOCHASTIC])
@@ -679,7 +600,7 @@ def test_unscale_and_check_matches_numpy(dtype, n):
             found = c.unscale_and_check(grad, scale)
             assert isinstance(found, bool)
             assert found == found_expected, (scale, n)
-            assert_bits_equal([grad], [expected], names=["grad"])
+            assert_bit_identical([grad], [expected], names=["grad"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -708,7 +629,7 @@ def test_unscale_and_check_threads(restore_threads, dtype):
         c.set_num_threads(threads)
         grad = shifted([make_state(n, dtype, seed=4)[1]])[0]
         assert c.unscale_and_check(grad, 3.0) == found_ref
-        assert_bits_equal([grad], [ref], names=["grad"])
+        assert_bit_identical([grad], [ref], names=["grad"])
         clean = clean_grad(n, dtype)
         assert not c.unscale_and_check(clean, 3.0)
 
@@ -751,7 +672,7 @@ def test_concurrent_python_threads(restore_threads):
         for _ in range(10):
             run_numpy(ref, sc)
     for s, ref in zip(states, refs, strict=True):
-        assert_bits_equal(s, ref)
+        assert_bit_identical(s, ref)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
@@ -780,7 +701,7 @@ def test_fork_after_parallel_step(tmp_path):
             signal.alarm(30)  # a hung child dies (SIGALRM) instead of lingering
             try:
                 mod.run_c(child_state, sc)
-                mod.assert_bits_equal(child_state, expected)
+                mod.assert_bit_identical(child_state, expected)
                 code = 0
             except BaseException:
                 code = 3
@@ -789,7 +710,7 @@ def test_fork_after_parallel_step(tmp_path):
         # the parent's pool still works after the fork
         again = mod.make_state(n, np.float32, seed=2)
         mod.run_c(again, sc)
-        mod.assert_bits_equal(again, expected)
+        mod.assert_bit_identical(again, expected)
         sys.exit(os.waitstatus_to_exitcode(status))
         """
     )

@@ -33,9 +33,11 @@ from helpers import (
     FA_ERR_ROUNDING,
     FA_ERR_SIZE,
     FA_OK,
+    bits,
     c_backend_or_skip,
     c_digests_per_isa,
     load_test_module,
+    make_state_kind,
 )
 
 from fastadam._scalars import (
@@ -97,37 +99,24 @@ def scalars_for(combo: str, rounding: int, steps=(3,)):
 
 
 def make_tensors(kind: str, sizes, seed=0, amsgrad=True, offset=0):
-    """Rows (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None), random
-    mid-training values with NaN, infinities, signed zeros and subnormals.
+    """Rows (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None): the suite's
+    generator (helpers.make_state_kind, special values included), tensor ``t``
+    drawn with seed ``seed * 1000 + t``.
 
     ``offset`` > 0 places every array ``offset`` elements into its own buffer
     (so its start moves against the 64-byte lines) with guard values after it;
     the buffers are returned too, to check the guards.
     """
-    _, pdt, sdt, _ = KINDS[kind]
-    rng = np.random.default_rng(seed)
-    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 3e38, -1e-30], np.float32)
     rows, buffers = [], []
-    for n in sizes:
-        vals = [
-            rng.standard_normal(n),
-            rng.standard_normal(n),
-            rng.standard_normal(n) * 0.1,
-            rng.random(n) * 0.01,
-            rng.random(n) * 0.02,
-        ]
+    for t, n in enumerate(sizes):
         row = []
-        for r, v in enumerate(vals):
+        for r, v in enumerate(make_state_kind(n, kind, seed=seed * 1000 + t)):
             if r == 4 and not amsgrad:
                 row.append(None)
                 continue
-            dt = pdt if r < 2 else sdt
-            buf = np.full(offset + n + 5, 12288.0, dtype=dt)  # exact in bfloat16 too
+            buf = np.full(offset + n + 5, 12288.0, dtype=v.dtype)  # exact in bfloat16 too
             a = buf[offset : offset + n]
-            a[...] = v.astype(dt)
-            if n >= 8:
-                k = max(1, n // 64)
-                a[rng.integers(0, n, k)] = rng.choice(specials, k).astype(dt)
+            a[...] = v
             row.append(a)
             buffers.append((buf, offset, n))
         rows.append(row)
@@ -136,16 +125,6 @@ def make_tensors(kind: str, sizes, seed=0, amsgrad=True, offset=0):
 
 def copy_rows(rows):
     return [[None if a is None else a.copy() for a in row] for row in rows]
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    """The array's bit patterns, every NaN made the same (payloads are not specified)."""
-    u = np.ascontiguousarray(a).reshape(-1).view(f"u{a.dtype.itemsize}").copy()
-    if a.dtype == BF16:
-        u[(u & 0x7FFF) > 0x7F80] = 0x7FC0
-    else:
-        u[np.isnan(a.reshape(-1))] = np.array(np.nan, a.dtype).view(u.dtype)
-    return u
 
 
 def assert_rows_equal(actual, expected):
