@@ -39,6 +39,7 @@ from helpers import (
     bits,
     c_backend_or_skip,
     c_digests_per_isa,
+    combo_id,
     cpu_flags,
     load_test_module,
     make_state_kind,
@@ -184,10 +185,6 @@ COMBOS = [
         eps_hat=True,
     )
 ]
-
-
-def combo_id(combo: dict) -> str:
-    return "+".join(f"{k}={v}" for k, v in combo.items() if v) or "plain"
 
 
 def make_state(n, dtype, seed=0, shape=None):

@@ -690,10 +690,15 @@ def test_add_param_group_checks_and_works():
 
 
 def test_unavailable_backend_fails_at_construction(monkeypatch):
-    monkeypatch.setattr(fastadam, "available_backends", lambda: ("numpy",))
-    monkeypatch.setattr(fastadam, "unavailable_reasons", lambda: {"c": "no library here"})
-    with pytest.raises(fastadam.BackendUnavailableError, match="no library here"):
-        ft.Adam([nn.Parameter(torch.zeros(2))], backend="c")
+    # The registry as on a machine where the C library failed to load.
+    from fastadam import backends
+
+    monkeypatch.delitem(backends._loaded, "c", raising=False)
+    monkeypatch.setitem(backends._errors, "c", "no library here")
+    for cls in (ft.Adam, fastadam.Adam):
+        params = [nn.Parameter(torch.zeros(2))] if cls is ft.Adam else [np.zeros(2, np.float32)]
+        with pytest.raises(fastadam.BackendUnavailableError, match="no library here"):
+            cls(params, backend="c")
 
 
 # -- torch stays optional; other torch machinery -------------------------------------
