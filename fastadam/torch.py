@@ -43,7 +43,6 @@ PyTorch is optional for :mod:`fastadam`; this module alone needs it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -62,6 +61,7 @@ from fastadam._validation import (
     BFLOAT16,
     as_real,
     check_optimizer_hyper,
+    check_positive,
     check_seed,
     check_state_dtype,
     check_state_rounding,
@@ -594,9 +594,7 @@ class Adam(torch.optim.Adam):
             return loss  # overflow: skip the step; nothing changes, no step is counted
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            grad_scale = float(grad_scale)
-            if not (math.isfinite(grad_scale) and grad_scale > 0.0):
-                raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
+            grad_scale = check_positive("grad_scale", float(grad_scale))
 
         # Prepare (check) every group's step before applying any: on an error
         # nothing has changed, and no new state has been attached.

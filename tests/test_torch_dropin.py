@@ -689,6 +689,18 @@ def test_add_param_group_checks_and_works():
     assert opt.param_groups[1]["eps_hat"] is False and opt.param_groups[1]["amsgrad"] is False
 
 
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_grad_scale_from_a_scaler_changes_nothing(scale):
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    opt = ft.Adam([p], lr=0.1)
+    opt.grad_scale = torch.tensor(scale)  # as torch.amp.GradScaler.step hands it over
+    with pytest.raises(ValueError, match="grad_scale must be"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and torch.equal(p.grad, torch.full((3,), 2.0))
+    assert len(opt.state) == 0
+
+
 def test_unavailable_backend_fails_at_construction(monkeypatch):
     # The registry as on a machine where the C library failed to load.
     from fastadam import backends
