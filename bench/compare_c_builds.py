@@ -8,9 +8,9 @@ than the minute-to-minute drift of a shared machine's memory bandwidth.
 Each LIB is a libfastadam_c built from another source tree, e.g. with the prefetch
 distance changed::
 
-    cp -r csrc CMakeLists.txt /tmp/pf4k/ && (edit /tmp/pf4k/csrc/...)
-    cmake -S /tmp/pf4k -B /tmp/pf4k/b -DCMAKE_BUILD_TYPE=Release && cmake --build /tmp/pf4k/b
-    python bench/compare_c_builds.py /tmp/pf4k/b/libfastadam_c.so "$(python -c \
+    mkdir ../pf4k && cp -r csrc CMakeLists.txt ../pf4k/ && (edit ../pf4k/csrc/...)
+    cmake -S ../pf4k -B ../pf4k/b -DCMAKE_BUILD_TYPE=Release && cmake --build ../pf4k/b
+    python bench/compare_c_builds.py ../pf4k/b/libfastadam_c.so "$(python -c \
         'import fastadam, os; print(os.path.dirname(fastadam.__file__))')/libfastadam_c.so"
 
 Every library runs the same float32 (or bf16-state) step with the same scalars, timed in
