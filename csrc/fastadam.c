@@ -110,7 +110,8 @@ static int fa_best_isa(void)
         return FA_ISA_AVX512;
 #  endif
 #  if defined(FA_HAVE_AVX2)
-    if (__builtin_cpu_supports("avx2"))
+    /* compiled with -mavx2 -mfma; every AVX2 CPU made has FMA, but ask */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return FA_ISA_AVX2;
 #  endif
 #endif
@@ -398,12 +399,16 @@ static inline __attribute__((always_inline)) int fa_check_job(const fa_job *job,
 }
 
 /* The double scalars rounded to float once, by C's conversion (round to
- * nearest even, like NumPy's float64 -> float32 cast). */
+ * nearest even, like NumPy's float64 -> float32 cast). The kernels divide by
+ * bias_correction2_sqrt b through its reciprocal RN(1/b), in T, where that is
+ * exact: b in [2^-40, 2] (fastadam_kernel_impl.h, div_bc2); else 0 says divide. */
+#define FA_BC2_RCP(T, b) ((b) >= (T)0x1p-40 && (b) <= (T)2 ? (T)1 / (b) : (T)0)
 #define FA_ROUND_SCALARS(T, sc)                                                            \
     {                                                                                      \
         (T)(sc)->step_size,       (T)(sc)->bias_correction2_sqrt, (T)(sc)->eps,            \
         (T)(sc)->one_minus_beta1, (T)(sc)->beta2,                 (T)(sc)->one_minus_beta2, \
         (T)(sc)->weight_decay,    (T)(sc)->decay,                 (T)(sc)->grad_scale,     \
+        FA_BC2_RCP(T, (T)(sc)->bias_correction2_sqrt),                                     \
     }
 
 /* Elements [lo, hi) of tensor t, on the calling thread, by the kernel its

@@ -14,12 +14,14 @@
  * same constants. */
 typedef struct fa_scalars_f32 {
     float step_size, bias_correction2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2,
-        weight_decay, decay, grad_scale;
+        weight_decay, decay, grad_scale,
+        bias_correction2_rcp; /* RN(1 / bias_correction2_sqrt), or 0: divide (see div_bc2) */
 } fa_scalars_f32;
 
 typedef struct fa_scalars_f64 {
     double step_size, bias_correction2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2,
-        weight_decay, decay, grad_scale;
+        weight_decay, decay, grad_scale,
+        bias_correction2_rcp; /* RN(1 / bias_correction2_sqrt), or 0: divide (see div_bc2) */
 } fa_scalars_f64;
 
 /* A kernel updates elements [0, n) of its (non-overlapping) arrays. vmax is

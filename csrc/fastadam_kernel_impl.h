@@ -21,6 +21,48 @@
 #define FA_FN(name) FA_CAT(name, FA_SUFFIX)
 
 /*
+ * a / c.bias_correction2_sqrt, correctly rounded (the bits of the division),
+ * for the a = sqrt(v) this is called with: +0, a normal number >= 2^-75
+ * (float; 2^-537 double), +Inf or NaN.
+ *
+ * Where the ISA has a fused multiply-add (FA_FMA, see fastadam_kernel.c), the
+ * division by this per-call constant b is done from its reciprocal
+ * y = RN(1/b) (c.bias_correction2_rcp): q0 = RN(a*y) is within one ulp of
+ * a/b, the remainder r = a - b*q0 is exact in one FMA, and RN(q0 + r*y) is
+ * the correctly rounded quotient (Markstein's theorem; J.-M. Muller,
+ * "Accelerating floating-point division when the divisor is known in
+ * advance", 2002). Its conditions hold for every such a when b is in
+ * [2^-40, 2]: y is normal, a*y neither overflows (< 2^104) nor leaves the
+ * normal range, and r is a multiple of 2^(e_a - 47) >= 2^-122 (float), so
+ * it is representable, subnormal or not. compute_scalars' b lies in
+ * [~1e-8, 1] (beta2 in [0, 1)); for any other b (a C caller's) the
+ * dispatcher sets bias_correction2_rcp to 0 and the kernel divides.
+ * +Inf and NaN keep q0 (+Inf; NaN with a's payload and sign, as the
+ * division gives), since r would be NaN for them; +0 gives +0 either way.
+ * tests/test_c_fma_division.py compares it with the division exhaustively
+ * over a's significands for many b.
+ *
+ * Why: a divide and a square root per element are what bound the loop on
+ * CPUs whose divider is slow (Haswell: one 256-bit divide per 14 cycles;
+ * Zen 1/2 at half width), and this divide costs three FMA-port operations
+ * and a blend instead (BENCHMARKS.md, "AVX2 and ARM").
+ */
+static inline __attribute__((always_inline)) FA_T FA_FN(div_bc2)(
+    FA_T a, const FA_CAT(fa_scalars, FA_SUFFIX) c)
+{
+#ifdef FA_FMA
+    /* loop-invariant: GCC unswitches the loop on it (two vector loops) */
+    if (c.bias_correction2_rcp != 0) {
+        const FA_T q0 = a * c.bias_correction2_rcp;
+        const FA_T r = FA_FMA(-q0, c.bias_correction2_sqrt, a);
+        const FA_T q = FA_FMA(r, c.bias_correction2_rcp, q0);
+        return q0 < (FA_T)INFINITY ? q : q0;
+    }
+#endif
+    return a / c.bias_correction2_sqrt;
+}
+
+/*
  * The update of element i. l2/ams/unscale/maximize are compile-time constants
  * at every call site below, so each instantiation keeps only its own
  * operations and the loop has no branches on them. The constants come in a
@@ -60,7 +102,7 @@ static inline __attribute__((always_inline)) void FA_FN(adam_element)(
         second = (old > v || old != old) ? old : v;
         max_exp_avg_sq[i] = second;
     }
-    const FA_T denom = FA_SQRT(second) / c.bias_correction2_sqrt + c.eps;
+    const FA_T denom = FA_FN(div_bc2)(FA_SQRT(second), c) + c.eps;
     param[i] = p - c.step_size * m / denom;
 }
 
