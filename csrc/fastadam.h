@@ -14,9 +14,11 @@
  *     p = p - step_size * m / denom
  *
  * All arithmetic is in the arrays' type (each double scalar is rounded to
- * float once per call for fa_adam_f32), in exactly this order, with no fused
- * multiply-add, so results are bit-identical to NumPy doing the same
- * operations, whatever the CPU variant or thread count.
+ * float once per call for fa_adam_f32), in exactly this order, with every
+ * operation rounded as NumPy rounds it (no contracted multiply-add), so results
+ * are bit-identical to NumPy doing the same operations, whatever the CPU variant
+ * or thread count. (The avx2 variant divides by bias_correction2_sqrt through
+ * its reciprocal and an FMA correction, which gives the division's bits.)
  *
  * The scalars are derived by fastadam._scalars.compute_scalars (Python); the
  * fields of fa_adam_scalars mirror AdamScalars there, in the same order.

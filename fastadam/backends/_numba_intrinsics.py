@@ -274,3 +274,48 @@ def _inline_in_llvm(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (LLVM's ``llvm.fma``), for float32 or float64.
+
+    Only for the exact division of :func:`fastadam.backends._numba_loops._div_bc2`,
+    and only where :data:`FMA_DIVIDE` says the target has the instruction (elsewhere
+    LLVM would call libm's software fma per element).
+    """
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fnty = ir.FunctionType(ty, [ty, ty, ty])
+        fn = builder.module.declare_intrinsic("llvm.fma", [ty], fnty)
+        return builder.call(fn, args)
+
+    return a(a, a, a), codegen
+
+
+def _target_divides_through_fma() -> bool:
+    """Whether the CPU Numba compiles for (``NUMBA_CPU_FEATURES`` when set, else the
+    host's, as Numba itself decides) has x86 FMA but not AVX-512F: there the loops
+    divide by ``bias_correction2_sqrt`` through its reciprocal (exact, and cheaper
+    than the divider of Haswell and Zen 1/2); AVX-512 targets divide as before,
+    like the C library's avx512 variant."""
+    import platform
+
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    features = config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    return "fma" in enabled and "avx512f" not in enabled
+
+
+#: Read once at import and frozen into the compiled loops (Numba's cache keys
+#: its entries by the target CPU and its features, which decide this).
+FMA_DIVIDE: bool = _target_divides_through_fma()
