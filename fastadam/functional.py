@@ -8,7 +8,8 @@ exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
@@ -152,23 +153,34 @@ def adam_step(
     """
     if amsgrad is not False:
         amsgrad = bool(amsgrad)
+    # The scalars come from memos of checked hyperparameters (see _scalars_of).
+    hyper = (
+        step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+        maximize, eps_hat, grad_scale, state_rounding, seed,
+    )  # fmt: skip
+    fast = _FAST.get(backend) if type(backend) is str else None
+    if fast is None and type(backend) is str and backend not in _FAST:
+        fast = _FAST[backend] = _fast_path(backend)
+    # (the registry stays the authority: a backend it no longer holds loses its path)
+    if fast is not None and not found_inf and backends.loaded(fast.name) is fast.module:
+        # The C backend's one-call path (fastadam._pycall): it runs the kernel on
+        # arrays that pass every rule of validate_arrays, or touches nothing and
+        # declines, and the checked path below runs as always. It takes states of
+        # param's dtype only (same_dtype, the key's last entry, True).
+        try:
+            scalars = _scalars_of((*hyper, True))
+        except (TypeError, ValueError):
+            # A bad array is reported before a bad hyperparameter, as on the checked path.
+            validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
+            raise
+        rc = fast.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars)
+        if rc == 0:
+            return
+        if rc != fast.DECLINED:
+            fast.raise_code(rc)
     validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     same_dtype = exp_avg.dtype is param.dtype or exp_avg.dtype == param.dtype
-    # The hyperparameters of a training loop repeat from call to call: a call
-    # whose exact values (and types: a bool lr must still be refused) have been
-    # checked before reuses their scalars, skipping the checks and the float64
-    # arithmetic. The key holds only hashable values that compare equal exactly
-    # when they are the same; NaN never compares equal, so it is always checked.
-    key = (
-        step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
-        maximize, eps_hat, grad_scale, state_rounding, seed, same_dtype,
-    )  # fmt: skip
-    if _plain(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_rounding):
-        scalars = _SCALARS_MEMO.get(key)
-        if scalars is None:
-            scalars = _remember(key, _checked_scalars(*key))
-    else:
-        scalars = _checked_scalars(*key)
+    scalars = _scalars_of((*hyper, same_dtype))
     kernel = backends.get(backend, _KIND_OF[param.dtype] if same_dtype else KIND_BF16)
     if found_inf:
         return
@@ -179,9 +191,75 @@ def adam_step(
 #: params whose states have their dtype.
 _KIND_OF = {np.dtype(np.float32): KIND_F32, np.dtype(np.float64): KIND_F64}
 
-#: Checked hyperparameters -> their scalars (see adam_step); cleared when full.
-_SCALARS_MEMO: dict[tuple, AdamScalars] = {}
+
+class _FastPath(NamedTuple):
+    """A backend's one-call path for adam_step (see fastadam.backends.c.step_fast)."""
+
+    name: str
+    module: Any
+    step: Callable[..., int]
+    DECLINED: int
+    raise_code: Callable[[int], NoReturn]
+
+
+def _fast_path(backend: str) -> _FastPath | None:
+    """The one-call path for ``backend``: the C backend's, where its extension
+    was built and ``backend`` names it ("c", or "auto" choosing C for float32
+    and float64); else None. Any failure to resolve means None: the checked
+    path then raises it with its own message."""
+    try:
+        if backend == "auto":
+            module = backends.get("auto", KIND_F32)
+            if backends.get("auto", KIND_F64) is not module:
+                return None
+        elif backend == "c":
+            module = backends.get("c", KIND_F32)
+        else:
+            return None
+    except Exception:
+        return None
+    fn = getattr(module, "step_fast", None)
+    if fn is None:
+        return None
+    return _FastPath(module.NAME, module, fn, module.DECLINED, module._raise_code)
+
+
+#: Backend name -> its one-call path or None, decided at its first adam_step.
+_FAST: dict[str, _FastPath | None] = {}
+
+#: compute_scalars without its own lru_cache, whose hashing this memo makes redundant.
+_compute_scalars = compute_scalars.__wrapped__
+
+#: adam_step's checked hyperparameters but the step -> (compute_scalars' other
+#: arguments, the last step seen, its scalars); see _scalars_of. Cleared when full.
+_MEMO: dict[tuple, tuple[tuple, int, AdamScalars]] = {}
 _MEMO_SIZE = 512
+
+
+def _scalars_of(key: tuple) -> AdamScalars:
+    """The scalars of adam_step's ``key`` (its hyperparameters, step first), checked.
+
+    The hyperparameters of a training loop repeat from call to call: a key whose
+    exact values (and types: a bool lr must still be refused) have been checked
+    before reuses them, and its scalars while the step stays the same (the
+    tensors of one step); the next step costs only compute_scalars' float64
+    arithmetic. The memo's keys hold only hashable values that compare equal
+    exactly when they are the same; NaN never compares equal, so it is always
+    checked. Each entry is replaced as one tuple: threads may share the memo.
+    """
+    if not _plain(key[0], key[1], key[2], key[3], key[4], key[5], key[10], key[12], key[11]):
+        return _checked_scalars(*key)
+    step, rest = key[0], key[1:]
+    entry = _MEMO.get(rest)
+    if entry is not None and entry[1] == step:
+        return entry[2]
+    step = check_step(step)  # before the others, as in _checked_scalars
+    args = _checked_args(*rest) if entry is None else entry[0]
+    scalars = _compute_scalars(step, *args)
+    if entry is None and len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    _MEMO[rest] = (args, step, scalars)
+    return scalars
 
 
 def _plain(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_rounding) -> bool:
@@ -197,25 +275,30 @@ def _plain(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_ro
     )  # fmt: skip
 
 
-def _remember(key: tuple, scalars: AdamScalars) -> AdamScalars:
-    if len(_SCALARS_MEMO) >= _MEMO_SIZE:  # a loop advancing `step` fills it: start over
-        _SCALARS_MEMO.clear()
-    _SCALARS_MEMO[key] = scalars
-    return scalars
-
-
 def _checked_scalars(
     step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
     eps_hat, grad_scale, state_rounding, seed, same_dtype,
 ) -> AdamScalars:  # fmt: skip
     """Check the hyperparameters of one adam_step and derive its scalars."""
     step = check_step(step)
+    return compute_scalars(
+        step, *_checked_args(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                             amsgrad, maximize, eps_hat, grad_scale, state_rounding, seed,
+                             same_dtype)
+    )  # fmt: skip
+
+
+def _checked_args(
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+    eps_hat, grad_scale, state_rounding, seed, same_dtype,
+) -> tuple:  # fmt: skip
+    """Check adam_step's hyperparameters but the step; return compute_scalars'
+    arguments after the step, positional, in its order (it is memoized on them)."""
     hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, state_rounding)
     seed = check_seed(seed)
     rounding = STATE_SAME_DTYPE if same_dtype else hp.rounding
-    # Positional, in compute_scalars' order: it is memoized on these values.
-    return compute_scalars(
-        step, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, bool(decoupled_weight_decay),
+    return (
+        hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, bool(decoupled_weight_decay),
         amsgrad, bool(maximize), bool(eps_hat), hp.grad_scale, rounding,
         seed if rounding == STATE_BF16_STOCHASTIC else 0,
     )  # fmt: skip

@@ -240,7 +240,9 @@ def test_sdist_carries_the_build_and_the_tests(built):
 
 def test_wheel_tags_and_contents(built):
     wheel, repaired = built["wheel"], built["repaired"]
-    # py3-none: the library is dlopen()ed, not a CPython extension (pyproject.toml).
+    # py3-none: the library is dlopen()ed, not a CPython extension; the optional
+    # fastadam._pycall is built for CPython's stable ABI, and any Python that
+    # cannot load it takes adam_step's Python path (pyproject.toml).
     assert re.fullmatch(rf"fastadam-[^-]+-py3-none-linux_{MACHINE}\.whl", wheel.name), wheel.name
     assert re.fullmatch(
         rf"fastadam-[^-]+-py3-none-manylinux_\d+_\d+_{MACHINE}(\.manylinux\w+)*\.whl",
@@ -249,6 +251,8 @@ def test_wheel_tags_and_contents(built):
     names = zipfile.ZipFile(repaired).namelist()
     assert "fastadam/libfastadam_c.so" in names, names
     assert "fastadam/include/fastadam.h" in names, names
+    if sys.version_info >= (3, 11) and sys.implementation.name == "cpython":
+        assert "fastadam/_pycall.abi3.so" in names, names
     assert any(re.fullmatch(r"fastadam\.libs/libgomp-[0-9a-f]+\.so[.\d]*", n) for n in names), names
     shown = _ok(
         _run([sys.executable, "-m", "auditwheel", "show", repaired], cwd=built["tmp"], env=_env())

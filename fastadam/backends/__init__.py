@@ -84,6 +84,11 @@ class BackendUnavailableError(ImportError):
     """
 
 
+def loaded(name: str) -> ModuleType | None:
+    """The module of backend ``name`` if it is loaded, else None (loads nothing)."""
+    return _loaded.get(name)
+
+
 def _try_load(name: str) -> ModuleType | None:
     if name in _loaded:
         return _loaded[name]

@@ -22,7 +22,8 @@ import importlib.metadata
 import importlib.resources
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import ml_dtypes
 import numpy as np
@@ -190,6 +191,34 @@ _KERNELS = {
 _UNSCALE = {_FLOAT32: lib.fa_unscale_check_f32, _FLOAT64: lib.fa_unscale_check_f64}
 
 
+def _pycall_step() -> Callable[..., int] | None:
+    """fastadam._pycall's ``step``, pointed at this library's kernels, or None
+    where the optional extension was not built (another Python, no headers).
+
+    ``step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars)`` runs the
+    kernel on float32/float64 ndarrays that pass every rule of
+    :func:`fastadam._validation.validate_arrays` and returns 0, or touches
+    nothing and returns 1 (:data:`DECLINED`) so the caller takes its checked
+    path, or returns the library's negative error code. See
+    csrc/fastadam_pycall.c.
+    """
+    try:
+        from .. import _pycall  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    address = (
+        int(ffi.cast("uintptr_t", lib.fa_adam_f32)),
+        int(ffi.cast("uintptr_t", lib.fa_adam_f64)),
+    )
+    _pycall.setup(np.ndarray, *address)
+    return _pycall.step
+
+
+#: adam_step's one-call path to the kernel (None without the extension).
+step_fast = _pycall_step()
+DECLINED = 1
+
+
 _last_struct: tuple = (None, None)  # (AdamScalars, its C struct), replaced as one object
 
 
@@ -210,7 +239,7 @@ def _struct_for(sc: AdamScalars):
     return struct
 
 
-def _raise_code(rc: int) -> None:
+def _raise_code(rc: int) -> NoReturn:
     """A library error code (fastadam.h's FA_ERR_*) as the RuntimeError every entry point raises."""
     raise RuntimeError(
         f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
