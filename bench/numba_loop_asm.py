@@ -34,7 +34,6 @@ from fastadam.backends import numba_  # noqa: E402
 LABEL = re.compile(r"^(\.LBB\d+_\d+):")
 BRANCH = re.compile(r"^\s+j[a-z]+\s+(\.LBB\d+_\d+)")
 SQRT = re.compile(r"\bvsqrtps\s+%([xyz])mm")
-FMA = re.compile(r"\bvfn?madd\d+ps\b")
 
 
 def _lanes(lines: list[str]) -> int:
@@ -46,10 +45,7 @@ def _lanes(lines: list[str]) -> int:
 def hot_loop(asm: str) -> list[str]:
     """The innermost loop (a span from a label to a branch back to it, holding no
     other such span with a square root) whose square roots cover the most elements:
-    the vector loop, not its epilogue; the unrolled block loop, not the tail's. Of
-    equals, one that uses FMA (the loop a step runs where the division by
-    bias_correction2_sqrt goes through its reciprocal: LLVM keeps the dividing
-    loop beside it for other divisors), then the shortest."""
+    the vector loop, not its epilogue; the unrolled block loop, not the tail's."""
     lines = asm.splitlines()
     where = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
     spans = []
@@ -64,12 +60,7 @@ def hot_loop(asm: str) -> list[str]:
     ]  # fmt: skip
     if not innermost:
         raise SystemExit("no loop with a vector square root found")
-
-    def rank(ab: tuple[int, int]) -> tuple[int, bool, int]:
-        body = lines[ab[0] : ab[1]]
-        return _lanes(body), any(FMA.search(x) for x in body), ab[0] - ab[1]
-
-    start, end = max(innermost, key=rank)
+    start, end = max(innermost, key=lambda ab: (_lanes(lines[ab[0] : ab[1]]), ab[0] - ab[1]))
     return [
         x for x in lines[start : end + 1]
         if not (LABEL.match(x) or BRANCH.match(x) or x.strip().startswith((".", "#")))

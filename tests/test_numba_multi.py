@@ -11,7 +11,6 @@ checked against ``reference.step`` too.
 from __future__ import annotations
 
 import itertools
-import platform
 
 import ml_dtypes
 import numpy as np
@@ -276,24 +275,3 @@ def test_bf16_random_bits_change_key_at_each_2_to_the_32_elements(amsgrad, monke
             continue
         differ = np.flatnonzero(bits(a) != bits(e))
         assert differ.size == 0, f"{name}: at {differ[:8] + first}"
-
-
-@pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"),
-    reason="the reciprocal division is for x86 FMA targets",
-)
-@pytest.mark.parametrize(
-    ("features", "expected"),
-    [("+avx2,+fma,-avx512f", True), ("+avx2,+fma,+avx512f", False), ("+avx2,-fma", False)],
-)
-def test_numba_divides_through_the_reciprocal_only_on_fma_targets_without_avx512(
-    monkeypatch, features, expected
-):
-    """The Numba loops' choice follows the features Numba compiles for
-    (NUMBA_CPU_FEATURES), as the C library's variants do: FMA without AVX-512."""
-    from numba.core import config
-
-    from fastadam.backends import _numba_intrinsics
-
-    monkeypatch.setattr(config, "CPU_FEATURES", features)
-    assert _numba_intrinsics._target_divides_through_fma() is expected

@@ -17,11 +17,9 @@ from numba import njit, prange
 from .._scalars import STATE_BF16_STOCHASTIC, AdamScalars
 from ._numba_intrinsics import (
     _BLOCK,
-    FMA_DIVIDE,
     _bits_f32,
     _borrow,
     _f32_bits,
-    _fma,
     _inline_in_llvm,
     _prefer_512_bit_vectors,
     _prefetch_ahead,
@@ -124,34 +122,6 @@ def _constants(t, step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale):
 
 
 @njit(inline="always")
-def _bc2_rcp(t, bc2_sqrt):
-    """``RN(1 / bc2_sqrt)`` in ``t`` (its type) where :func:`_div_bc2` may use it
-    (``bc2_sqrt`` in [2^-40, 2], as every step's is), else 0: divide."""
-    if FMA_DIVIDE and bc2_sqrt >= t(2.0**-40) and bc2_sqrt <= t(2.0):
-        return t(1.0) / bc2_sqrt
-    return t(0.0)
-
-
-@njit(inline="always")
-def _div_bc2(a, bc2_sqrt, rcp, inf):
-    """``a / bc2_sqrt`` with the division's bits, for ``a = sqrt(v)``.
-
-    With ``rcp`` (from _bc2_rcp; FMA targets without AVX-512 only), through the
-    reciprocal and one FMA correction: ``q0 = a*rcp``, ``r = a - bc2_sqrt*q0``
-    (exact), ``q0 + r*rcp`` rounded once is the correctly rounded quotient
-    (Markstein); +Inf and NaN keep ``q0`` (``inf``: +Inf in ``a``'s type). The C library's div_bc2
-    (csrc/fastadam_kernel_impl.h) does the same and says why it is exact;
-    tests/test_c_fma_division.py checks it exhaustively. On Haswell it turns
-    one of the loop's three divider operations into three FMA-port ones.
-    """
-    if FMA_DIVIDE and rcp != 0:
-        q0 = a * rcp
-        q = _fma(_fma(-q0, bc2_sqrt, a), rcp, q0)
-        return q if q0 < inf else q0
-    return a / bc2_sqrt
-
-
-@njit(inline="always")
 def _piece(p, g, m, v, vmax, lo, hi, consts, unscale, maximize, amsgrad, l2):
     """The update of elements ``[lo, hi)`` of one tensor whose states have its
     params' dtype: the loop body every float32/float64 step runs, written once.
@@ -171,8 +141,6 @@ def _piece(p, g, m, v, vmax, lo, hi, consts, unscale, maximize, amsgrad, l2):
     without a meminfo (_borrow, _view): no reference is counted.
     """
     step_size, bc2_sqrt, eps, omb1, b2, omb2, wd, decay, scale = consts
-    t = p.dtype.type
-    rcp, inf = _bc2_rcp(t, bc2_sqrt), t(np.inf)
     head = min(hi, lo + _to_line(p, lo))
     first = lo
     while first < hi:
@@ -195,7 +163,7 @@ def _piece(p, g, m, v, vmax, lo, hi, consts, unscale, maximize, amsgrad, l2):
             if amsgrad:
                 vi = _running_max(vmax[i], vi)
                 vmax[i] = vi
-            p[i] = theta - step_size * mi / (_div_bc2(np.sqrt(vi), bc2_sqrt, rcp, inf) + eps)
+            p[i] = theta - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
         first = last
 
 
