@@ -16,8 +16,11 @@
  * subset: exact numpy.ndarray objects of one float format and shape, C-
  * contiguous, aligned, writeable, in native byte order, pairwise disjoint.
  *
- * The library is not linked: setup() receives the addresses of its
- * fa_adam_f32/fa_adam_f64 (fastadam.backends.c, from the library it loaded).
+ * No kernel is linked: bind() receives the addresses of two kernels with
+ * fa_adam_f32's and fa_adam_f64's signatures and returns a step() that calls
+ * them. fastadam.backends.c binds the C library's; fastadam.backends.numba_
+ * binds its serial loops compiled as C callbacks (numba.cfunc), with a size
+ * limit above which its Python path launches the parallel loop.
  * Built against the limited API of Python 3.11 (one .abi3 file for every
  * CPython from 3.11); where it is missing, fastadam runs the Python path.
  */
@@ -32,32 +35,68 @@ typedef int (*fa_f32_fn)(float *, float *, float *, float *, float *, int64_t,
 typedef int (*fa_f64_fn)(double *, double *, double *, double *, double *, int64_t,
                          const fa_adam_scalars *);
 
-static PyObject *g_ndarray;  /* numpy.ndarray (a strong reference) */
-static fa_f32_fn g_f32;
-static fa_f64_fn g_f64;
+static PyObject *g_ndarray; /* numpy.ndarray (a strong reference) */
+
+/* What one bound step() calls (the capsule that is the function's self):
+ * the kernels of one backend, and the largest array it takes. */
+typedef struct pycall_kernels {
+    fa_f32_fn f32;
+    fa_f64_fn f64;
+    int64_t max_n;
+} pycall_kernels;
 
 /* step()'s answer when it ran nothing: the caller takes the Python path. */
 #define DECLINED 1
 
-/* setup(ndarray_type, f32_address, f64_address) */
-static PyObject *pycall_setup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+static PyMethodDef step_def = {
+    "step", (PyCFunction)(void (*)(void))pycall_step, METH_FASTCALL,
+    "step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars) -> 0 (ran), "
+    "1 (declined: nothing touched) or the kernel's negative error code"};
+
+static void kernels_free(PyObject *capsule)
+{
+    PyMem_Free(PyCapsule_GetPointer(capsule, NULL));
+}
+
+/* bind(ndarray_type, f32_address, f64_address, max_elements) -> step: a step()
+ * that runs these kernels (C functions with fa_adam_f32's and fa_adam_f64's
+ * signatures: the C library's, or another backend's compiled to the same ABI)
+ * on arrays of at most max_elements elements, and declines larger ones. */
+static PyObject *pycall_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 3 || !PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "setup(ndarray_type, f32_address, f64_address)");
+    if (nargs != 4 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "bind(ndarray_type, f32_address, f64_address, max_elements)");
         return NULL;
     }
     const unsigned long long f32 = PyLong_AsUnsignedLongLong(args[1]);
     const unsigned long long f64 = PyLong_AsUnsignedLongLong(args[2]);
+    const long long max_n = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *old = g_ndarray;
-    Py_INCREF(args[0]);
-    g_ndarray = args[0];
-    Py_XDECREF(old);
-    g_f32 = (fa_f32_fn)(uintptr_t)f32;
-    g_f64 = (fa_f64_fn)(uintptr_t)f64;
-    Py_RETURN_NONE;
+    pycall_kernels *k = PyMem_Malloc(sizeof *k);
+    if (k == NULL)
+        return PyErr_NoMemory();
+    k->f32 = (fa_f32_fn)(uintptr_t)f32;
+    k->f64 = (fa_f64_fn)(uintptr_t)f64;
+    k->max_n = (int64_t)max_n;
+    PyObject *capsule = PyCapsule_New(k, NULL, kernels_free);
+    if (capsule == NULL) {
+        PyMem_Free(k);
+        return NULL;
+    }
+    PyObject *step = PyCFunction_NewEx(&step_def, capsule, NULL);
+    Py_DECREF(capsule); /* the function holds it */
+    if (step == NULL)
+        return NULL;
+    if (g_ndarray == NULL) {
+        Py_INCREF(args[0]);
+        g_ndarray = args[0];
+    }
+    return step;
 }
 
 /* AdamScalars (a 14-field tuple, fastadam._scalars) as the ABI's struct; 0 on success. */
@@ -86,17 +125,19 @@ static int scalars_from_tuple(PyObject *t, fa_adam_scalars *s)
 }
 
 /* step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None, scalars) -> int:
- * 0 when the kernel ran, DECLINED when nothing was touched, or the library's
- * negative error code. */
+ * 0 when the kernel ran, DECLINED when nothing was touched, or the kernel's
+ * negative error code. self: the capsule of its pycall_kernels (see bind). */
 static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    (void)self;
+    const pycall_kernels *k = PyCapsule_GetPointer(self, NULL);
+    if (k == NULL)
+        return NULL;
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "step() takes 6 arguments");
         return NULL;
     }
     fa_adam_scalars sc;
-    if (g_ndarray == NULL || scalars_from_tuple(args[5], &sc) != 0) {
+    if (scalars_from_tuple(args[5], &sc) != 0) {
         PyErr_Clear();
         return PyLong_FromLong(DECLINED);
     }
@@ -139,13 +180,15 @@ static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t n
         void *vmax = sc.amsgrad ? view[4].buf : NULL;
         if (n == 0) {
             rc = 0;
-        } else if (view[0].itemsize == 4 && g_f32 != NULL) {
+        } else if (n > k->max_n) {
+            rc = DECLINED;
+        } else if (view[0].itemsize == 4 && k->f32 != NULL) {
             Py_BEGIN_ALLOW_THREADS
-            rc = g_f32(view[0].buf, view[1].buf, view[2].buf, view[3].buf, vmax, n, &sc);
+            rc = k->f32(view[0].buf, view[1].buf, view[2].buf, view[3].buf, vmax, n, &sc);
             Py_END_ALLOW_THREADS
-        } else if (view[0].itemsize == 8 && g_f64 != NULL) {
+        } else if (view[0].itemsize == 8 && k->f64 != NULL) {
             Py_BEGIN_ALLOW_THREADS
-            rc = g_f64(view[0].buf, view[1].buf, view[2].buf, view[3].buf, vmax, n, &sc);
+            rc = k->f64(view[0].buf, view[1].buf, view[2].buf, view[3].buf, vmax, n, &sc);
             Py_END_ALLOW_THREADS
         }
     }
@@ -155,12 +198,36 @@ static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(rc);
 }
 
+/* first_readonly(arrays) -> int: the index of the first object of the list
+ * ``arrays`` that does not export a writeable C-contiguous buffer, or -1 when
+ * every one does. MultiTensorPlan runs it once per step over all its arrays:
+ * a buffer request costs a fraction of Python's ``a.flags.writeable``. */
+static PyObject *pycall_first_readonly(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "first_readonly() takes a list");
+        return NULL;
+    }
+    const Py_ssize_t n = PyList_Size(arg);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GetItem(arg, i), &view, PyBUF_WRITABLE) != 0) {
+            PyErr_Clear();
+            return PyLong_FromSsize_t(i);
+        }
+        PyBuffer_Release(&view);
+    }
+    return PyLong_FromLong(-1);
+}
+
 static PyMethodDef pycall_methods[] = {
-    {"setup", (PyCFunction)(void (*)(void))pycall_setup, METH_FASTCALL,
-     "setup(ndarray_type, f32_address, f64_address): the kernels step() calls"},
-    {"step", (PyCFunction)(void (*)(void))pycall_step, METH_FASTCALL,
+    {"bind", (PyCFunction)(void (*)(void))pycall_bind, METH_FASTCALL,
+     "bind(ndarray_type, f32_address, f64_address, max_elements) -> step, a function "
      "step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars) -> 0 (ran), "
-     "1 (declined: nothing touched) or the library's negative error code"},
+     "1 (declined: nothing touched) or the kernel's negative error code"},
+    {"first_readonly", pycall_first_readonly, METH_O,
+     "first_readonly(arrays) -> index of the first array without a writeable buffer, or -1"},
     {NULL, NULL, 0, NULL},
 };
 

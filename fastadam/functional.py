@@ -163,7 +163,7 @@ def adam_step(
         fast = _FAST[backend] = _fast_path(backend)
     # (the registry stays the authority: a backend it no longer holds loses its path)
     if fast is not None and not found_inf and backends.loaded(fast.name) is fast.module:
-        # The C backend's one-call path (fastadam._pycall): it runs the kernel on
+        # The backend's one-call path (fastadam._pycall): it runs the kernel on
         # arrays that pass every rule of validate_arrays, or touches nothing and
         # declines, and the checked path below runs as always. It takes states of
         # param's dtype only (same_dtype, the key's last entry, True).
@@ -203,17 +203,17 @@ class _FastPath(NamedTuple):
 
 
 def _fast_path(backend: str) -> _FastPath | None:
-    """The one-call path for ``backend``: the C backend's, where its extension
-    was built and ``backend`` names it ("c", or "auto" choosing C for float32
-    and float64); else None. Any failure to resolve means None: the checked
-    path then raises it with its own message."""
+    """The one-call path for ``backend``: that of the C or Numba backend, where
+    the extension was built and ``backend`` names it ("c", "numba", or "auto"
+    choosing one backend for both float32 and float64); else None. Any failure
+    to resolve means None: the checked path then raises it with its own message."""
     try:
         if backend == "auto":
             module = backends.get("auto", KIND_F32)
             if backends.get("auto", KIND_F64) is not module:
                 return None
-        elif backend == "c":
-            module = backends.get("c", KIND_F32)
+        elif backend in ("c", "numba"):
+            module = backends.get(backend, KIND_F32)
         else:
             return None
     except Exception:

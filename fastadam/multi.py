@@ -48,6 +48,16 @@ from ._validation import (
 )
 from .backends.reference import mix32
 
+# One C call checks that every array of a plan is still writeable (the
+# optional fastadam._pycall); without it, a Python loop does.
+_first_readonly: Callable[[list], int] | None
+try:
+    from . import _pycall  # type: ignore[attr-defined]
+
+    _first_readonly = _pycall.first_readonly
+except ImportError:
+    _first_readonly = None
+
 __all__ = ["MultiTensorPlan", "adam_step_multi", "rounding_keys"]
 
 _LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
@@ -402,9 +412,12 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
         """
         if grads is not None:
             self.set_grads(grads)
-        for a in self._arrays:
-            if not a.flags.writeable:
-                self._raise_not_writeable()
+        if _first_readonly is None or _first_readonly(self._arrays) >= 0:
+            # Without fastadam._pycall, or where its buffer check saw an array
+            # it would not write to: the exact check, which names the array.
+            for a in self._arrays:
+                if not a.flags.writeable:
+                    self._raise_not_writeable()
         hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, state_rounding)
         amsgrad = bool(amsgrad)
         if amsgrad and not self.has_max:

@@ -1,4 +1,5 @@
-"""fastadam._pycall: adam_step's one-call path to the C kernel.
+"""fastadam._pycall: adam_step's one-call path to the C kernel, and to the
+Numba backend's serial loops compiled as C functions.
 
 It must run the kernel exactly when the checked path would accept the arrays
 (same bits), and otherwise touch nothing and decline, so that the checked path
@@ -18,11 +19,20 @@ from fastadam import functional
 from fastadam._scalars import STATE_SAME_DTYPE, compute_scalars
 from fastadam.backends import reference
 
-c = pytest.importorskip("fastadam.backends.c", reason="the C backend is not available")
-if c.step_fast is None:
-    pytest.skip("fastadam._pycall was not built here", allow_module_level=True)
+pycall = pytest.importorskip("fastadam._pycall", reason="fastadam._pycall was not built here")
 
 N = 37
+
+
+@pytest.fixture(params=["c", "numba"])
+def backend(request):
+    """A backend module with its one-call path."""
+    try:
+        module = fastadam.backends.get(request.param)
+    except fastadam.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    assert module.step_fast is not None  # the extension exists: every backend binds it
+    return module
 
 
 def _scalars(amsgrad=False, maximize=False, wd=0.0, unscale=None):
@@ -43,26 +53,42 @@ def _arrays(dtype=np.float32, n=N, seed=0):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("shape", [(N,), (5, 7), (), (0,), (2, 0, 3)])
-def test_accepted_arrays_get_the_reference_bits(dtype, amsgrad, shape):
+@pytest.mark.parametrize(
+    "flags", [{}, {"amsgrad": True, "maximize": True, "wd": 0.01, "unscale": 2.0}]
+)
+def test_accepted_arrays_get_the_reference_bits(backend, dtype, amsgrad, shape, flags):
     n = int(np.prod(shape))
     arrays = [a.reshape(shape) for a in _arrays(dtype, n)]
     want = [a.copy() for a in arrays]
-    sc = _scalars(amsgrad=amsgrad, maximize=True, wd=0.01, unscale=2.0)
-    assert c.step_fast(*arrays[:4], arrays[4] if amsgrad else None, sc) == 0
+    sc = _scalars(**{**flags, "amsgrad": amsgrad})
+    assert backend.step_fast(*arrays[:4], arrays[4] if amsgrad else None, sc) == 0
     reference.step(*want[:4], want[4] if amsgrad else None, sc)
     assert_bit_identical(arrays, want)
 
 
-def _declines(arrays, vmax=None, sc=None):
+def test_numba_takes_only_what_it_runs_serially():
+    """Numba's path runs its serial loop: arrays of PARALLEL_MIN_ELEMENTS and more
+    are declined, for adam_step to launch the parallel loop on the threads."""
+    numba_ = pytest.importorskip("fastadam.backends.numba_")
+    limit = fastadam.config.PARALLEL_MIN_ELEMENTS
+    below = _arrays(n=limit - 1)
+    want = [a.copy() for a in below]
+    assert numba_.step_fast(*below[:4], None, _scalars()) == 0
+    reference.step(*want[:4], None, _scalars())
+    assert_bit_identical(below, want)
+    _declines(numba_, _arrays(n=limit)[:4])
+
+
+def _declines(backend, arrays, vmax=None, sc=None):
     sc = sc or _scalars()
     before = [a.tobytes() if isinstance(a, np.ndarray) else None for a in (*arrays, vmax)]
-    assert c.step_fast(*arrays, vmax, sc) == c.DECLINED
+    assert backend.step_fast(*arrays, vmax, sc) == backend.DECLINED
     for b, a in zip(before, (*arrays, vmax)):
         if b is not None:
             assert a.tobytes() == b, "a declined call modified an array"
 
 
-def test_declines_everything_the_checked_path_must_see():
+def test_declines_everything_the_checked_path_must_see(backend):
     p, g, m, v, vmax = _arrays()
     ro = v.copy()
     ro.flags.writeable = False
@@ -87,24 +113,49 @@ def test_declines_everything_the_checked_path_must_see():
     }
     for name, arrays in cases.items():
         try:
-            _declines(arrays)
+            _declines(backend, arrays)
         except AssertionError as exc:
             raise AssertionError(f"{name}: {exc}") from None
-    _declines([p, g, m, v], vmax=None, sc=_scalars(amsgrad=True))  # amsgrad without vmax
-    _declines([p, g, m, v], vmax=ro)  # a vmax given is checked even without amsgrad
-    _declines([p, g, m, v], sc=(1.0,) * 3)  # not an AdamScalars
+    _declines(backend, [p, g, m, v], vmax=None, sc=_scalars(amsgrad=True))  # no vmax
+    _declines(backend, [p, g, m, v], vmax=ro)  # a vmax given is checked even without amsgrad
+    _declines(backend, [p, g, m, v], sc=(1.0,) * 3)  # not an AdamScalars
 
 
-def test_adam_step_uses_it_and_the_checked_path_still_names_the_culprit():
+def test_adam_step_uses_it_and_the_checked_path_still_names_the_culprit(backend):
+    name = backend.NAME
     p, g, m, v, _ = _arrays()
-    fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, backend="c")
-    assert functional._FAST["c"] is not None
+    fastadam.adam_step(p, g, m, v, step=1, lr=1e-3, backend=name)
+    assert functional._FAST[name] is not None and functional._FAST[name].module is backend
     ro = v.copy()
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="exp_avg_sq must be writeable"):
-        fastadam.adam_step(p, g, m, ro, step=1, lr=1e-3, backend="c")
+        fastadam.adam_step(p, g, m, ro, step=1, lr=1e-3, backend=name)
     # a bad array is reported before a bad hyperparameter, fast path or not
     with pytest.raises(ValueError, match="exp_avg_sq must be writeable"):
-        fastadam.adam_step(p, g, m, ro, step=1, lr=float("nan"), backend="c")
+        fastadam.adam_step(p, g, m, ro, step=1, lr=float("nan"), backend=name)
     with pytest.raises(ValueError, match="lr"):
-        fastadam.adam_step(p, g, m, v, step=1, lr=float("nan"), backend="c")
+        fastadam.adam_step(p, g, m, v, step=1, lr=float("nan"), backend=name)
+
+
+def test_first_readonly_finds_the_first_array_it_may_not_write():
+    arrays = [np.zeros(3, np.float32) for _ in range(5)]
+    assert pycall.first_readonly(arrays) == -1
+    assert pycall.first_readonly([]) == -1
+    arrays[3].flags.writeable = False
+    arrays[4].flags.writeable = False
+    assert pycall.first_readonly(arrays) == 3
+    assert pycall.first_readonly([arrays[0], b"bytes"]) == 1  # a read-only buffer
+    assert pycall.first_readonly([arrays[0], object()]) == 1  # no buffer at all
+    with pytest.raises(TypeError):
+        pycall.first_readonly(tuple(arrays))
+
+
+def test_a_plan_still_names_an_array_made_read_only_after_it_was_built():
+    params = [np.ones(4, np.float32) for _ in range(3)]
+    lists = [params, *([np.zeros(4, np.float32) for _ in range(3)] for _ in range(3))]
+    plan = fastadam.MultiTensorPlan(*lists, backend="numpy")
+    before = [a.copy() for lst in lists for a in lst]
+    lists[2][1].flags.writeable = False
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] must be writeable"):
+        plan.step(step=1, lr=0.1)
+    assert_bit_identical([a for lst in lists for a in lst], before)

@@ -210,8 +210,7 @@ def _pycall_step() -> Callable[..., int] | None:
         int(ffi.cast("uintptr_t", lib.fa_adam_f32)),
         int(ffi.cast("uintptr_t", lib.fa_adam_f64)),
     )
-    _pycall.setup(np.ndarray, *address)
-    return _pycall.step
+    return _pycall.bind(np.ndarray, *address, 2**63 - 1)
 
 
 #: adam_step's one-call path to the kernel (None without the extension).

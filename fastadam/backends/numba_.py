@@ -39,6 +39,9 @@ unscale_and_check, the thread count) and launches the loops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NoReturn
+
 import numba
 import numpy as np
 
@@ -180,6 +183,40 @@ def _launch(serial, parallel, args, n: int) -> None:
         threads = min(_num_threads, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(threads)
         parallel(*args, threads)
+
+
+# -- adam_step's one-call path (fastadam._pycall) --------------------------------
+
+DECLINED = 1  # what a step_fast that ran nothing returns (csrc/fastadam_pycall.c)
+
+
+def _bind_step_fast() -> Callable[..., int] | None:
+    """fastadam._pycall's ``step`` bound to the serial loops compiled as C
+    functions (_numba_cfunc), for arrays below PARALLEL_MIN_ELEMENTS; None
+    where the extension was not built."""
+    try:
+        from .. import _pycall  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    from . import _numba_cfunc
+
+    return _pycall.bind(
+        np.ndarray, _numba_cfunc.step_f32.address, _numba_cfunc.step_f64.address,
+        config.PARALLEL_MIN_ELEMENTS - 1,
+    )  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    # step_fast compiles two cfuncs: only when adam_step first asks for it (PEP 562).
+    if name == "step_fast":
+        fn = globals()["step_fast"] = _bind_step_fast()
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _raise_code(rc: int) -> NoReturn:
+    """The loops compiled for step_fast return 0 or decline: any other code is a bug."""
+    raise RuntimeError(f"fastadam Numba kernel returned the unexpected code {rc}")
 
 
 def unscale_and_check(grad: np.ndarray, scale: float) -> bool:

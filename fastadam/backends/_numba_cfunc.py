@@ -1,0 +1,58 @@
+"""The Numba backend's serial loops as C functions, for adam_step's one-call path.
+
+A 1,024-element ``adam_step(backend="numba")`` spent most of its time before
+the loop: the array checks in Python, then Numba's dispatcher typing twenty
+arguments. fastadam._pycall (csrc/fastadam_pycall.c) already does the checks
+in one C call for the C backend; given the address of a function with
+``fa_adam_f32``'s signature it calls that instead. Here the serial loop is
+compiled to that ABI with :func:`numba.cfunc`: the same ``_piece`` the
+single-array and multi-tensor loops run, so the results are bit-identical.
+
+Only arrays below ``config.PARALLEL_MIN_ELEMENTS`` take this path (the size
+limit given to ``bind``): larger ones run on the backend's threads, launched
+from Python under its lock, where the call's cost is small beside the work.
+
+Compiled (or loaded from Numba's cache) on the first adam_step that asks for
+the Numba backend's one-call path, never at import.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, cfunc, types
+
+from ._numba_intrinsics import _borrow
+from ._numba_loops import _constants, _piece
+
+# fa_adam_scalars (csrc/fastadam.h): 9 doubles, then the ints unscale,
+# maximize, amsgrad, state_rounding and the uint32 rounding_key, read as int32
+# words 18-22 of the struct.
+_N_DOUBLES = 9
+_UNSCALE, _MAXIMIZE, _AMSGRAD = 18, 19, 20
+_N_WORDS = 23
+
+
+def _make(float_type: types.Float, np_type: type):
+    ptr = types.CPointer(float_type)
+    signature = types.int32(ptr, ptr, ptr, ptr, ptr, types.int64, types.voidptr)
+
+    @cfunc(signature, cache=True, nopython=True, error_model="numpy")
+    def step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, scalars):
+        d = carray(scalars, _N_DOUBLES, dtype=np.float64)
+        w = carray(scalars, _N_WORDS, dtype=np.int32)
+        unscale, maximize, amsgrad = w[_UNSCALE] != 0, w[_MAXIMIZE] != 0, w[_AMSGRAD] != 0
+        l2 = d[6] != 0  # decided on the float64 value, as the reference (and torch) do
+        consts = _constants(np_type, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8])
+        p = carray(param, n)
+        v = carray(exp_avg_sq, n)
+        # without amsgrad max_exp_avg_sq may be NULL; it is then never read
+        vmax = carray(max_exp_avg_sq, n) if amsgrad else v
+        _piece(_borrow(p), _borrow(carray(grad, n)), _borrow(carray(exp_avg, n)), _borrow(v),
+               _borrow(vmax), 0, n, consts, unscale, maximize, amsgrad, l2)  # fmt: skip
+        return 0
+
+    return step
+
+
+step_f32 = _make(types.float32, np.float32)
+step_f64 = _make(types.float64, np.float64)
