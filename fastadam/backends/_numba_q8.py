@@ -1,0 +1,191 @@
+"""The Numba backend's 8-bit block-wise state step (issue 18).
+
+The format and the order of operations are :mod:`fastadam._q8`'s (the NumPy
+reference); the code map is integer arithmetic on float32 bit patterns, so
+the results are bit-identical to it. One launch per step: the blocks of every
+tensor of a table, concatenated, are split into one share per thread on block
+boundaries (a block is never shared, so the split changes no bit). Each block
+is done in two passes over its 256 elements while they are in L1: the new
+moments' absmax, then the update and the requantization (the moments are
+recomputed rather than kept in a buffer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from .._q8 import BLOCK, nblocks
+from .._scalars import AdamScalars
+from ._numba_intrinsics import _bits_f32, _f32_bits, _view
+
+NAME = "numba"
+
+_U32 = np.uint32
+_ONE = np.uint32(0x3F800000)
+_MAG = np.uint32(0x7FFFFFFF)
+_BASE_M = 0x3F800000 - (127 << 20)
+_BASE_V = 0x3F800000 - (255 << 20)
+_HALF = 1 << 19
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@njit(inline="always", **_JIT)
+def _y_m(code):
+    c = np.uint32(code)
+    k = c & np.uint32(0x7F)
+    mag = (_ONE - ((np.uint32(127) - k) << np.uint32(20))) if k != np.uint32(0) else np.uint32(0)
+    return _bits_f32(mag | ((c & np.uint32(0x80)) << np.uint32(24)))
+
+
+@njit(inline="always", **_JIT)
+def _y_v(code):
+    k = np.uint32(code)
+    return _bits_f32(
+        (_ONE - ((np.uint32(255) - k) << np.uint32(20))) if k != np.uint32(0) else np.uint32(0)
+    )
+
+
+@njit(inline="always", **_JIT)
+def _enc_m(x, r):
+    u = np.int64(_f32_bits(abs(x) * r) & _MAG)
+    t = (u - _BASE_M + _HALF) >> 20
+    t = min(max(t, 0), 127)
+    return np.uint8(np.uint32(t) | ((_f32_bits(x) >> np.uint32(24)) & np.uint32(0x80)))
+
+
+@njit(inline="always", **_JIT)
+def _enc_v(x, r):
+    u = np.int64(_f32_bits(abs(x) * r) & _MAG)
+    lo = 1 if _f32_bits(x) != np.uint32(0) else 0
+    t = (u - _BASE_V + _HALF) >> 20
+    return np.uint8(min(max(t, lo), 255))
+
+
+@njit(inline="always", **_JIT)
+def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2):
+    ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = c
+    j0 = b * 256
+    j1 = min(j0 + 256, n)
+    a_m = am[b]
+    a_v = av[b]
+    mm = np.uint32(0)
+    mv = np.uint32(0)
+    for i in range(j0, j1):
+        gi = g[i]
+        if unscale:
+            gi = gi / gs
+        if maximize:
+            gi = -gi
+        pi = p[i]
+        if l2:
+            gi = gi + wd * pi
+        m0 = _y_m(cm[i]) * a_m
+        v0 = _y_v(cv[i]) * a_v
+        m = m0 + (gi - m0) * omb1
+        v = v0 * b2 + omb2 * gi * gi
+        bm = _f32_bits(m) & _MAG
+        bv = _f32_bits(v) & _MAG
+        mm = bm if bm > mm else mm
+        mv = bv if bv > mv else mv
+    a_m1 = _bits_f32(mm)
+    a_v1 = _bits_f32(mv)
+    one = np.float32(1.0)
+    r_m = one / a_m1 if mm != np.uint32(0) else np.float32(0.0)
+    r_v = one / a_v1 if mv != np.uint32(0) else np.float32(0.0)
+    for i in range(j0, j1):
+        gi = g[i]
+        if unscale:
+            gi = gi / gs
+            g[i] = gi
+        if maximize:
+            gi = -gi
+        pi = p[i]
+        if l2:
+            gi = gi + wd * pi
+        pi = pi * decay
+        m0 = _y_m(cm[i]) * a_m
+        v0 = _y_v(cv[i]) * a_v
+        m = m0 + (gi - m0) * omb1
+        v = v0 * b2 + omb2 * gi * gi
+        denom = np.sqrt(v) / bc2 + eps
+        p[i] = pi - ss * m / denom
+        cm[i] = _enc_m(m, r_m)
+        cv[i] = _enc_v(v, r_v)
+    am[b] = a_m1
+    av[b] = a_v1
+
+
+def _make(parallel: bool):
+    rng = prange if parallel else range
+
+    def q8(pointers, sizes, boffsets, consts, index, unscale, maximize, l2, parts):
+        count = sizes.size
+        total = boffsets[count]
+        f = np.float32
+        for part in rng(parts):
+            lo = total * part // parts
+            hi = total * (part + 1) // parts
+            k = np.searchsorted(boffsets, lo, side="right") - 1
+            while k < count and boffsets[k] < hi:
+                n = sizes[k]
+                nb = boffsets[k + 1] - boffsets[k]
+                b0 = max(lo - boffsets[k], 0)
+                b1 = min(hi - boffsets[k], nb)
+                s = index[k]
+                c = (f(consts[s, 0]), f(consts[s, 1]), f(consts[s, 2]), f(consts[s, 3]),
+                     f(consts[s, 4]), f(consts[s, 5]), f(consts[s, 6]), f(consts[s, 7]),
+                     f(consts[s, 8]))  # fmt: skip
+                p = _view(pointers[0, k], n, np.float32)
+                g = _view(pointers[1, k], n, np.float32)
+                cm = _view(pointers[2, k], n, np.uint8)
+                cv = _view(pointers[3, k], n, np.uint8)
+                am = _view(pointers[4, k], nb, np.float32)
+                av = _view(pointers[5, k], nb, np.float32)
+                for b in range(b0, b1):
+                    _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2)
+                k += 1
+
+    return q8
+
+
+_serial = njit(**_JIT)(_make(False))
+_parallel = njit(parallel=True, **_JIT)(_make(True))
+
+
+def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ...],
+         index: np.ndarray | None) -> None:  # fmt: skip
+    from . import numba_
+
+    count = sizes.shape[0]
+    boffsets = np.zeros(count + 1, np.int64)
+    np.cumsum((sizes + (BLOCK - 1)) // BLOCK, out=boffsets[1:])
+    consts = np.array([sc[:9] for sc in scalars], np.float64)
+    if index is None:
+        index = np.zeros(count, np.int32)
+    sc = scalars[0]
+    args = (pointers, sizes, boffsets, consts, index, bool(sc.unscale), bool(sc.maximize),
+            sc.weight_decay != 0.0)  # fmt: skip
+    numba_._launch(_serial, _parallel, args, int(boffsets[count]) * BLOCK)
+
+
+def step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, sc) -> None:
+    """One 8-bit step in place (arrays validated by the caller, see fastadam._q8)."""
+    from .._table import address
+
+    if param.size == 0:
+        return
+    arrays = (param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax)
+    pointers = np.array([[address(a)] for a in arrays], np.uintp)
+    sizes = np.array([param.size], np.int64)
+    assert exp_avg_absmax.size == nblocks(param.size)
+    _run(pointers, sizes, (sc,), None)
+
+
+def step_multi_q8(table: Any, scalars: tuple[AdamScalars, ...], index: np.ndarray | None) -> None:
+    """Every tensor of a q8 table (pointers uintp (6, count)) in one launch."""
+    if table.count:
+        _run(table.pointers, table.sizes, scalars, index)
