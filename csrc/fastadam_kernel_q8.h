@@ -8,15 +8,12 @@
  * arithmetic on float32 bit patterns, and the float operations are the
  * reference's, in its order (-ffp-contract=off, no fast-math).
  *
- * One fused pass per block of FA_Q8_BLOCK elements, with the block's arrays
- * (2.5 KiB) in L1: pass 1 dequantizes, computes the new m and v and their
- * absmax (an unsigned max of the magnitude bits); pass 2 recomputes them
- * (cheaper than a buffer that would not vectorize as well), writes the
- * unscaled gradient and the parameter, and requantizes with the new absmax.
- * No temporaries beyond registers.
+ * One fused pass per block of FA_Q8_BLOCK elements (fa_q8_block): the only
+ * temporaries are two 1 KiB buffers on the stack, in L1.
  */
 #define FA_Q8_BLOCK 256
 #define FA_Q8_ONE 0x3F800000u
+#define FA_Q8_F_DIV FA_F_AMSGRAD /* the amsgrad bit: refused with 8-bit states */
 
 static inline uint32_t fa_q8_bits(float x)
 {
@@ -66,60 +63,56 @@ static inline uint8_t fa_q8_enc_v(float x, float r)
     return (uint8_t)t;
 }
 
-/* The update of element i up to the new moments (the reference's order). */
-static inline __attribute__((always_inline)) void fa_q8_element(
-    const float *restrict param, const float *restrict grad, const uint8_t *restrict cm,
-    const uint8_t *restrict cv, int64_t i, float am, float av, const fa_scalars_f32 c,
-    const int l2, const int unscale, const int maximize, float *g_out, float *p_out,
-    float *m_out, float *v_out)
-{
-    float g = grad[i];
-    if (unscale)
-        g = g / c.grad_scale;
-    *g_out = g;
-    if (maximize)
-        g = -g;
-    float p = param[i];
-    if (l2)
-        g = g + c.weight_decay * p;
-    p = p * c.decay;
-    const float m0 = fa_q8_y_m(cm[i]) * am;
-    const float v0 = fa_q8_y_v(cv[i]) * av;
-    *m_out = m0 + (g - m0) * c.one_minus_beta1;
-    *v_out = v0 * c.beta2 + c.one_minus_beta2 * g * g;
-    *p_out = p;
-}
-
+/*
+ * One block of len (<= FA_Q8_BLOCK) elements. Pass 1 is the float32 update of
+ * fastadam_kernel_impl.h on the dequantized moments: it writes the unscaled
+ * gradient and the parameter, keeps the new m and v in two L1 buffers and
+ * takes their absmax (an unsigned max of the magnitude bits); pass 2
+ * requantizes the buffers with the new absmax. div: divide sqrt(v) by
+ * bias_correction2_sqrt (fastadam's own scalars are folded, so that it is
+ * 1.0 and the division, exact then, is skipped).
+ */
 static inline __attribute__((always_inline)) void fa_q8_block(
     float *restrict param, float *restrict grad, uint8_t *restrict cm, uint8_t *restrict cv,
     float *restrict am, float *restrict av, const int64_t len, const fa_scalars_f32 c,
-    const int l2, const int unscale, const int maximize)
+    const int l2, const int unscale, const int maximize, const int div)
 {
+    float mb[FA_Q8_BLOCK], vb[FA_Q8_BLOCK];
     const float am0 = *am, av0 = *av;
     uint32_t mm = 0, mv = 0;
+#if !defined(__clang__)
+#pragma GCC ivdep
+#endif
     for (int64_t i = 0; i < len; i++) {
-        float g, p, m, v;
-        fa_q8_element(param, grad, cm, cv, i, am0, av0, c, l2, unscale, maximize, &g, &p, &m,
-                      &v);
+        float g = grad[i];
+        if (unscale) {
+            g = g / c.grad_scale;
+            grad[i] = g;
+        }
+        if (maximize)
+            g = -g;
+        float p = param[i];
+        if (l2)
+            g = g + c.weight_decay * p;
+        p = p * c.decay;
+        const float m0 = fa_q8_y_m(cm[i]) * am0;
+        const float v0 = fa_q8_y_v(cv[i]) * av0;
+        const float m = m0 + (g - m0) * c.one_minus_beta1;
+        const float v = v0 * c.beta2 + c.one_minus_beta2 * g * g;
+        const float sq = sqrtf(v);
+        const float denom = (div ? div_bc2_f32(sq, c) : sq) + c.eps;
+        param[i] = p - c.step_size * m / denom;
+        mb[i] = m;
+        vb[i] = v;
         const uint32_t bm = fa_q8_bits(m) & 0x7FFFFFFFu, bv = fa_q8_bits(v) & 0x7FFFFFFFu;
         mm = bm > mm ? bm : mm;
         mv = bv > mv ? bv : mv;
     }
     const float am1 = fa_q8_float(mm), av1 = fa_q8_float(mv);
     const float rm = mm != 0 ? 1.0f / am1 : 0.0f, rv = mv != 0 ? 1.0f / av1 : 0.0f;
-#if !defined(__clang__)
-#pragma GCC ivdep
-#endif
     for (int64_t i = 0; i < len; i++) {
-        float g, p, m, v;
-        fa_q8_element(param, grad, cm, cv, i, am0, av0, c, l2, unscale, maximize, &g, &p, &m,
-                      &v);
-        if (unscale)
-            grad[i] = g;
-        const float denom = div_bc2_f32(sqrtf(v), c) + c.eps;
-        param[i] = p - c.step_size * m / denom;
-        cm[i] = fa_q8_enc_m(m, rm);
-        cv[i] = fa_q8_enc_v(v, rv);
+        cm[i] = fa_q8_enc_m(mb[i], rm);
+        cv[i] = fa_q8_enc_v(vb[i], rv);
     }
     *am = am1;
     *av = av1;
@@ -129,16 +122,16 @@ static inline __attribute__((always_inline)) void fa_q8_block(
 static inline __attribute__((always_inline)) void fa_q8_body(
     float *restrict param, float *restrict grad, uint8_t *restrict cm, uint8_t *restrict cv,
     float *restrict am, float *restrict av, int64_t n, const fa_scalars_f32 *s, const int l2,
-    const int unscale, const int maximize)
+    const int unscale, const int maximize, const int div)
 {
     const fa_scalars_f32 c = *s;
     int64_t j = 0, b = 0;
     for (; j + FA_Q8_BLOCK <= n; j += FA_Q8_BLOCK, b++)
         fa_q8_block(param + j, grad + j, cm + j, cv + j, am + b, av + b, FA_Q8_BLOCK, c, l2,
-                    unscale, maximize);
+                    unscale, maximize, div);
     if (j < n)
         fa_q8_block(param + j, grad + j, cm + j, cv + j, am + b, av + b, n - j, c, l2, unscale,
-                    maximize);
+                    maximize, div);
 }
 
 #define FA_Q8_DEFINE_VARIANT(bits)                                                          \
@@ -146,26 +139,35 @@ static inline __attribute__((always_inline)) void fa_q8_body(
                                   float *am, float *av, int64_t n, const fa_scalars_f32 *s) \
     {                                                                                       \
         fa_q8_body(param, grad, cm, cv, am, av, n, s, ((bits) & FA_F_L2) != 0,              \
-                   ((bits) & FA_F_UNSCALE) != 0, ((bits) & FA_F_MAXIMIZE) != 0);            \
+                   ((bits) & FA_F_UNSCALE) != 0, ((bits) & FA_F_MAXIMIZE) != 0,             \
+                   ((bits) & FA_Q8_F_DIV) != 0);                                            \
     }
 
-/* amsgrad is refused for 8-bit states: the 16 entries keep the table's flag
- * indexing; the AMSGRAD bit is ignored (the driver never sets it). */
+/* amsgrad is refused for 8-bit states: its flag bit selects the division by
+ * bias_correction2_sqrt instead (FA_Q8_F_DIV, set by the driver when it is not 1). */
 FA_Q8_DEFINE_VARIANT(0)
 FA_Q8_DEFINE_VARIANT(1)
+FA_Q8_DEFINE_VARIANT(2)
+FA_Q8_DEFINE_VARIANT(3)
 FA_Q8_DEFINE_VARIANT(4)
 FA_Q8_DEFINE_VARIANT(5)
+FA_Q8_DEFINE_VARIANT(6)
+FA_Q8_DEFINE_VARIANT(7)
 FA_Q8_DEFINE_VARIANT(8)
 FA_Q8_DEFINE_VARIANT(9)
+FA_Q8_DEFINE_VARIANT(10)
+FA_Q8_DEFINE_VARIANT(11)
 FA_Q8_DEFINE_VARIANT(12)
 FA_Q8_DEFINE_VARIANT(13)
+FA_Q8_DEFINE_VARIANT(14)
+FA_Q8_DEFINE_VARIANT(15)
 
 #undef FA_Q8_DEFINE_VARIANT
 
 #define FA_Q8_LIST16                                                                     \
     {                                                                                    \
-        fa_adam_q8_0, fa_adam_q8_1, fa_adam_q8_0, fa_adam_q8_1, fa_adam_q8_4,            \
-            fa_adam_q8_5, fa_adam_q8_4, fa_adam_q8_5, fa_adam_q8_8, fa_adam_q8_9,        \
-            fa_adam_q8_8, fa_adam_q8_9, fa_adam_q8_12, fa_adam_q8_13, fa_adam_q8_12,     \
-            fa_adam_q8_13                                                                \
+        fa_adam_q8_0, fa_adam_q8_1, fa_adam_q8_2, fa_adam_q8_3, fa_adam_q8_4,            \
+            fa_adam_q8_5, fa_adam_q8_6, fa_adam_q8_7, fa_adam_q8_8, fa_adam_q8_9,        \
+            fa_adam_q8_10, fa_adam_q8_11, fa_adam_q8_12, fa_adam_q8_13, fa_adam_q8_14,   \
+            fa_adam_q8_15                                                                \
     }

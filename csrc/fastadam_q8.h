@@ -25,7 +25,9 @@ static void fa_q8_piece(int64_t t, int64_t b0, int64_t b1, float *const *param,
 {
     const fa_adam_scalars *const sc = &scalars[scalar_index != NULL ? scalar_index[t] : 0];
     const fa_scalars_f32 s = FA_ROUND_SCALARS(float, sc);
-    const int flags = fa_flags(sc) & ~FA_F_AMSGRAD;
+    /* the amsgrad bit (refused) selects the division by bias_correction2_sqrt */
+    const int flags = (fa_flags(sc) & ~FA_F_AMSGRAD) |
+                      (s.bias_correction2_sqrt != 1.0f ? FA_F_AMSGRAD : 0);
     const int64_t lo = b0 * FA_Q8_BLOCK_ELEMS;
     const int64_t hi = b1 * FA_Q8_BLOCK_ELEMS < n[t] ? b1 * FA_Q8_BLOCK_ELEMS : n[t];
     if (hi > lo)

@@ -43,7 +43,7 @@ smaller ``m`` are stored as 0 or ``A * y(1)`` (absolute error <= ``A * 1.25 * 2^
 positive ``v`` as ``A * y(1)``.
 
 The step (one fused pass, per block, the math of :class:`~fastadam._scalars.AdamScalars`
-with ``state_rounding == 0``)::
+with ``state_rounding == 0``, its scalars folded by :func:`fold`)::
 
     m = y_m(code_m) * A_m ;  v = y_v(code_v) * A_v          # dequantize (float32)
     g, p (unscale, maximize, weight decay), m, v, denom      # the float32 update
@@ -57,6 +57,7 @@ supported with 8-bit states (refused with a ValueError).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,6 +151,19 @@ def _encode(flat: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:
         return _encode_mag(u, K_M, 0) | ((xb >> _U32(24)) & _U32(0x80)).astype(np.uint8)
     lo = (xb != 0).astype(np.int64)  # a positive v is never coded as 0
     return _encode_mag(u, K_V, lo)
+
+
+@functools.lru_cache(maxsize=256)
+def fold(sc: AdamScalars) -> AdamScalars:
+    """The scalars every 8-bit step runs with: the second bias correction folded
+    into ``step_size`` and ``eps`` (the epsilon-hat form, as for bfloat16 states,
+    see :class:`~fastadam._scalars.AdamScalars`), so ``bias_correction2_sqrt`` is
+    1.0 and the kernels skip that division (dividing by 1 is exact: the
+    reference's formula is unchanged). ``eps_hat`` scalars are already folded."""
+    b = sc.bias_correction2_sqrt
+    if b == 1.0:
+        return sc
+    return sc._replace(step_size=sc.step_size * b, eps=sc.eps * b, bias_correction2_sqrt=1.0)
 
 
 # -- the reference step ---------------------------------------------------------------
@@ -324,7 +338,7 @@ def adam_step_q8(
             "amsgrad=True is not supported with 8-bit states (exp_avg_absmax given); "
             "use float32 or bfloat16 states for amsgrad"
         )
-    scalars = _checked_scalars(*hyper, True)
+    scalars = fold(_checked_scalars(*hyper, True))
     mod = kernel(backend)
     if found_inf:
         return
@@ -424,11 +438,11 @@ class Q8Plan:
             return _nothing
         flags = (bool(decoupled_weight_decay), False, bool(maximize), bool(eps_hat))
         if isinstance(steps, int):
-            scalars = (_scalars(steps, hp, flags, STATE_SAME_DTYPE),)
+            scalars = (fold(_scalars(steps, hp, flags, STATE_SAME_DTYPE)),)
             index = None
         else:
             unique, inverse = np.unique(steps, return_inverse=True)
-            scalars = tuple(_scalars(int(s), hp, flags, STATE_SAME_DTYPE) for s in unique)
+            scalars = tuple(fold(_scalars(int(s), hp, flags, STATE_SAME_DTYPE)) for s in unique)
             index = None if len(scalars) == 1 else inverse.astype(np.int32)
         fn, table = self._kernel.step_multi_q8, self._table
 

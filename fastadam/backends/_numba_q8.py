@@ -5,9 +5,9 @@ reference); the code map is integer arithmetic on float32 bit patterns, so
 the results are bit-identical to it. One launch per step: the blocks of every
 tensor of a table, concatenated, are split into one share per thread on block
 boundaries (a block is never shared, so the split changes no bit). Each block
-is done in two passes over its 256 elements while they are in L1: the new
-moments' absmax, then the update and the requantization (the moments are
-recomputed rather than kept in a buffer).
+is done in two passes while its 256 elements are in L1: the update, keeping
+the new moments in two small buffers (one pair per share) and taking their
+absmax, then the requantization.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _enc_v(x, r):
 
 
 @njit(inline="always", **_JIT)
-def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2):
+def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb):
     ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = c
     j0 = b * 256
     j1 = min(j0 + 256, n)
@@ -74,28 +74,6 @@ def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2):
     a_v = av[b]
     mm = np.uint32(0)
     mv = np.uint32(0)
-    for i in range(j0, j1):
-        gi = g[i]
-        if unscale:
-            gi = gi / gs
-        if maximize:
-            gi = -gi
-        pi = p[i]
-        if l2:
-            gi = gi + wd * pi
-        m0 = _y_m(cm[i]) * a_m
-        v0 = _y_v(cv[i]) * a_v
-        m = m0 + (gi - m0) * omb1
-        v = v0 * b2 + omb2 * gi * gi
-        bm = _f32_bits(m) & _MAG
-        bv = _f32_bits(v) & _MAG
-        mm = bm if bm > mm else mm
-        mv = bv if bv > mv else mv
-    a_m1 = _bits_f32(mm)
-    a_v1 = _bits_f32(mv)
-    one = np.float32(1.0)
-    r_m = one / a_m1 if mm != np.uint32(0) else np.float32(0.0)
-    r_v = one / a_v1 if mv != np.uint32(0) else np.float32(0.0)
     for i in range(j0, j1):
         gi = g[i]
         if unscale:
@@ -111,12 +89,24 @@ def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2):
         v0 = _y_v(cv[i]) * a_v
         m = m0 + (gi - m0) * omb1
         v = v0 * b2 + omb2 * gi * gi
-        denom = np.sqrt(v) / bc2 + eps
-        p[i] = pi - ss * m / denom
-        cm[i] = _enc_m(m, r_m)
-        cv[i] = _enc_v(v, r_v)
-    am[b] = a_m1
-    av[b] = a_v1
+        sq = np.sqrt(v)
+        if div:
+            sq = sq / bc2
+        p[i] = pi - ss * m / (sq + eps)
+        mb[i - j0] = m
+        vb[i - j0] = v
+        bm = _f32_bits(m) & _MAG
+        bv = _f32_bits(v) & _MAG
+        mm = bm if bm > mm else mm
+        mv = bv if bv > mv else mv
+    one = np.float32(1.0)
+    r_m = one / _bits_f32(mm) if mm != np.uint32(0) else np.float32(0.0)
+    r_v = one / _bits_f32(mv) if mv != np.uint32(0) else np.float32(0.0)
+    for i in range(j0, j1):
+        cm[i] = _enc_m(mb[i - j0], r_m)
+        cv[i] = _enc_v(vb[i - j0], r_v)
+    am[b] = _bits_f32(mm)
+    av[b] = _bits_f32(mv)
 
 
 def _make(parallel: bool):
@@ -130,6 +120,8 @@ def _make(parallel: bool):
             lo = total * part // parts
             hi = total * (part + 1) // parts
             k = np.searchsorted(boffsets, lo, side="right") - 1
+            mb = np.empty(256, np.float32)  # the block's new moments, in L1
+            vb = np.empty(256, np.float32)
             while k < count and boffsets[k] < hi:
                 n = sizes[k]
                 nb = boffsets[k + 1] - boffsets[k]
@@ -145,8 +137,9 @@ def _make(parallel: bool):
                 cv = _view(pointers[3, k], n, np.uint8)
                 am = _view(pointers[4, k], nb, np.float32)
                 av = _view(pointers[5, k], nb, np.float32)
+                div = c[1] != np.float32(1.0)
                 for b in range(b0, b1):
-                    _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2)
+                    _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb)
                 k += 1
 
     return q8
