@@ -12,6 +12,7 @@ absmax, then the requantization.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from numba import njit, prange
 
 from .._q8 import BLOCK, nblocks
 from .._scalars import AdamScalars
-from ._numba_intrinsics import _bits_f32, _f32_bits, _view
+from ._numba_intrinsics import _bits_f32, _borrow, _f32_bits, _view
 
 NAME = "numba"
 
@@ -74,7 +75,8 @@ def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb):
     a_v = av[b]
     mm = np.uint32(0)
     mv = np.uint32(0)
-    for i in range(j0, j1):
+    for j in range(j0, j1):
+        i = np.uint64(j)  # unsigned: no wrap-around guards, so LLVM vectorizes (_numba_loops)
         gi = g[i]
         if unscale:
             gi = gi / gs
@@ -93,8 +95,8 @@ def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb):
         if div:
             sq = sq / bc2
         p[i] = pi - ss * m / (sq + eps)
-        mb[i - j0] = m
-        vb[i - j0] = v
+        mb[i - np.uint64(j0)] = m
+        vb[i - np.uint64(j0)] = v
         bm = _f32_bits(m) & _MAG
         bv = _f32_bits(v) & _MAG
         mm = bm if bm > mm else mm
@@ -102,17 +104,20 @@ def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb):
     one = np.float32(1.0)
     r_m = one / _bits_f32(mm) if mm != np.uint32(0) else np.float32(0.0)
     r_v = one / _bits_f32(mv) if mv != np.uint32(0) else np.float32(0.0)
-    for i in range(j0, j1):
-        cm[i] = _enc_m(mb[i - j0], r_m)
-        cv[i] = _enc_v(vb[i - j0], r_v)
+    for j in range(j1 - j0):
+        i = np.uint64(j)
+        cm[i + np.uint64(j0)] = _enc_m(mb[i], r_m)
+        cv[i + np.uint64(j0)] = _enc_v(vb[i], r_v)
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
 
 
-def _make(parallel: bool):
+def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
+    """The loop over a table's blocks with the flags as compile-time constants
+    (LLVM then keeps no branch on them in the vector loops)."""
     rng = prange if parallel else range
 
-    def q8(pointers, sizes, boffsets, consts, index, unscale, maximize, l2, parts):
+    def q8(pointers, sizes, boffsets, consts, index, parts):
         count = sizes.size
         total = boffsets[count]
         f = np.float32
@@ -137,16 +142,19 @@ def _make(parallel: bool):
                 cv = _view(pointers[3, k], n, np.uint8)
                 am = _view(pointers[4, k], nb, np.float32)
                 av = _view(pointers[5, k], nb, np.float32)
-                div = c[1] != np.float32(1.0)
                 for b in range(b0, b1):
-                    _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb)
+                    _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div,
+                           _borrow(mb), _borrow(vb))  # fmt: skip
                 k += 1
 
     return q8
 
 
-_serial = njit(**_JIT)(_make(False))
-_parallel = njit(parallel=True, **_JIT)(_make(True))
+@functools.cache
+def _loops(unscale: bool, maximize: bool, l2: bool, div: bool) -> tuple:
+    """(serial, parallel) loops for these flags; compiled on first use, cached on disk."""
+    return (njit(**_JIT)(_make(False, unscale, maximize, l2, div)),
+            njit(parallel=True, **_JIT)(_make(True, unscale, maximize, l2, div)))  # fmt: skip
 
 
 def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ...],
@@ -160,9 +168,10 @@ def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ..
     if index is None:
         index = np.zeros(count, np.int32)
     sc = scalars[0]
-    args = (pointers, sizes, boffsets, consts, index, bool(sc.unscale), bool(sc.maximize),
-            sc.weight_decay != 0.0)  # fmt: skip
-    numba_._launch(_serial, _parallel, args, int(boffsets[count]) * BLOCK)
+    div = any(s.bias_correction2_sqrt != 1.0 for s in scalars)
+    serial, parallel = _loops(bool(sc.unscale), bool(sc.maximize), sc.weight_decay != 0.0, div)
+    args = (pointers, sizes, boffsets, consts, index)
+    numba_._launch(serial, parallel, args, int(boffsets[count]) * BLOCK)
 
 
 def step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, sc) -> None:
