@@ -83,6 +83,8 @@ _SHIFT = 20
 _HALF = 1 << 19
 _U32 = np.uint32
 _I32 = np.int32
+_F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
 
 
 def nblocks(n: int) -> int:
@@ -219,9 +221,9 @@ def step_multi(table: Any, scalars: tuple[AdamScalars, ...], index: np.ndarray |
         nb = nblocks(n)
         ptr = table.pointers[:, i]
         step(
-            view_at(int(ptr[0]), n, np.float32), view_at(int(ptr[1]), n, np.float32),
-            view_at(int(ptr[2]), n, np.uint8), view_at(int(ptr[3]), n, np.uint8),
-            view_at(int(ptr[4]), nb, np.float32), view_at(int(ptr[5]), nb, np.float32), sc,
+            view_at(int(ptr[0]), n, _F32), view_at(int(ptr[1]), n, _F32),
+            view_at(int(ptr[2]), n, _U8), view_at(int(ptr[3]), n, _U8),
+            view_at(int(ptr[4]), nb, _F32), view_at(int(ptr[5]), nb, _F32), sc,
         )  # fmt: skip
 
 
@@ -338,7 +340,7 @@ def adam_step_q8(
             "amsgrad=True is not supported with 8-bit states (exp_avg_absmax given); "
             "use float32 or bfloat16 states for amsgrad"
         )
-    scalars = fold(_checked_scalars(*hyper, True))
+    scalars = fold(_checked_scalars(*hyper, True))  # type: ignore[call-arg]
     mod = kernel(backend)
     if found_inf:
         return
@@ -380,7 +382,8 @@ class Q8Plan:
                                             exp_avg_sq_absmaxes)):  # fmt: skip
             lists.append(_as_list(name, value, count))
         for i in range(count):
-            validate_q8(*(lst[i] for lst in lists), names=[f"{nm}[{i}]" for nm in _LISTS])
+            p, g, m, v, am, av = (lst[i] for lst in lists)
+            validate_q8(p, g, m, v, am, av, names=[f"{nm}[{i}]" for nm in _LISTS])
         self._kernel = kernel(backend)
         self.backend = backend
         self.count = count

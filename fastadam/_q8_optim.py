@@ -42,9 +42,9 @@ def prepare_group(opt: Any, gi: int, group: dict, active: list[int], params: lis
     small = [i for i in active if params[i].size < opt.min_8bit_size]
     runs, states = [], []
     if small:
-        run, st = opt._prepare_group(gi, group, small, params, grads, grad_scale, found_inf,
-                                     pending, _plain=True)  # fmt: skip
-        runs.append(run)
+        small_run, st = opt._prepare_group(gi, group, small, params, grads, grad_scale,
+                                           found_inf, pending, _plain=True)  # fmt: skip
+        runs.append(small_run)
         states += st
     if big:
         q8_states = []
