@@ -332,7 +332,7 @@ def adam_step_q8(
     backend: str,
 ) -> None:
     """:func:`fastadam.adam_step` with 8-bit states (``hyper``: its memo key, step first)."""
-    from .functional import _checked_scalars
+    from .functional import _scalars_of
 
     validate_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax)
     if amsgrad:
@@ -340,7 +340,7 @@ def adam_step_q8(
             "amsgrad=True is not supported with 8-bit states (exp_avg_absmax given); "
             "use float32 or bfloat16 states for amsgrad"
         )
-    scalars = fold(_checked_scalars(*hyper, True))  # type: ignore[call-arg]
+    scalars = fold(_scalars_of((*hyper, True)))  # memoized, as adam_step's
     mod = kernel(backend)
     if found_inf:
         return
