@@ -125,7 +125,7 @@ def adam_step(
         8-bit block-wise states (issue 18): with these given, ``exp_avg`` and
         ``exp_avg_sq`` are uint8 codes shaped like ``param`` (float32) and
         these are their float32 scales, shape ``(ceil(param.size / 256),)``;
-        all four are updated in place. The format is :mod:`fastadam._q8`'s;
+        all four are updated in place. The format is ``fastadam._q8``'s;
         ``amsgrad`` is refused.
 
     Raises

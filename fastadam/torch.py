@@ -390,6 +390,9 @@ class Adam(torch.optim.Adam):
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run, one per optimizer (kept out of the param groups,
         so checkpoints carry none).
+    min_8bit_size : int, default 4096
+        With ``state_dtype="8bit"``: parameters with fewer elements keep
+        float32 states.
 
     Raises
     ------
@@ -816,6 +819,9 @@ class AdamW(Adam, torch.optim.AdamW):
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run, one per optimizer (kept out of the param groups,
         so checkpoints carry none).
+    min_8bit_size : int, default 4096
+        With ``state_dtype="8bit"``: parameters with fewer elements keep
+        float32 states.
 
     Raises
     ------

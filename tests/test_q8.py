@@ -212,3 +212,17 @@ def test_amsgrad_refused():
         fastadam.adam_step(p, g, m, v, step=1, lr=0.1, amsgrad=True, max_exp_avg_sq=v.copy(),
                            exp_avg_absmax=am, exp_avg_sq_absmax=av)  # fmt: skip
     assert not m.any() and (p == 1).all()
+
+
+def test_found_inf_skips_and_grad_scale_unscales(backend):
+    p, g, m, v, am, av = _args(3000)
+    g[:] = 4.0
+    before = [a.copy() for a in (p, g, m, v, am, av)]
+    fastadam.adam_step(p, g, m, v, step=1, lr=0.1, found_inf=True, exp_avg_absmax=am,
+                       exp_avg_sq_absmax=av, backend=backend)  # fmt: skip
+    for a, b in zip((p, g, m, v, am, av), before):
+        np.testing.assert_array_equal(a, b)
+    fastadam.adam_step(p, g, m, v, step=1, lr=0.1, grad_scale=4.0, exp_avg_absmax=am,
+                       exp_avg_sq_absmax=av, backend=backend)  # fmt: skip
+    assert (g == 1.0).all()  # the unscaled gradient is written back
+    np.testing.assert_allclose(p, 0.9, rtol=1e-6)
