@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from .._q8 import BLOCK, nblocks
 from .._scalars import AdamScalars
-from ._numba_intrinsics import _bits_f32, _borrow, _f32_bits, _view
+from ._numba_intrinsics import _bits_f32, _borrow, _f32_bits, _prefer_512_bit_vectors, _view
 
 NAME = "numba"
 
@@ -30,40 +30,51 @@ _MAG = np.uint32(0x7FFFFFFF)
 _BASE_M = 0x3F800000 - (127 << 20)
 _BASE_V = 0x3F800000 - (255 << 20)
 _HALF = 1 << 19
+_BASE_M32 = np.uint32(_BASE_M)
+_BASE_V32 = np.uint32(_BASE_V)
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
 @njit(inline="always", **_JIT)
 def _y_m(code):
+    # every intermediate cast back to 32 bits: Numba widens integer arithmetic to
+    # 64 bits, and LLVM narrows it again only through such truncations
     c = np.uint32(code)
-    k = c & np.uint32(0x7F)
-    mag = (_ONE - ((np.uint32(127) - k) << np.uint32(20))) if k != np.uint32(0) else np.uint32(0)
-    return _bits_f32(mag | ((c & np.uint32(0x80)) << np.uint32(24)))
+    k = np.uint32(c & np.uint32(0x7F))
+    mag = np.uint32(np.uint32(k << np.uint32(20)) + _BASE_M32)
+    mag = mag if k != np.uint32(0) else np.uint32(0)
+    return _bits_f32(np.uint32(mag | np.uint32(np.uint32(c & np.uint32(0x80)) << np.uint32(24))))
 
 
 @njit(inline="always", **_JIT)
 def _y_v(code):
     k = np.uint32(code)
-    return _bits_f32(
-        (_ONE - ((np.uint32(255) - k) << np.uint32(20))) if k != np.uint32(0) else np.uint32(0)
-    )
+    mag = np.uint32(np.uint32(k << np.uint32(20)) + _BASE_V32)
+    return _bits_f32(mag if k != np.uint32(0) else np.uint32(0))
 
 
 @njit(inline="always", **_JIT)
 def _enc_m(x, r):
-    u = np.int64(_f32_bits(abs(x) * r) & _MAG)
-    t = (u - _BASE_M + _HALF) >> 20
-    t = min(max(t, 0), 127)
-    return np.uint8(np.uint32(t) | ((_f32_bits(x) >> np.uint32(24)) & np.uint32(0x80)))
+    u = np.int32(np.uint32(_f32_bits(abs(x) * r) & _MAG))
+    t = np.int32(np.int32(np.int32(u - np.int32(_BASE_M)) + np.int32(_HALF)) >> np.int32(20))
+    t = t if t > np.int32(0) else np.int32(0)
+    t = t if t < np.int32(127) else np.int32(127)
+    return np.uint8(
+        np.uint32(
+            np.uint32(t) | np.uint32(np.uint32(_f32_bits(x) >> np.uint32(24)) & np.uint32(0x80))
+        )
+    )
 
 
 @njit(inline="always", **_JIT)
 def _enc_v(x, r):
-    u = np.int64(_f32_bits(abs(x) * r) & _MAG)
-    lo = 1 if _f32_bits(x) != np.uint32(0) else 0
-    t = (u - _BASE_V + _HALF) >> 20
-    return np.uint8(min(max(t, lo), 255))
+    u = np.int32(np.uint32(_f32_bits(abs(x) * r) & _MAG))
+    lo = np.int32(1) if _f32_bits(x) != np.uint32(0) else np.int32(0)
+    t = np.int32(np.int32(np.int32(u - np.int32(_BASE_V)) + np.int32(_HALF)) >> np.int32(20))
+    t = t if t > lo else lo
+    t = t if t < np.int32(255) else np.int32(255)
+    return np.uint8(t)
 
 
 @njit(inline="always", **_JIT)
@@ -97,8 +108,8 @@ def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb):
         p[i] = pi - ss * m / (sq + eps)
         mb[i - np.uint64(j0)] = m
         vb[i - np.uint64(j0)] = v
-        bm = _f32_bits(m) & _MAG
-        bv = _f32_bits(v) & _MAG
+        bm = np.uint32(_f32_bits(m) & _MAG)
+        bv = np.uint32(_f32_bits(v) & _MAG)
         mm = bm if bm > mm else mm
         mv = bv if bv > mv else mv
     one = np.float32(1.0)
@@ -118,6 +129,7 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
     rng = prange if parallel else range
 
     def q8(pointers, sizes, boffsets, consts, index, parts):
+        _prefer_512_bit_vectors()
         count = sizes.size
         total = boffsets[count]
         f = np.float32
