@@ -208,6 +208,107 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx512(
 #define fa_q8_block_simd fa_q8_block_avx512
 #endif
 
+#if defined(__AVX2__) && !defined(FA_Q8_HAVE_BLOCK_SIMD)
+#include <immintrin.h>
+/* Eight bytes: the low byte of each 32-bit lane of t (each in [0, 255]). */
+static inline __m128i fa_q8_bytes_avx2(__m256i t)
+{
+    const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(t, t), _mm256_setzero_si256());
+    return _mm_unpacklo_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+/* fa_q8_block for a full block on AVX2: the AVX-512 version's operations on 8 lanes. */
+static inline __attribute__((always_inline)) void fa_q8_block_avx2(
+    float *restrict param, float *restrict grad, uint8_t *restrict cm, uint8_t *restrict cv,
+    float *restrict am, float *restrict av, const fa_scalars_f32 c, const int l2,
+    const int unscale, const int maximize, const int div)
+{
+    float mb[FA_Q8_BLOCK] __attribute__((aligned(32)));
+    float vb[FA_Q8_BLOCK] __attribute__((aligned(32)));
+    const __m256 am0 = _mm256_set1_ps(*am), av0 = _mm256_set1_ps(*av);
+    const __m256i base_m = _mm256_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20)));
+    const __m256i base_v = _mm256_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20)));
+    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), sign8 = _mm256_set1_epi32(0x80);
+    const __m256i low7 = _mm256_set1_epi32(0x7F), half = _mm256_set1_epi32(1 << 19);
+    const __m256i signbit = _mm256_set1_epi32((int32_t)0x80000000u);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256 omb1 = _mm256_set1_ps(c.one_minus_beta1), b2 = _mm256_set1_ps(c.beta2);
+    const __m256 omb2 = _mm256_set1_ps(c.one_minus_beta2), eps = _mm256_set1_ps(c.eps);
+    const __m256 ss = _mm256_set1_ps(c.step_size), decay = _mm256_set1_ps(c.decay);
+    const __m256 wd = _mm256_set1_ps(c.weight_decay), gs = _mm256_set1_ps(c.grad_scale);
+    const __m256 bc2 = _mm256_set1_ps(c.bias_correction2_sqrt);
+    __m256i mm = zero, mv = zero;
+    for (int i = 0; i < FA_Q8_BLOCK; i += 8) {
+        __m256 g = _mm256_loadu_ps(grad + i);
+        if (unscale) {
+            g = _mm256_div_ps(g, gs);
+            _mm256_storeu_ps(grad + i, g);
+        }
+        if (maximize)
+            g = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(g), signbit));
+        __m256 p = _mm256_loadu_ps(param + i);
+        if (l2)
+            g = _mm256_add_ps(g, _mm256_mul_ps(wd, p));
+        p = _mm256_mul_ps(p, decay);
+        const __m256i cmi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm + i)));
+        const __m256i cvi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cv + i)));
+        const __m256i km = _mm256_and_si256(cmi, low7);
+        __m256i ym = _mm256_andnot_si256(_mm256_cmpeq_epi32(km, zero),
+                                         _mm256_add_epi32(base_m, _mm256_slli_epi32(km, 20)));
+        ym = _mm256_or_si256(ym, _mm256_slli_epi32(_mm256_and_si256(cmi, sign8), 24));
+        const __m256i yv = _mm256_andnot_si256(
+            _mm256_cmpeq_epi32(cvi, zero), _mm256_add_epi32(base_v, _mm256_slli_epi32(cvi, 20)));
+        const __m256 m0 = _mm256_mul_ps(_mm256_castsi256_ps(ym), am0);
+        const __m256 v0 = _mm256_mul_ps(_mm256_castsi256_ps(yv), av0);
+        const __m256 m = _mm256_add_ps(m0, _mm256_mul_ps(_mm256_sub_ps(g, m0), omb1));
+        const __m256 v =
+            _mm256_add_ps(_mm256_mul_ps(v0, b2), _mm256_mul_ps(_mm256_mul_ps(omb2, g), g));
+        __m256 sq = _mm256_sqrt_ps(v);
+        if (div)
+            sq = _mm256_div_ps(sq, bc2);
+        const __m256 denom = _mm256_add_ps(sq, eps);
+        _mm256_storeu_ps(param + i,
+                         _mm256_sub_ps(p, _mm256_div_ps(_mm256_mul_ps(ss, m), denom)));
+        _mm256_store_ps(mb + i, m);
+        _mm256_store_ps(vb + i, v);
+        mm = _mm256_max_epu32(mm, _mm256_and_si256(_mm256_castps_si256(m), mag));
+        mv = _mm256_max_epu32(mv, _mm256_and_si256(_mm256_castps_si256(v), mag));
+    }
+    uint32_t lanes_m[8], lanes_v[8], mmax = 0, vmax = 0;
+    _mm256_storeu_si256((__m256i *)lanes_m, mm);
+    _mm256_storeu_si256((__m256i *)lanes_v, mv);
+    for (int k = 0; k < 8; k++) {
+        mmax = lanes_m[k] > mmax ? lanes_m[k] : mmax;
+        vmax = lanes_v[k] > vmax ? lanes_v[k] : vmax;
+    }
+    const float am1 = fa_q8_float(mmax), av1 = fa_q8_float(vmax);
+    const __m256 rm = _mm256_set1_ps(mmax != 0 ? 1.0f / am1 : 0.0f);
+    const __m256 rv = _mm256_set1_ps(vmax != 0 ? 1.0f / av1 : 0.0f);
+    const __m256i one = _mm256_set1_epi32(1), k127 = _mm256_set1_epi32(127);
+    for (int i = 0; i < FA_Q8_BLOCK; i += 8) {
+        const __m256i mbits = _mm256_castps_si256(_mm256_load_ps(mb + i));
+        const __m256i vbits = _mm256_castps_si256(_mm256_load_ps(vb + i));
+        const __m256i um = _mm256_and_si256(
+            _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(mbits, mag)), rm)),
+            mag);
+        const __m256i uv = _mm256_and_si256(
+            _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vbits, mag)), rv)),
+            mag);
+        __m256i tm = _mm256_srai_epi32(_mm256_add_epi32(_mm256_sub_epi32(um, base_m), half), 20);
+        __m256i tv = _mm256_srai_epi32(_mm256_add_epi32(_mm256_sub_epi32(uv, base_v), half), 20);
+        tm = _mm256_min_epi32(_mm256_max_epi32(tm, zero), k127);
+        tm = _mm256_or_si256(tm, _mm256_and_si256(_mm256_srli_epi32(mbits, 24), sign8));
+        tv = _mm256_max_epi32(tv, _mm256_min_epu32(vbits, one)); /* >= 0; the packs saturate at 255 */
+        _mm_storel_epi64((__m128i *)(cm + i), fa_q8_bytes_avx2(tm));
+        _mm_storel_epi64((__m128i *)(cv + i), fa_q8_bytes_avx2(tv));
+    }
+    *am = am1;
+    *av = av1;
+}
+#define FA_Q8_HAVE_BLOCK_SIMD 1
+#define fa_q8_block_simd fa_q8_block_avx2
+#endif
+
 /* Elements [0, n) (n from a block boundary; the last block may be partial). */
 static inline __attribute__((always_inline)) void fa_q8_body(
     float *restrict param, float *restrict grad, uint8_t *restrict cm, uint8_t *restrict cv,

@@ -226,3 +226,40 @@ def test_found_inf_skips_and_grad_scale_unscales(backend):
                        exp_avg_sq_absmax=av, backend=backend)  # fmt: skip
     assert (g == 1.0).all()  # the unscaled gradient is written back
     np.testing.assert_allclose(p, 0.9, rtol=1e-6)
+
+
+_ISA_CODE = """
+import hashlib, numpy as np, fastadam
+from fastadam import _q8
+h = hashlib.sha256()
+cases = [(70001, {}), (5000, {"weight_decay": 0.1, "maximize": True}),
+         (3000, {"grad_scale": 8.0, "decoupled_weight_decay": True, "weight_decay": 0.1})]
+for n, kw in cases:
+    p = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    m, v, am, av = _q8.zeros_state(n)
+    for t in range(1, 4):
+        g = np.random.default_rng(t).standard_normal(n).astype(np.float32)
+        fastadam.adam_step(p, g, m, v, step=t, lr=1e-2, exp_avg_absmax=am,
+                           exp_avg_sq_absmax=av, backend=BACKEND, **kw)
+    for a in (p, g, m, v, am, av):
+        h.update(a.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_every_c_isa_variant_bit_identical():
+    """The C library's baseline, AVX2 and AVX-512 variants (the latter two with
+    hand-written full-block loops) give the reference's bits."""
+    from helpers import c_backend_or_skip, run_python, supported_isas
+
+    c_backend_or_skip()
+    ref = run_python(_ISA_CODE.replace("BACKEND", '"numpy"'))
+    assert ref.returncode == 0, ref.stderr
+    for isa in supported_isas():
+        code = _ISA_CODE.replace("BACKEND", '"c"') + (
+            "from fastadam.backends import c\nprint(c.isa())\n"
+        )
+        out = run_python(code, FASTADAM_ISA=isa)
+        assert out.returncode == 0, out.stderr
+        digest, got_isa = out.stdout.split()
+        assert got_isa == isa and digest == ref.stdout.strip(), isa
