@@ -738,7 +738,11 @@ const char *fa_strerror(int code)
                "1 or 2 for fa_adam_f32_bf16)";
     case FA_ERR_INDEX:
         return "a scalar_index entry is outside [0, n_scalars) (or n_scalars < 1)";
+    case FA_ERR_UNSUPPORTED:
+        return "an option the function does not support (amsgrad with 8-bit states)";
     default:
         return "unknown fastadam error code";
     }
 }
+
+#include "fastadam_q8.h" /* 8-bit block-wise states (issue 18) */

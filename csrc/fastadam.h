@@ -58,6 +58,7 @@ extern "C" {
 #define FA_ERR_THREADS (-5)  /* fa_set_num_threads: n < 0 */
 #define FA_ERR_ROUNDING (-6) /* state_rounding does not suit the function (see below) */
 #define FA_ERR_INDEX (-7)    /* fa_adam_multi_*: a scalar_index entry outside [0, n_scalars) */
+#define FA_ERR_UNSUPPORTED (-8) /* an option the function does not support (amsgrad with 8-bit states) */
 
 /* Constants of one step, in double precision (see the update above). */
 typedef struct fa_adam_scalars {
@@ -200,6 +201,24 @@ FA_API int fa_adam_multi_f32_bf16(int64_t count, float *const *param, float *con
  * must not be NULL (even when n == 0, which sets *found_inf = 0).
  * Returns FA_OK, FA_ERR_NULL or FA_ERR_SIZE (n < 0); nothing is written on error.
  */
+/*
+ * 8-bit block-wise states (issue 18; the format is fastadam/_q8.py's): float32
+ * param and grad of n elements, exp_avg / exp_avg_sq uint8 codes (n each),
+ * exp_avg_absmax / exp_avg_sq_absmax float32 scales, one per block of 256
+ * elements (ceil(n / 256)). All updated in place; amsgrad is refused
+ * (FA_ERR_UNSUPPORTED), state_rounding must be FA_STATE_SAME_DTYPE. The
+ * multi-tensor form takes pointer tables as fa_adam_multi_f32 does; overlaps
+ * are not checked. Results do not depend on the thread count.
+ */
+FA_API int fa_adam_f32_q8(float *param, float *grad, uint8_t *exp_avg, uint8_t *exp_avg_sq,
+                          float *exp_avg_absmax, float *exp_avg_sq_absmax, int64_t n,
+                          const fa_adam_scalars *sc);
+FA_API int fa_adam_multi_f32_q8(int64_t count, float *const *param, float *const *grad,
+                                uint8_t *const *exp_avg, uint8_t *const *exp_avg_sq,
+                                float *const *exp_avg_absmax, float *const *exp_avg_sq_absmax,
+                                const int64_t *n, const fa_adam_scalars *scalars,
+                                int64_t n_scalars, const int32_t *scalar_index);
+
 FA_API int fa_unscale_check_f32(float *grad, int64_t n, double grad_scale, int *found_inf);
 FA_API int fa_unscale_check_f64(double *grad, int64_t n, double grad_scale, int *found_inf);
 

@@ -77,6 +77,12 @@ typedef int (*fa_unscale_f64)(double *grad, int64_t n, double scale, double reci
 #define FA_BF16_NEAREST 0
 #define FA_BF16_STOCHASTIC 1
 
+/* float32 param/grad, 8-bit block-wise moments (fastadam_kernel_q8.h): n
+ * elements from a block boundary, am/av the scales of their blocks. */
+typedef void (*fa_kernel_q8)(float *param, float *grad, uint8_t *exp_avg, uint8_t *exp_avg_sq,
+                             float *exp_avg_absmax, float *exp_avg_sq_absmax, int64_t n,
+                             const fa_scalars_f32 *s);
+
 typedef struct fa_kernel_table {
     const char *isa;
     fa_kernel_f32 f32[FA_N_VARIANTS];
@@ -84,6 +90,7 @@ typedef struct fa_kernel_table {
     fa_kernel_bf16 bf16[2][FA_N_VARIANTS];
     fa_unscale_f32 unscale_f32;
     fa_unscale_f64 unscale_f64;
+    fa_kernel_q8 q8[FA_N_VARIANTS]; /* indexed by the flags; FA_F_AMSGRAD ignored */
 } fa_kernel_table;
 
 /* One table per compiled ISA variant (fastadam_kernel.c with FA_VARIANT set).

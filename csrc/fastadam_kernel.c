@@ -58,6 +58,7 @@
 #undef FA_FMA
 
 #include "fastadam_kernel_bf16.h"
+#include "fastadam_kernel_q8.h"
 
 #define FA_STR_(x) #x
 #define FA_STR(x) FA_STR_(x)
@@ -87,4 +88,5 @@ const fa_kernel_table FA_TABLE_NAME(FA_VARIANT) = {
     {FA_BF16_LIST16(0), FA_BF16_LIST16(1)}, /* [FA_BF16_NEAREST], [FA_BF16_STOCHASTIC] */
     unscale_f32,
     unscale_f64,
+    FA_Q8_LIST16,
 };

@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument(
         "--state-dtype",
-        choices=("float32", "bfloat16"),
+        choices=("float32", "bfloat16", "8bit"),
         default="float32",
         help="dtype of fastadam's moment estimates (bfloat16: half the memory; the "
         "torch.optim.Adam twin keeps float32, so the printed |dparam| then shows the difference)",
@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt = fastadam.torch.Adam(
         model.parameters(),
         lr=args.lr,
-        state_dtype=getattr(torch, args.state_dtype),
+        state_dtype=args.state_dtype
+        if args.state_dtype == "8bit"
+        else getattr(torch, args.state_dtype),
         backend=args.backend,
     )
     ref_opt = torch.optim.Adam(twin.parameters(), lr=args.lr)

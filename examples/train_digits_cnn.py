@@ -417,7 +417,7 @@ def time_optimizer_backends(
             betas=group["betas"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
-            state_dtype=src.state_dtype,
+            state_dtype="8bit" if src.min_8bit_size is not None else src.state_dtype,
             backend=name,
         )
         opt.load_state_dict(copy.deepcopy(src.state_dict()))
@@ -525,9 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dtype",
-        choices=("float32", "bfloat16"),
+        choices=("float32", "bfloat16", "8bit"),
         default="float32",
-        help="dtype of Adam's moment estimates (bfloat16: half the memory, stochastic rounding)",
+        help="dtype of Adam's moment estimates (bfloat16: half the memory, stochastic rounding; "
+        "8bit: block-wise 8-bit states, about a quarter of the memory)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -47,6 +47,11 @@ KIND_F32 = "float32"  # float32 params, float32 states
 KIND_F64 = "float64"  # float64 params, float64 states
 KIND_BF16 = "bfloat16"  # float32 params, bfloat16 states
 KINDS = (KIND_F32, KIND_F64, KIND_BF16)
+#: float32 params, 8-bit block-wise states (fastadam._q8): not a registry kind
+#: (q8 steps follow the float32 backend choice); its tables have 6 rows of
+#: pointers: param, grad, exp_avg codes, exp_avg_sq codes, exp_avg_absmax,
+#: exp_avg_sq_absmax (the scales: ceil(size / 256) float32 each).
+KIND_Q8 = "q8"
 
 
 @dataclass(eq=False)

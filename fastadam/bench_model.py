@@ -225,7 +225,7 @@ class Row:
         return f"{self.optimizer} [{self.backend}, {self.state_dtype} states]"
 
     @property
-    def bytes_per_element(self) -> int:
+    def bytes_per_element(self) -> float:
         """Bytes a step moves per element: 28 with float32 states, 20 with bfloat16."""
         return bench.bytes_per_element(
             bench.BF16_STATES if self.state_dtype == "bfloat16" else "float32"

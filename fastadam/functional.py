@@ -52,6 +52,8 @@ def adam_step(
     state_rounding: str = "stochastic",
     seed: int = 0,
     backend: str = "auto",
+    exp_avg_absmax: np.ndarray | None = None,
+    exp_avg_sq_absmax: np.ndarray | None = None,
 ) -> None:
     """Apply one fused Adam/AdamW update to ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
 
@@ -119,6 +121,12 @@ def adam_step(
         each parameter array its own.
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernel to run; ``"auto"`` is :func:`auto_backend`'s choice.
+    exp_avg_absmax, exp_avg_sq_absmax : numpy.ndarray or None, default None
+        8-bit block-wise states (issue 18): with these given, ``exp_avg`` and
+        ``exp_avg_sq`` are uint8 codes shaped like ``param`` (float32) and
+        these are their float32 scales, shape ``(ceil(param.size / 256),)``;
+        all four are updated in place. The format is ``fastadam._q8``'s;
+        ``amsgrad`` is refused.
 
     Raises
     ------
@@ -153,6 +161,16 @@ def adam_step(
     """
     if amsgrad is not False:
         amsgrad = bool(amsgrad)
+    if exp_avg_absmax is not None or exp_avg_sq_absmax is not None:
+        from ._q8 import adam_step_q8
+
+        adam_step_q8(
+            param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+            (step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+             maximize, eps_hat, grad_scale, state_rounding, seed),
+            amsgrad, found_inf, backend,
+        )  # fmt: skip
+        return
     # The scalars come from memos of checked hyperparameters (see _scalars_of).
     hyper = (
         step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
@@ -178,6 +196,11 @@ def adam_step(
             return
         if rc != fast.DECLINED:
             fast.raise_code(rc)
+    if getattr(exp_avg, "dtype", None) == np.uint8:
+        raise TypeError(
+            "exp_avg has dtype uint8 (8-bit codes) but exp_avg_absmax and "
+            "exp_avg_sq_absmax, its scales, are missing"
+        )
     validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     same_dtype = exp_avg.dtype is param.dtype or exp_avg.dtype == param.dtype
     scalars = _scalars_of((*hyper, same_dtype))

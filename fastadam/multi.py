@@ -547,6 +547,8 @@ def adam_step_multi(
     state_rounding: str = "stochastic",
     seeds: int | Sequence[int] | np.ndarray | None = None,
     backend: str = "auto",
+    exp_avg_absmaxes: Sequence[np.ndarray] | None = None,
+    exp_avg_sq_absmaxes: Sequence[np.ndarray] | None = None,
 ) -> None:
     """One fused Adam/AdamW update of a list of tensors, in place.
 
@@ -578,6 +580,10 @@ def adam_step_multi(
         As for :meth:`MultiTensorPlan.step`.
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         As for :func:`adam_step`.
+    exp_avg_absmaxes, exp_avg_sq_absmaxes : sequence of numpy.ndarray or None
+        8-bit states (issue 18): one pair of scale arrays per tensor, as
+        :func:`adam_step`'s ``exp_avg_absmax``/``exp_avg_sq_absmax``; every
+        tensor then has uint8 moments (``fastadam._q8.Q8Plan`` is the plan).
 
     Raises
     ------
@@ -589,6 +595,17 @@ def adam_step_multi(
     BackendUnavailableError
         The backend named cannot load on this machine.
     """
+    if exp_avg_absmaxes is not None or exp_avg_sq_absmaxes is not None:
+        from ._q8 import adam_step_multi_q8
+
+        adam_step_multi_q8(
+            params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
+            backend, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
+            eps_hat=eps_hat, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        return
     plan = MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backend=backend)
     plan.step(
         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
-from . import backends
+from . import _q8_optim, backends
 from ._validation import (
     BFLOAT16,
     check_array,
@@ -73,7 +73,7 @@ class Adam:
         AdamW's decoupled weight decay (what :class:`AdamW` sets).
     eps_hat : bool, default False
         The Keras/TensorFlow/scikit-learn placement of ``eps``; see :func:`adam_step`.
-    state_dtype : {None, "float32", "bfloat16"} or numpy.dtype, default None
+    state_dtype : {None, "float32", "bfloat16", "8bit"} or numpy.dtype, default None
         dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None keeps each
         parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, float32
         parameters only) halves the optimizer's memory and moves 20 instead of
@@ -86,6 +86,12 @@ class Adam:
         random bits.
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run; ``"auto"`` is :func:`auto_backend`'s choice.
+    min_8bit_size : int, default 4096
+        With ``state_dtype="8bit"`` (float32 parameters; 8-bit block-wise
+        states, issue 18: uint8 codes ``exp_avg``/``exp_avg_sq`` and float32
+        scales ``exp_avg_absmax``/``exp_avg_sq_absmax`` in each state, about
+        2 bytes per element instead of 8), parameters with fewer elements keep
+        float32 states. ``amsgrad`` is refused with 8-bit states.
 
     Attributes
     ----------
@@ -143,8 +149,16 @@ class Adam:
         state_rounding: str = "stochastic",
         seed: int = 0,
         backend: str = "auto",
+        min_8bit_size: int = 4096,
     ) -> None:
         check_optimizer_hyper(lr, betas, eps, weight_decay)
+        # state_dtype="8bit" (issue 18, fastadam._q8_optim): min_8bit_size is not None
+        self.min_8bit_size: int | None = None
+        if _q8_optim.is_8bit(state_dtype):
+            self.min_8bit_size = _q8_optim.check_min_size(min_8bit_size)
+            if amsgrad:
+                raise ValueError("amsgrad=True is not supported with state_dtype='8bit'")
+            state_dtype = "float32"
         backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
         self.backend = backend
         name = check_state_dtype(state_dtype)
@@ -340,6 +354,7 @@ class Adam:
         grad_scale: float | None,
         found_inf: bool,
         pending: list[tuple[Any, Any, Any]],
+        _plain: bool = False,
     ) -> tuple[Any, list[dict[str, Any]]]:
         """Check group ``gi``'s step over the parameters at positions ``active``
         and return (the function that runs it, the states whose step it counts).
@@ -351,6 +366,10 @@ class Adam:
             check_optimizer_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param_groups[{gi}]: {exc}") from None
+        if self.min_8bit_size is not None and not _plain:
+            return _q8_optim.prepare_group(
+                self, gi, group, active, params, grads, grad_scale, found_inf, pending
+            )
         amsgrad = bool(group["amsgrad"])
         states, arrays = zip(*(self._state_for(i, params[i], amsgrad, pending) for i in active))
         plan, seeds = self._plan_for(gi, active, params, grads, arrays, amsgrad)
@@ -511,6 +530,11 @@ class Adam:
             pos = id_map[sid]
             p = params[pos]
             new: dict[str, Any] = {"step": _check_saved_step(sid, st.get("step"))}
+            want_8bit = self.min_8bit_size is not None and p.size >= self.min_8bit_size
+            if want_8bit or "exp_avg_absmax" in st:  # 8-bit states (issue 18), or to/from them
+                new.update(_q8_optim.convert_state(sid, st, p, want_8bit, self._state_dtype(p)))
+                new_state[pos] = new
+                continue
             for key in _STATE_KEYS:
                 if key not in st:
                     if key != "max_exp_avg_sq":
@@ -591,7 +615,7 @@ class AdamW(Adam):
         Ascend the objective instead of descending it.
     eps_hat : bool, default False
         The Keras/TensorFlow/scikit-learn placement of ``eps``; see :func:`adam_step`.
-    state_dtype : {None, "float32", "bfloat16"} or numpy.dtype, default None
+    state_dtype : {None, "float32", "bfloat16", "8bit"} or numpy.dtype, default None
         dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None keeps each
         parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, float32
         parameters only) halves the optimizer's memory and moves 20 instead of
@@ -604,6 +628,12 @@ class AdamW(Adam):
         random bits.
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run; ``"auto"`` is :func:`auto_backend`'s choice.
+    min_8bit_size : int, default 4096
+        With ``state_dtype="8bit"`` (float32 parameters; 8-bit block-wise
+        states, issue 18: uint8 codes ``exp_avg``/``exp_avg_sq`` and float32
+        scales ``exp_avg_absmax``/``exp_avg_sq_absmax`` in each state, about
+        2 bytes per element instead of 8), parameters with fewer elements keep
+        float32 states. ``amsgrad`` is refused with 8-bit states.
 
     Attributes
     ----------
@@ -653,9 +683,11 @@ class AdamW(Adam):
         state_rounding: str = "stochastic",
         seed: int = 0,
         backend: str = "auto",
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=True, eps_hat=eps_hat,
             state_dtype=state_dtype, state_rounding=state_rounding, seed=seed, backend=backend,
+            min_8bit_size=min_8bit_size,
         )  # fmt: skip

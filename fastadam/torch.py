@@ -57,6 +57,7 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
+from fastadam import _q8_optim, _q8_torch
 from fastadam._validation import (
     BFLOAT16,
     as_real,
@@ -87,6 +88,7 @@ _OPTIMIZER_SETTINGS = {
     "state_dtype": None,
     "state_rounding": "stochastic",
     "seed": 0,
+    "min_8bit_size": None,
 }
 
 
@@ -371,10 +373,14 @@ class Adam(torch.optim.Adam):
     eps_hat : bool, default False
         The Keras/TensorFlow/scikit-learn placement of ``eps``
         (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
-    state_dtype : {None, torch.float32, torch.bfloat16, "float32", "bfloat16"}, default None
+    state_dtype : {None, torch.float32, torch.bfloat16, "float32", "bfloat16", "8bit"}, default None
         dtype of the moment estimates: None (the parameter's),
         ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
-        the optimizer memory; stochastically rounded, see ``state_rounding``).
+        the optimizer memory; stochastically rounded, see ``state_rounding``);
+        ``"8bit"``: 8-bit block-wise states for float32 parameters of at least
+        ``min_8bit_size`` elements (uint8 codes ``exp_avg``/``exp_avg_sq`` and
+        float32 scales ``exp_avg_absmax``/``exp_avg_sq_absmax``; about 2 bytes
+        per element; no amsgrad), float32 for smaller ones.
     state_rounding : {"stochastic", "nearest"}, default "stochastic"
         How bfloat16 states are rounded.
     seed : int, default 0
@@ -384,6 +390,9 @@ class Adam(torch.optim.Adam):
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run, one per optimizer (kept out of the param groups,
         so checkpoints carry none).
+    min_8bit_size : int, default 4096
+        With ``state_dtype="8bit"``: parameters with fewer elements keep
+        float32 states.
 
     Raises
     ------
@@ -436,7 +445,15 @@ class Adam(torch.optim.Adam):
         state_rounding: str = "stochastic",
         seed: int = 0,
         backend: str = "auto",
+        min_8bit_size: int = 4096,
     ) -> None:
+        # state_dtype="8bit" (issue 18, fastadam._q8_torch): min_8bit_size is not None
+        self.min_8bit_size: int | None = None
+        if _q8_optim.is_8bit(state_dtype):
+            self.min_8bit_size = _q8_optim.check_min_size(min_8bit_size)
+            if amsgrad:
+                raise ValueError("amsgrad=True is not supported with state_dtype='8bit'")
+            state_dtype = None
         # foreach and fused are stored (torch's checkpoints carry them) and
         # ignored: the update is always one fused pass over each group.
         if capturable:
@@ -543,6 +560,7 @@ class Adam(torch.optim.Adam):
             torch's checks: the number of groups or of their parameters differs.
         """
         super().load_state_dict(state_dict)
+        _q8_torch.after_load(self)  # 8-bit states (issue 18): codes back to uint8, conversions
         if self.state_dtype is None:
             return
         for st in self.state.values():
@@ -630,6 +648,8 @@ class Adam(torch.optim.Adam):
         """Check group ``gi``'s step and return it ready to run (None: no parameter
         of the group has a gradient). ``first`` is the position of its first
         parameter across groups (seeds follow it)."""
+        if self.min_8bit_size is not None:
+            return _q8_torch.prepare_group(self, gi, group, grad_scale)
         kwargs = self._group_kwargs(group, gi, grad_scale)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -782,10 +802,14 @@ class AdamW(Adam, torch.optim.AdamW):
     eps_hat : bool, default False
         The Keras/TensorFlow/scikit-learn placement of ``eps``
         (``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``).
-    state_dtype : {None, torch.float32, torch.bfloat16, "float32", "bfloat16"}, default None
+    state_dtype : {None, torch.float32, torch.bfloat16, "float32", "bfloat16", "8bit"}, default None
         dtype of the moment estimates: None (the parameter's),
         ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
-        the optimizer memory; stochastically rounded, see ``state_rounding``).
+        the optimizer memory; stochastically rounded, see ``state_rounding``);
+        ``"8bit"``: 8-bit block-wise states for float32 parameters of at least
+        ``min_8bit_size`` elements (uint8 codes ``exp_avg``/``exp_avg_sq`` and
+        float32 scales ``exp_avg_absmax``/``exp_avg_sq_absmax``; about 2 bytes
+        per element; no amsgrad), float32 for smaller ones.
     state_rounding : {"stochastic", "nearest"}, default "stochastic"
         How bfloat16 states are rounded.
     seed : int, default 0
@@ -795,6 +819,9 @@ class AdamW(Adam, torch.optim.AdamW):
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run, one per optimizer (kept out of the param groups,
         so checkpoints carry none).
+    min_8bit_size : int, default 4096
+        With ``state_dtype="8bit"``: parameters with fewer elements keep
+        float32 states.
 
     Raises
     ------
@@ -838,12 +865,14 @@ class AdamW(Adam, torch.optim.AdamW):
         state_rounding: str = "stochastic",
         seed: int = 0,
         backend: str = "auto",
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, eps_hat=eps_hat, state_dtype=state_dtype,
             state_rounding=state_rounding, seed=seed, backend=backend,
+            min_8bit_size=min_8bit_size,
         )  # fmt: skip
 
     # __setstate__: torch.optim.AdamW's (next in the MRO after Adam's) keeps

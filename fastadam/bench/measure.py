@@ -16,6 +16,7 @@ from .steps import (
     NP_ADD,
     PER_CALL_N,
     PER_TENSOR_K,
+    Q8_STATES,
     TORCH_BACKENDS,
     _multi_step,
     _np_add_step,
@@ -150,7 +151,7 @@ def measure_sweep(
     a progress bar on stderr unless ``no_progress``."""
     # torch has no float32-param/bfloat16-state Adam to compare with
     backends_for = {
-        dt: [b for b in backends if not (dt == BF16_STATES and b in TORCH_BACKENDS)]
+        dt: [b for b in backends if not (dt in (BF16_STATES, Q8_STATES) and b in TORCH_BACKENDS)]
         for dt in dtypes
     }
 

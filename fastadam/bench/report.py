@@ -9,7 +9,15 @@ from typing import Any
 
 from .measure import Sweep
 from .roofline import Roofline
-from .steps import BF16_STATES, NP_ADD, PER_CALL_N, PER_TENSOR_K, bytes_per_element
+from .steps import (
+    BF16_STATES,
+    NP_ADD,
+    PER_CALL_N,
+    PER_TENSOR_K,
+    Q8_STATES,
+    bytes_per_element,
+    state_bytes_per_element,
+)
 from .tables import _fmt_ratio, format_n, format_seconds, render_table
 from .targets import (
     TARGET_BF16_TIME_RATIO,
@@ -47,10 +55,15 @@ def header_lines(info: dict[str, Any], roofline: Roofline, with_targets: bool = 
     for dt, per_size in roofline.items():
         at = ", ".join(f"{gbps:.1f} GB/s at n={format_n(n)}" for n, gbps in per_size.items())
         lines.append(
-            f"roofline {dt}: {at} ({bytes_per_element(dt)} B/element moved by "
-            + ("p+=g; m^=1; v^=1 on bf16 bits" if dt == BF16_STATES else "p+=g; m+=g; v+=g*g")
-            + " in Numba, best of runs)"
-        )
+            f"roofline {dt}: {at} ({bytes_per_element(dt):g} B/element moved by "
+            + (
+                "p+=g; m^=1; v^=1 on bf16 bits" if dt == BF16_STATES
+                else "p+=g; m^=1; v^=1 on uint8 codes" if dt == Q8_STATES
+                else "p+=g; m+=g; v+=g*g"
+            )
+            + " in Numba, best of runs; optimizer state "
+            + f"{state_bytes_per_element(dt):.3g} B/element)"
+        )  # fmt: skip
     # What the memory gives the bf16-state target on this machine: the two roofline
     # kernels' own time ratio, 20 vs 28 B/element at their bandwidths.
     both = sorted(roofline.get("float32", {}).keys() & roofline.get(BF16_STATES, {}).keys())
@@ -62,6 +75,15 @@ def header_lines(info: dict[str, Any], roofline: Roofline, with_targets: bool = 
         lines.append(
             f"roofline time ratio bf16/float32: {ratio:.2f} at n={format_n(n)} "
             f"(the roofline kernels' own{target if with_targets else ''})"
+        )
+    q8_both = sorted(roofline.get("float32", {}).keys() & roofline.get(Q8_STATES, {}).keys())
+    for n in q8_both:
+        ratio = (bytes_per_element(Q8_STATES) / roofline[Q8_STATES][n]) / (
+            bytes_per_element("float32") / roofline["float32"][n]
+        )
+        lines.append(
+            f"roofline time ratio q8/float32: {ratio:.2f} at n={format_n(n)} "
+            "(the roofline kernels' own; the 8-bit target is <= 0.65)"
         )
     return lines
 

@@ -8,7 +8,7 @@ import numpy as np
 
 import fastadam
 
-from .steps import BF16_STATES, bytes_per_element
+from .steps import BF16_STATES, Q8_STATES, bytes_per_element
 from .timing import time_calls
 
 Roofline = dict[str, dict[int, float]]  # dtype -> {n: GB/s}
@@ -75,6 +75,10 @@ def measure_roofline(
         kernel = bf16_kernel
         arrays = [np.full(n, x, dtype=np.float32) for x in (1.0, 0.5)]
         arrays += [np.full(n, x, dtype=np.uint16) for x in (0x3DCC, 0x3C23)]
+    elif dtype == Q8_STATES:
+        kernel = bf16_kernel  # the same access pattern on 1-byte codes (scales: 0.4%)
+        arrays = [np.full(n, x, dtype=np.float32) for x in (1.0, 0.5)]
+        arrays += [np.full(n, x, dtype=np.uint8) for x in (0x3D, 0x3C)]
     else:
         kernel = float_kernel
         # np.full touches every page

@@ -26,20 +26,35 @@ NP_ADD = "np.add"
 
 #: The pseudo-dtype of a step with float32 params/grads and bfloat16 states.
 BF16_STATES = "bf16"
+#: The pseudo-dtype of a step with float32 params/grads and 8-bit block-wise
+#: states (issue 18): uint8 codes and a float32 absmax per block of 256.
+Q8_STATES = "q8"
 #: The step kinds --dtype can name, in table order, and its shorthands for several.
-DTYPES: tuple[str, ...] = ("float32", "float64", BF16_STATES)
+DTYPES: tuple[str, ...] = ("float32", "float64", BF16_STATES, Q8_STATES)
 _DTYPE_SETS = {"both": ["float32", "float64"], "all": list(DTYPES)}
 
 
-def bytes_per_element(dtype: np.dtype | str) -> int:
+def bytes_per_element(dtype: np.dtype | str) -> float:
     """Bytes one Adam step moves per element: 4 arrays read + 3 written.
 
     With bfloat16 states: θ and g (4 B) read, θ written; m, v (2 B) read and
-    written: 3*4 + 4*2 = 20 B.
+    written: 3*4 + 4*2 = 20 B. With 8-bit states: 3*4 + 4*1 = 16 B, plus the
+    two absmax arrays (4 B per 256 elements each, read and written): 16.0625 B.
     """
     if dtype == BF16_STATES:
         return 20
+    if dtype == Q8_STATES:
+        return 16 + 4 * 4 / 256
     return 7 * np.dtype(dtype).itemsize
+
+
+def state_bytes_per_element(dtype: np.dtype | str, n: int = 1 << 24) -> float:
+    """Optimizer state memory per element (m and v) of an ``n``-element tensor."""
+    if dtype == Q8_STATES:
+        return 2 + 2 * 4 * (-(-n // 256)) / n
+    if dtype == BF16_STATES:
+        return 4
+    return 2 * np.dtype(dtype).itemsize
 
 
 def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -52,6 +67,13 @@ def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray
     if dtype == BF16_STATES:
         p, g, m, v = make_state(n, "float32", seed)
         return p, g, m.astype(BFLOAT16), v.astype(BFLOAT16)
+    if dtype == Q8_STATES:
+        from .._q8 import quantize
+
+        p, g, m, v = make_state(n, "float32", seed)
+        mc, ma = quantize(m, signed=True)
+        vc, va = quantize(v, signed=False)
+        return p, g, mc, vc, ma, va
     dt = np.dtype(dtype)
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(n, dtype=dt)
@@ -66,9 +88,17 @@ def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray
 
 
 def _fastadam_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], None]:
-    p, g, m, v = state
     steps = itertools.count(1)  # a real training loop's step counter
     adam_step = fastadam.adam_step
+    if len(state) == 6:  # 8-bit states: codes and scales
+        p, g, m, v, am, av = state
+
+        def run_q8() -> None:
+            adam_step(p, g, m, v, step=next(steps), lr=1e-3, backend=backend,
+                      exp_avg_absmax=am, exp_avg_sq_absmax=av)  # fmt: skip
+
+        return run_q8
+    p, g, m, v = state
 
     def run() -> None:
         adam_step(p, g, m, v, step=next(steps), lr=1e-3, backend=backend)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .steps import BF16_STATES, NP_ADD
+from .steps import BF16_STATES, NP_ADD, Q8_STATES
 from .tables import format_n, render_table
 
 #: Project speed targets (see BENCHMARKS.md).
@@ -29,6 +29,8 @@ PER_CALL_TARGET_BACKENDS = ("c", "numba")
 #: bfloat16 states move 20 instead of 28 B/element: at large sizes a bf16-state step
 #: should take at most this fraction of the float32-state step's time.
 TARGET_BF16_TIME_RATIO = 0.75
+#: 8-bit-state step time / float32-state step time at the memory-bound sizes (issue 18).
+TARGET_Q8_TIME_RATIO = 0.65
 
 
 def _ratio_verdict(r: dict[str, Any], goal: float) -> list[str]:
@@ -94,6 +96,10 @@ def evaluate_targets(
                 check(
                     r, "bf16-state time / float32-state time", ratio, TARGET_BF16_TIME_RATIO, True
                 )
+        if r["dtype"] == Q8_STATES and r["backend"] in ("c", "numba") and f32:
+            if r["n"] >= TARGET_LARGE_N:
+                ratio = r["median_s"] / f32["median_s"]
+                check(r, "8-bit-state time / float32-state time", ratio, TARGET_Q8_TIME_RATIO, True)
     for r in per_call:
         if r["backend"] in PER_CALL_TARGET_BACKENDS:
             what = f"{format_n(r['n'])}-element call / {NP_ADD}"
