@@ -88,3 +88,6 @@ const fa_kernel_table FA_TABLE_NAME(FA_VARIANT) = {
     unscale_f32,
     unscale_f64,
 };
+
+/* low-precision parameters and master weights (issue 17): fastadam_lowp_kernel.h */
+#include "fastadam_lowp_kernel.h"

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
-from . import backends
+from . import _lowp, backends
 from ._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, compute_scalars
 from ._table import KIND_BF16, KIND_F32, KIND_F64, address
 from ._validation import (
@@ -52,6 +52,8 @@ def adam_step(
     state_rounding: str = "stochastic",
     seed: int = 0,
     backend: str = "auto",
+    param_copy: np.ndarray | None = None,
+    param_rounding: str = "nearest",
 ) -> None:
     """Apply one fused Adam/AdamW update to ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
 
@@ -119,6 +121,19 @@ def adam_step(
         each parameter array its own.
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernel to run; ``"auto"`` is :func:`auto_backend`'s choice.
+    param_copy : numpy.ndarray or None, default None
+        Master weights: with a float32 ``param`` (the master; ``grad`` float32
+        or of ``param_copy``'s dtype; float32 moments), a bfloat16 or float16
+        array shaped like it that receives the updated ``param`` rounded to its
+        dtype, in the same pass. See :mod:`fastadam._lowp`.
+        ``param`` itself may also be bfloat16 or float16 (without
+        ``param_copy``): ``grad`` and the moments then have its dtype, the math
+        runs in float32, and every stored value is rounded to nearest-even, as
+        ``torch.optim.AdamW(fused=True)`` does on such tensors.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How the low-precision parameter (``param_copy``, or a low-precision
+        ``param``) is rounded; "stochastic" (bfloat16 only) uses the random
+        bits of ``seed`` and ``step``, as the bfloat16 states do.
 
     Raises
     ------
@@ -151,6 +166,8 @@ def adam_step(
     >>> m
     array([0.05, 0.05, 0.05, 0.05], dtype=float32)
     """
+    if param_copy is not None:  # master weights (issue 17)
+        return _lowp.adam_step_lowp(**_lowp_args(locals()))
     if amsgrad is not False:
         amsgrad = bool(amsgrad)
     # The scalars come from memos of checked hyperparameters (see _scalars_of).
@@ -171,6 +188,8 @@ def adam_step(
             scalars = _scalars_of((*hyper, True))
         except (TypeError, ValueError):
             # A bad array is reported before a bad hyperparameter, as on the checked path.
+            if _lowp.is_lowp(param):
+                return _lowp.adam_step_lowp(**_lowp_args(locals()))
             validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
             raise
         rc = fast.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars)
@@ -178,6 +197,8 @@ def adam_step(
             return
         if rc != fast.DECLINED:
             fast.raise_code(rc)
+    if _lowp.is_lowp(param):  # bfloat16/float16 params (issue 17)
+        return _lowp.adam_step_lowp(**_lowp_args(locals()))
     validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     same_dtype = exp_avg.dtype is param.dtype or exp_avg.dtype == param.dtype
     scalars = _scalars_of((*hyper, same_dtype))
@@ -185,6 +206,19 @@ def adam_step(
     if found_inf:
         return
     kernel.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, scalars)
+
+
+def _lowp_args(args: dict[str, Any]) -> dict[str, Any]:
+    """adam_step's arguments (its locals at entry) for fastadam._lowp.adam_step_lowp."""
+    return {k: args[k] for k in _LOWP_ARGS}
+
+
+_LOWP_ARGS = (
+    "param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "beta1", "beta2", "eps",
+    "weight_decay", "decoupled_weight_decay", "amsgrad", "max_exp_avg_sq", "maximize",
+    "eps_hat", "grad_scale", "found_inf", "state_rounding", "seed", "backend", "param_copy",
+    "param_rounding",
+)  # fmt: skip
 
 
 #: The kind of step (the backends' auto rule is per kind) of float32 and float64
