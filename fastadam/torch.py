@@ -19,8 +19,9 @@ state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) has exactly
 optimizers and torch's.
 
 Supported: float32/float64 dense CPU tensors that are contiguous (their
-gradients and states too). Anything else (CUDA or meta tensors, float16,
-bfloat16, complex, sparse gradients, non-contiguous tensors) raises an error
+gradients and states too), and bfloat16/float16 ones (with ``master_weights``
+or torch's fused update; see fastadam._torch_lowp). Anything else (CUDA or
+meta tensors, complex, sparse gradients, non-contiguous tensors) raises an error
 that names the parameter and the problem, before any parameter is updated.
 
 A group's plan is built (every tensor checked) at its first step and kept
@@ -57,6 +58,7 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
+from fastadam import _lowp, _torch_lowp
 from fastadam._validation import (
     BFLOAT16,
     as_real,
@@ -87,6 +89,8 @@ _OPTIMIZER_SETTINGS = {
     "state_dtype": None,
     "state_rounding": "stochastic",
     "seed": 0,
+    "master_weights": False,
+    "param_rounding": "nearest",
 }
 
 
@@ -384,6 +388,15 @@ class Adam(torch.optim.Adam):
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run, one per optimizer (kept out of the param groups,
         so checkpoints carry none).
+    master_weights : bool, default False
+        For bfloat16/float16 parameters: keep a float32 copy of each in
+        ``state["master_param"]`` (with float32 moments), update it, and write
+        the rounded result into the parameter in the same pass. Without it,
+        such parameters keep moments of their own dtype and are updated as
+        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How bfloat16/float16 parameters are rounded (stochastic: bfloat16
+        only, with the random bits of ``seed`` and the step).
 
     Raises
     ------
@@ -436,6 +449,8 @@ class Adam(torch.optim.Adam):
         state_rounding: str = "stochastic",
         seed: int = 0,
         backend: str = "auto",
+        master_weights: bool = False,
+        param_rounding: str = "nearest",
     ) -> None:
         # foreach and fused are stored (torch's checkpoints carry them) and
         # ignored: the update is always one fused pass over each group.
@@ -452,6 +467,9 @@ class Adam(torch.optim.Adam):
         self.state_dtype = None if name is None else _STATE_DTYPES[name]
         self.state_rounding = state_rounding
         self.seed = seed
+        _lowp.check_param_rounding(param_rounding)
+        self.master_weights = bool(master_weights)
+        self.param_rounding = param_rounding
         # torch.optim.Adam's group keys, in its order and with the values it
         # stores, so that checkpoints move both ways and save -> load -> save is
         # stable (torch's Optimizer.__setstate__ adds "differentiable" to the
@@ -542,7 +560,9 @@ class Adam(torch.optim.Adam):
         ValueError
             torch's checks: the number of groups or of their parameters differs.
         """
+        kept = _torch_lowp.keep_float32_states(self, state_dict)  # master weights (issue 17)
         super().load_state_dict(state_dict)
+        _torch_lowp.restore_float32_states(self, kept)
         if self.state_dtype is None:
             return
         for st in self.state.values():
@@ -574,8 +594,8 @@ class Adam(torch.optim.Adam):
         Raises
         ------
         TypeError
-            A parameter, gradient or state of an unsupported dtype (float16,
-            bfloat16 parameters, complex), or a hyperparameter of the wrong
+            A parameter, gradient or state of an unsupported dtype (complex;
+            a gradient of another dtype than its parameter), or a hyperparameter of the wrong
             kind, naming it (``param_groups[0]['params'][3] ...``).
         ValueError
             A non-CPU, non-dense or non-contiguous tensor, a state of the
@@ -637,6 +657,9 @@ class Adam(torch.optim.Adam):
         pending: list[tuple[Any, Any, Any]] = []
         gp = self._plans.get(gi)
         if gp is None or not gp.still_valid(params, self.state, kwargs["amsgrad"]):
+            if _torch_lowp.takes_lowp_path(self, params):  # bfloat16/float16 (issue 17)
+                prep = _torch_lowp.prepare_group(self, gi, group, first, kwargs)
+                return cast(_PreparedGroup, prep)
             gp = self._build_plan(gi, group, first, params, kwargs["amsgrad"], pending)
         grads = [p.grad for p in params]
         # The per-step checks of new gradient tensors. torch itself keeps a
@@ -795,6 +818,15 @@ class AdamW(Adam, torch.optim.AdamW):
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         The kernels to run, one per optimizer (kept out of the param groups,
         so checkpoints carry none).
+    master_weights : bool, default False
+        For bfloat16/float16 parameters: keep a float32 copy of each in
+        ``state["master_param"]`` (with float32 moments), update it, and write
+        the rounded result into the parameter in the same pass. Without it,
+        such parameters keep moments of their own dtype and are updated as
+        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How bfloat16/float16 parameters are rounded (stochastic: bfloat16
+        only, with the random bits of ``seed`` and the step).
 
     Raises
     ------
@@ -838,12 +870,15 @@ class AdamW(Adam, torch.optim.AdamW):
         state_rounding: str = "stochastic",
         seed: int = 0,
         backend: str = "auto",
+        master_weights: bool = False,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, eps_hat=eps_hat, state_dtype=state_dtype,
             state_rounding=state_rounding, seed=seed, backend=backend,
+            master_weights=master_weights, param_rounding=param_rounding,
         )  # fmt: skip
 
     # __setstate__: torch.optim.AdamW's (next in the MRO after Adam's) keeps
