@@ -447,3 +447,110 @@ def adam_step_lowp(
         keys = np.array([rounding_key(seed, step)], np.uint32)
     row = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, param_copy)
     step_rows(backend, kind, [row], (sc,), None, keys, rounding)
+
+
+def adam_step_multi_lowp(
+    params: Any,
+    grads: Any,
+    exp_avgs: Any,
+    exp_avg_sqs: Any,
+    *,
+    step: Any,
+    lr: Any,
+    beta1: Any,
+    beta2: Any,
+    eps: Any,
+    weight_decay: Any,
+    decoupled_weight_decay: Any,
+    amsgrad: Any,
+    max_exp_avg_sqs: Any,
+    maximize: Any,
+    eps_hat: Any,
+    grad_scale: Any,
+    found_inf: Any,
+    state_rounding: Any,
+    seeds: Any,
+    backend: Any,
+    param_copies: Any,
+    param_rounding: Any,
+) -> None:
+    """:func:`fastadam.adam_step_multi` for bfloat16/float16 params or with
+    ``param_copies``: every tensor checked (named ``params[i]``, ...), then one
+    backend call per kind of step; bit-identical to :func:`fastadam.adam_step` on
+    each tensor with ``step=step[i]``, ``seed=seeds[i]`` and ``param_copy=param_copies[i]``."""
+    from .multi import _as_list, rounding_keys
+
+    params = _as_list("params", params, None)
+    count = len(params)
+    grads = _as_list("grads", grads, count)
+    exp_avgs = _as_list("exp_avgs", exp_avgs, count)
+    exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, count)
+    amsgrad = bool(amsgrad)
+    vmaxs = [None] * count
+    if max_exp_avg_sqs is not None:
+        vmaxs = _as_list("max_exp_avg_sqs", max_exp_avg_sqs, count)
+    copies = [None] * count
+    if param_copies is not None:
+        copies = _as_list("param_copies", param_copies, count)
+    kinds = []
+    for i in range(count):
+        names = tuple(
+            f"{n}[{i}]"
+            for n in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                      "param_copies")
+        )  # fmt: skip
+        kinds.append(validate_lowp(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmaxs[i],
+                                   amsgrad, copies[i], names))  # fmt: skip
+    labels: list[str] = []
+    arrays: list[np.ndarray] = []
+    for name, lst in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                      ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", vmaxs),
+                      ("param_copies", copies)):  # fmt: skip
+        for i, a in enumerate(lst):
+            if a is not None:
+                labels.append(f"{name}[{i}]")
+                arrays.append(a)
+    check_disjoint(
+        np.array([address(a) for a in arrays], np.uintp),
+        np.array([a.nbytes for a in arrays], np.uint64),
+        lambda k: labels[k],
+    )
+    if isinstance(step, (Sequence, np.ndarray)) and not isinstance(step, (str, bytes)):
+        steps = [check_step(s, f"step[{i}]") for i, s in enumerate(step)]
+        if len(steps) != count:
+            raise ValueError(f"step has {len(steps)} entries but there are {count} tensors")
+    else:
+        steps = [check_step(step)] * count
+    if seeds is None:
+        seed_list = list(range(count))
+    elif isinstance(seeds, (Sequence, np.ndarray)) and not isinstance(seeds, (str, bytes)):
+        seed_list = [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
+        if len(seed_list) != count:
+            raise ValueError(f"seeds has {len(seed_list)} entries but there are {count} tensors")
+    else:
+        base = check_seed(seeds, "seeds")
+        seed_list = [(base + i) % 2**64 for i in range(count)]
+    hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, state_rounding)
+    flags = (bool(decoupled_weight_decay), amsgrad, bool(maximize), bool(eps_hat))
+    calls = []
+    for kind in KINDS:
+        pos = [i for i in range(count) if kinds[i] == kind]
+        if not pos:
+            continue
+        info = KINDS[kind]
+        rounding = check_param_rounding(param_rounding, info.copy or info.param)
+        kstep = np.array([steps[i] for i in pos], np.uint64)
+        unique, inverse = np.unique(kstep, return_inverse=True)
+        scalars = tuple(scalars_of(int(s), hp, flags) for s in unique)
+        index = None if len(scalars) == 1 else inverse.astype(np.int32)
+        keys = None
+        if rounding == PARAM_STOCHASTIC:
+            keys = rounding_keys(np.array([seed_list[i] for i in pos], np.uint64), kstep)
+        rows = [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                 vmaxs[i] if amsgrad else None, copies[i]) for i in pos]  # fmt: skip
+        calls.append((kind, rows, scalars, index, keys, rounding))
+    backends.get(backend)
+    if found_inf:
+        return
+    for kind, rows, scalars, index, keys, rounding in calls:
+        step_rows(backend, kind, rows, scalars, index, keys, rounding)

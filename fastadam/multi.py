@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends
+from . import _lowp, backends
 from ._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, compute_scalars
 from ._table import (
     GRAD,
@@ -534,6 +534,8 @@ def adam_step_multi(
     state_rounding: str = "stochastic",
     seeds: int | Sequence[int] | np.ndarray | None = None,
     backend: str = "auto",
+    param_copies: Sequence[np.ndarray] | None = None,
+    param_rounding: str = "nearest",
 ) -> None:
     """One fused Adam/AdamW update of a list of tensors, in place.
 
@@ -565,6 +567,13 @@ def adam_step_multi(
         As for :meth:`MultiTensorPlan.step`.
     backend : {"auto", "numpy", "numba", "c"}, default "auto"
         As for :func:`adam_step`.
+    param_copies : sequence of numpy.ndarray or None, default None
+        Master weights: one bfloat16/float16 copy per float32 parameter, as
+        ``param_copy`` of :func:`adam_step`. With ``param_copies``, or with
+        bfloat16/float16 ``params``, every tensor of the call must be of those
+        (low-precision) kinds.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        As for :func:`adam_step`.
 
     Raises
     ------
@@ -576,6 +585,15 @@ def adam_step_multi(
     BackendUnavailableError
         The backend named cannot load on this machine.
     """
+    if param_copies is not None or any(_lowp.is_lowp(p) for p in params):  # issue 17
+        return _lowp.adam_step_multi_lowp(
+            params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
+            eps_hat=eps_hat, grad_scale=grad_scale, found_inf=found_inf,
+            state_rounding=state_rounding, seeds=seeds, backend=backend,
+            param_copies=param_copies, param_rounding=param_rounding,
+        )  # fmt: skip
     plan = MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backend=backend)
     plan.step(
         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -262,3 +262,90 @@ def test_bad_input_names_the_argument_and_modifies_nothing(state, kw, exc, match
     for a, b in zip(state, before):
         if isinstance(a, np.ndarray):
             assert np.array_equal(np.ascontiguousarray(a).view(np.uint8), b.view(np.uint8))
+
+
+# -- multi-tensor ------------------------------------------------------------------
+
+
+def _multi_states(seed=0):
+    """Tensors of every low-precision kind and odd sizes, in one list."""
+    out = []
+    kinds = [(BF16, False, None), (F16, False, None), (BF16, True, None), (BF16, True, BF16),
+             (F16, True, None), (F16, True, F16)]  # fmt: skip
+    for k, n in enumerate((1, 33, 1000, 70_001, 7, 131_071, 64, 3)):
+        dt, master, gdt = kinds[k % len(kinds)]
+        out.append(make(n, dt, master, gdt, seed=seed + k, specials=True))
+    return out
+
+
+def _multi(states, backend, step, seeds, rounding="nearest", **kw):
+    cols = list(zip(*states))
+    copies = list(cols[5])
+    fastadam.adam_step_multi(
+        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), step=step, lr=1e-2,
+        max_exp_avg_sqs=list(cols[4]), param_copies=copies, param_rounding=rounding,
+        seeds=seeds, backend=backend, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("options", OPTION_COMBOS, ids=combo_id)
+@pytest.mark.parametrize("backend_name", ("numpy", *FAST_BACKENDS))
+def test_multi_is_per_tensor_adam_step(backend_name, options):
+    """One multi-tensor call over mixed kinds, per-tensor steps and seeds, equals
+    adam_step on each tensor (the numpy reference), bit for bit."""
+    states = _multi_states()
+    # param_copies holds None for the low-precision params: not a list of arrays then
+    ref = [copy_of(s) for s in states]
+    steps = [1 + i % 3 for i in range(len(states))]
+    seeds = [11 * i for i in range(len(states))]
+    cols = list(zip(*states))
+    fastadam.adam_step_multi(
+        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), step=steps, lr=1e-2,
+        max_exp_avg_sqs=list(cols[4]), param_copies=list(cols[5]), seeds=seeds,
+        grad_scale=2.0, backend=backend_name, **options,
+    )  # fmt: skip
+    for s, t, seed in zip(ref, steps, seeds):
+        step(s, "numpy", t=t, seed=seed, grad_scale=2.0, **options)
+    for got, want in zip(states, ref):
+        assert_same(got, want)
+
+
+@pytest.mark.parametrize("backend_name", ("numpy", *FAST_BACKENDS))
+def test_multi_stochastic_is_per_tensor(backend_name, restore_threads):
+    fastadam.set_num_threads(2)
+    states = [make(n, BF16, master, None, seed=n) for n in (5, 70_001, 100_000)
+              for master in (False, True)]  # fmt: skip
+    ref = [copy_of(s) for s in states]
+    cols = list(zip(*states))
+    fastadam.adam_step_multi(
+        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), step=4, lr=1e-2,
+        param_copies=list(cols[5]), param_rounding="stochastic", seeds=100,
+        backend=backend_name,
+    )  # fmt: skip
+    for i, s in enumerate(ref):
+        step(s, "numpy", t=4, rounding="stochastic", seed=100 + i)
+    for got, want in zip(states, ref):
+        assert_same(got, want)
+
+
+def test_multi_bad_input_names_the_index_and_modifies_nothing():
+    states = _multi_states()
+    states[4] = states[4][:5] + (np.zeros(states[4][0].size + 1, BF16),)
+    before = [copy_of(s) for s in states]
+    cols = list(zip(*states))
+    with pytest.raises(ValueError, match=r"param_copies\[4\] has shape"):
+        fastadam.adam_step_multi(
+            list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), step=1, lr=1e-2,
+            param_copies=list(cols[5]),
+        )  # fmt: skip
+    for got, want in zip(states, before):
+        assert_same(got, want)
+    # one array shared by two tensors
+    states = [make(100, BF16, True, seed=k) for k in range(3)]
+    cols = [list(c) for c in zip(*states)]
+    cols[5][2] = cols[5][1]
+    before = [copy_of(s) for s in states]
+    with pytest.raises(ValueError, match=r"param_copies\[1\] and param_copies\[2\] share memory"):
+        fastadam.adam_step_multi(*cols[:4], step=1, lr=1e-2, param_copies=cols[5])
+    for got, want in zip(states, before):
+        assert_same(got, want)
