@@ -32,7 +32,7 @@ low-precision loops (``backends._c_lowp``, ``backends._numba_lowp``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import ml_dtypes
@@ -449,7 +449,15 @@ def adam_step_lowp(
     step_rows(backend, kind, [row], (sc,), None, keys, rounding)
 
 
-def adam_step_multi_lowp(
+def adam_step_multi_lowp(*args: Any, **kwargs: Any) -> None:
+    """:func:`fastadam.adam_step_multi` for bfloat16/float16 params or with
+    ``param_copies``: every tensor checked (named ``params[i]``, ...), then one
+    backend call per kind of step; bit-identical to :func:`fastadam.adam_step` on
+    each tensor with ``step=step[i]``, ``seed=seeds[i]`` and ``param_copy=param_copies[i]``."""
+    prepare_multi_lowp(*args, **kwargs)()
+
+
+def prepare_multi_lowp(
     params: Any,
     grads: Any,
     exp_avgs: Any,
@@ -473,11 +481,11 @@ def adam_step_multi_lowp(
     backend: Any,
     param_copies: Any,
     param_rounding: Any,
-) -> None:
-    """:func:`fastadam.adam_step_multi` for bfloat16/float16 params or with
-    ``param_copies``: every tensor checked (named ``params[i]``, ...), then one
-    backend call per kind of step; bit-identical to :func:`fastadam.adam_step` on
-    each tensor with ``step=step[i]``, ``seed=seeds[i]`` and ``param_copy=param_copies[i]``."""
+    labels: Sequence[int] | None = None,
+) -> Callable[[], None]:
+    """Check an :func:`adam_step_multi_lowp` and return the function that runs it
+    (nothing is written before). ``labels``: the numbers errors give the tensors
+    (default 0, 1, ...)."""
     from .multi import _as_list, rounding_keys
 
     params = _as_list("params", params, None)
@@ -493,27 +501,28 @@ def adam_step_multi_lowp(
     if param_copies is not None:
         copies = _as_list("param_copies", param_copies, count)
     kinds = []
+    num = list(range(count)) if labels is None else list(labels)
     for i in range(count):
         names = tuple(
-            f"{n}[{i}]"
+            f"{n}[{num[i]}]"
             for n in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                       "param_copies")
         )  # fmt: skip
         kinds.append(validate_lowp(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmaxs[i],
                                    amsgrad, copies[i], names))  # fmt: skip
-    labels: list[str] = []
+    where: list[str] = []
     arrays: list[np.ndarray] = []
     for name, lst in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                       ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", vmaxs),
                       ("param_copies", copies)):  # fmt: skip
         for i, a in enumerate(lst):
             if a is not None:
-                labels.append(f"{name}[{i}]")
+                where.append(f"{name}[{num[i]}]")
                 arrays.append(a)
     check_disjoint(
         np.array([address(a) for a in arrays], np.uintp),
         np.array([a.nbytes for a in arrays], np.uint64),
-        lambda k: labels[k],
+        lambda k: where[k],
     )
     if isinstance(step, (Sequence, np.ndarray)) and not isinstance(step, (str, bytes)):
         steps = [check_step(s, f"step[{i}]") for i, s in enumerate(step)]
@@ -551,6 +560,14 @@ def adam_step_multi_lowp(
         calls.append((kind, rows, scalars, index, keys, rounding))
     backends.get(backend)
     if found_inf:
-        return
-    for kind, rows, scalars, index, keys, rounding in calls:
-        step_rows(backend, kind, rows, scalars, index, keys, rounding)
+        return _nothing
+
+    def run() -> None:
+        for kind, rows, scalars, index, keys, rounding in calls:
+            step_rows(backend, kind, rows, scalars, index, keys, rounding)
+
+    return run
+
+
+def _nothing() -> None:
+    """A skipped step (found_inf): checked, then nothing."""

@@ -349,3 +349,55 @@ def test_multi_bad_input_names_the_index_and_modifies_nothing():
         fastadam.adam_step_multi(*cols[:4], step=1, lr=1e-2, param_copies=cols[5])
     for got, want in zip(states, before):
         assert_same(got, want)
+
+
+# -- the NumPy optimizers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_name", ("numpy", *FAST_BACKENDS))
+@pytest.mark.parametrize("master", (False, True))
+def test_optimizer_is_adam_step(backend_name, master):
+    """fastadam.AdamW over bfloat16 params: adam_step on each (its master and moments),
+    and a state_dict round trip resumes bit for bit."""
+    params = [make(n, BF16, False, seed=n)[0] for n in (10, 1000)]
+    ref = [p.copy() for p in params]
+    refm = [p.astype(np.float32) for p in params]
+    sdt = np.float32 if master else BF16
+    mom = [(np.zeros(p.shape, sdt), np.zeros(p.shape, sdt)) for p in params]
+    opt = fastadam.AdamW(params, lr=1e-2, master_weights=master, backend=backend_name)
+    rng = np.random.default_rng(0)
+    for t in (1, 2):
+        grads = [(rng.standard_normal(p.shape) * 0.1).astype(BF16) for p in params]
+        opt.step([g.copy() for g in grads])
+        for i, g in enumerate(grads):
+            if master:
+                fastadam.adam_step(refm[i], g.copy(), *mom[i], step=t, lr=1e-2, weight_decay=1e-2,
+                                   decoupled_weight_decay=True, param_copy=ref[i],
+                                   seed=i)  # fmt: skip
+            else:
+                fastadam.adam_step(ref[i], g.copy(), *mom[i], step=t, lr=1e-2, weight_decay=1e-2,
+                                   decoupled_weight_decay=True, seed=i)  # fmt: skip
+    assert_same(params, ref)
+    if master:
+        assert_same([opt.state[i]["master_param"] for i in range(2)], refm)
+    sd = opt.state_dict()
+    twin_params = [p.copy() for p in params]
+    twin = fastadam.AdamW(twin_params, lr=1e-2, master_weights=master, backend=backend_name)
+    twin.load_state_dict(sd)
+    grads = [(rng.standard_normal(p.shape) * 0.1).astype(BF16) for p in params]
+    opt.step([g.copy() for g in grads])
+    twin.step([g.copy() for g in grads])
+    assert_same(twin_params, params)
+    for i in range(2):
+        assert_same([twin.state[i][k] for k in opt.state[i] if k != "step"],
+                    [opt.state[i][k] for k in opt.state[i] if k != "step"])  # fmt: skip
+
+
+def test_optimizer_bad_grad_changes_nothing():
+    params = [np.ones(4, BF16), np.ones(3, BF16)]
+    opt = fastadam.AdamW(params, lr=1e-2, master_weights=True)
+    before = [p.copy() for p in params]
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype float16"):
+        opt.step([np.ones(4, BF16), np.ones(3, np.float16)])
+    assert_same(params, before)
+    assert opt.state == {}
