@@ -34,7 +34,9 @@ static inline uint32_t fa_lp_round_f16(float x)
     const uint32_t a = u & 0x7FFFFFFFu;
     const uint32_t nrm = (a - 0x38000000u + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
     const uint32_t e = a >> 23;
-    const uint32_t s = e < 95u ? 31u : 126u - e; /* subnormal results: e <= 112, s >= 14 */
+    /* subnormal results: e <= 112, s in [14, 31]; clamped for the other lanes too
+     * (their sub is discarded, but a shift by 32 or more is undefined) */
+    const uint32_t s = e < 95u ? 31u : e > 112u ? 14u : 126u - e;
     const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
     const uint32_t q = m >> s;
     const uint32_t rem = m & ((1u << s) - 1u);

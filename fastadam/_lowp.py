@@ -224,7 +224,7 @@ def round_f16_bits(x: np.ndarray) -> np.ndarray:
     a = u & _U32(0x7FFFFFFF)
     nrm = (a - _U32(0x38000000) + _U32(0x0FFF) + ((a >> _U32(13)) & _U32(1))) >> _U32(13)
     e = a >> _U32(23)
-    s = np.where(e < 95, _U32(31), _U32(126) - e)
+    s = np.where(e < 95, _U32(31), np.where(e > 112, _U32(14), _U32(126) - e))
     m = (a & _U32(0x7FFFFF)) | _U32(0x800000)
     q = m >> s
     rem = m & ((_U32(1) << s) - _U32(1))
