@@ -125,7 +125,7 @@ def adam_step(
         Master weights: with a float32 ``param`` (the master; ``grad`` float32
         or of ``param_copy``'s dtype; float32 moments), a bfloat16 or float16
         array shaped like it that receives the updated ``param`` rounded to its
-        dtype, in the same pass. See :mod:`fastadam._lowp`.
+        dtype, in the same pass (see ``fastadam._lowp``).
         ``param`` itself may also be bfloat16 or float16 (without
         ``param_copy``): ``grad`` and the moments then have its dtype, the math
         runs in float32, and every stored value is rounded to nearest-even, as
@@ -167,7 +167,8 @@ def adam_step(
     array([0.05, 0.05, 0.05, 0.05], dtype=float32)
     """
     if param_copy is not None:  # master weights (issue 17)
-        return _lowp.adam_step_lowp(**_lowp_args(locals()))
+        _lowp.adam_step_lowp(**_lowp_args(locals()))
+        return
     if amsgrad is not False:
         amsgrad = bool(amsgrad)
     # The scalars come from memos of checked hyperparameters (see _scalars_of).
@@ -189,7 +190,8 @@ def adam_step(
         except (TypeError, ValueError):
             # A bad array is reported before a bad hyperparameter, as on the checked path.
             if _lowp.is_lowp(param):
-                return _lowp.adam_step_lowp(**_lowp_args(locals()))
+                _lowp.adam_step_lowp(**_lowp_args(locals()))
+                return
             validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
             raise
         rc = fast.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars)
@@ -198,7 +200,8 @@ def adam_step(
         if rc != fast.DECLINED:
             fast.raise_code(rc)
     if _lowp.is_lowp(param):  # bfloat16/float16 params (issue 17)
-        return _lowp.adam_step_lowp(**_lowp_args(locals()))
+        _lowp.adam_step_lowp(**_lowp_args(locals()))
+        return
     validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     same_dtype = exp_avg.dtype is param.dtype or exp_avg.dtype == param.dtype
     scalars = _scalars_of((*hyper, same_dtype))

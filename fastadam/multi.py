@@ -586,7 +586,7 @@ def adam_step_multi(
         The backend named cannot load on this machine.
     """
     if param_copies is not None or any(_lowp.is_lowp(p) for p in params):  # issue 17
-        return _lowp.adam_step_multi_lowp(
+        _lowp.adam_step_multi_lowp(
             params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
@@ -594,6 +594,7 @@ def adam_step_multi(
             state_rounding=state_rounding, seeds=seeds, backend=backend,
             param_copies=param_copies, param_rounding=param_rounding,
         )  # fmt: skip
+        return
     plan = MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backend=backend)
     plan.step(
         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
