@@ -90,3 +90,6 @@ const fa_kernel_table FA_TABLE_NAME(FA_VARIANT) = {
     unscale_f64,
     FA_Q8_LIST16,
 };
+
+/* low-precision parameters and master weights (issue 17): fastadam_lowp_kernel.h */
+#include "fastadam_lowp_kernel.h"

@@ -10,6 +10,13 @@ Usage::
 
     python examples/torch_digits.py [--backend auto|numpy|numba|c] [--epochs 15] [--seed 0]
                                     [--batch-size 64] [--lr 3e-3] [--torch-threads 1]
+                                    [--param-dtype float32|bfloat16|float16]
+                                    [--master-weights] [--param-rounding nearest|stochastic]
+
+With ``--param-dtype bfloat16`` the fastadam model trains in bfloat16 (its
+weights, activations and gradients), the twin stays float32: either with
+float32 master weights in the optimizer (``--master-weights``), or pure
+bfloat16 weights rounded to nearest or stochastically (``--param-rounding``).
 
 The data ship with scikit-learn (no download); training takes seconds on a laptop.
 """
@@ -20,6 +27,7 @@ import argparse
 import copy
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +69,9 @@ def load_data(seed: int) -> tuple[torch.Tensor, ...]:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` classified as ``y``."""
+    """Fraction of ``x`` classified as ``y`` (``x`` cast to the model's dtype)."""
     model.eval()
+    x = x.to(next(model.parameters()).dtype)
     acc = (model(x).argmax(dim=1) == y).double().mean().item()
     model.train()
     return acc
@@ -89,6 +98,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "torch.optim.Adam twin keeps float32, so the printed |dparam| then shows the difference)",
     )
     ap.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the fastadam model's weights (and activations); the twin stays float32",
+    )
+    ap.add_argument(
+        "--master-weights",
+        action="store_true",
+        help="low-precision weights: keep float32 master weights in the optimizer",
+    )
+    ap.add_argument(
+        "--param-rounding",
+        choices=("nearest", "stochastic"),
+        default="nearest",
+        help="how low-precision weights are rounded (stochastic: bfloat16 only)",
+    )
+    ap.add_argument(
         "--torch-threads",
         type=int,
         default=1,
@@ -107,13 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = make_model()
     twin = copy.deepcopy(model)  # same initial weights
+    lowp = args.param_dtype != "float32"
+    dtype = getattr(torch, args.param_dtype)
+    model.to(dtype)
+    state_dtype: Any = args.state_dtype  # "8bit", or a torch dtype's name
+    if lowp:  # float32 moments with master weights, else the weights' own dtype
+        state_dtype = None
+    elif state_dtype != "8bit":
+        state_dtype = getattr(torch, state_dtype)
     opt = fastadam.torch.Adam(
         model.parameters(),
         lr=args.lr,
-        state_dtype=args.state_dtype
-        if args.state_dtype == "8bit"
-        else getattr(torch, args.state_dtype),
+        state_dtype=state_dtype,
         backend=args.backend,
+        master_weights=args.master_weights,
+        param_rounding=args.param_rounding,
+        seed=args.seed,
     )
     ref_opt = torch.optim.Adam(twin.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -122,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     backend = fastadam.auto_backend() if args.backend == "auto" else args.backend
     print(f"digits: {len(x_tr)} train / {len(x_te)} test images, backend {backend!r}")
+    if lowp:
+        how = "float32 master weights" if args.master_weights else f"{args.param_rounding} rounding"
+        print(f"fastadam model in {args.param_dtype} ({how}); the torch twin in float32")
     print("epoch  loss(fastadam)  loss(torch)  acc(fastadam)  acc(torch)  max|dparam|")
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
@@ -132,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             xb, yb = x_tr[idx], y_tr[idx]
             for k, (m, o) in enumerate(((model, opt), (twin, ref_opt))):
                 o.zero_grad()
-                loss = loss_fn(m(xb), yb)
+                loss = loss_fn(m(xb.to(dtype) if k == 0 else xb).float(), yb)
                 loss.backward()
                 o.step()
                 totals[k] += loss.item() * len(idx)
@@ -145,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(f"trained {args.epochs} epochs of both models in {elapsed:.1f} s")
     print(f"test accuracy: {accuracy(model, x_te, y_te):.3f}")
+    if lowp:
+        print(f"test accuracy of the float32 twin: {accuracy(twin, x_te, y_te):.3f}")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
-from . import backends
+from . import _lowp, backends
 from ._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, compute_scalars
 from ._table import KIND_BF16, KIND_F32, KIND_F64, address
 from ._validation import (
@@ -54,6 +54,8 @@ def adam_step(
     backend: str = "auto",
     exp_avg_absmax: np.ndarray | None = None,
     exp_avg_sq_absmax: np.ndarray | None = None,
+    param_copy: np.ndarray | None = None,
+    param_rounding: str = "nearest",
 ) -> None:
     """Apply one fused Adam/AdamW update to ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
 
@@ -127,6 +129,19 @@ def adam_step(
         these are their float32 scales, shape ``(ceil(param.size / 256),)``;
         all four are updated in place. The format is ``fastadam._q8``'s;
         ``amsgrad`` is refused.
+    param_copy : numpy.ndarray or None, default None
+        Master weights: with a float32 ``param`` (the master; ``grad`` float32
+        or of ``param_copy``'s dtype; float32 moments), a bfloat16 or float16
+        array shaped like it that receives the updated ``param`` rounded to its
+        dtype, in the same pass (see ``fastadam._lowp``).
+        ``param`` itself may also be bfloat16 or float16 (without
+        ``param_copy``): ``grad`` and the moments then have its dtype, the math
+        runs in float32, and every stored value is rounded to nearest-even, as
+        ``torch.optim.AdamW(fused=True)`` does on such tensors.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How the low-precision parameter (``param_copy``, or a low-precision
+        ``param``) is rounded; "stochastic" (bfloat16 only) uses the random
+        bits of ``seed`` and ``step``, as the bfloat16 states do.
 
     Raises
     ------
@@ -159,6 +174,14 @@ def adam_step(
     >>> m
     array([0.05, 0.05, 0.05, 0.05], dtype=float32)
     """
+    if param_copy is not None:  # master weights (issue 17)
+        if exp_avg_absmax is not None or exp_avg_sq_absmax is not None:
+            raise ValueError(
+                "param_copy (master weights) takes float32 moments; it cannot be combined "
+                "with 8-bit states (exp_avg_absmax, exp_avg_sq_absmax)"
+            )
+        _lowp.adam_step_lowp(**_lowp_args(locals()))
+        return
     if amsgrad is not False:
         amsgrad = bool(amsgrad)
     if exp_avg_absmax is not None or exp_avg_sq_absmax is not None:
@@ -189,6 +212,9 @@ def adam_step(
             scalars = _scalars_of((*hyper, True))
         except (TypeError, ValueError):
             # A bad array is reported before a bad hyperparameter, as on the checked path.
+            if _lowp.is_lowp(param):
+                _lowp.adam_step_lowp(**_lowp_args(locals()))
+                return
             validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
             raise
         rc = fast.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars)
@@ -201,6 +227,9 @@ def adam_step(
             "exp_avg has dtype uint8 (8-bit codes) but exp_avg_absmax and "
             "exp_avg_sq_absmax, its scales, are missing"
         )
+    if _lowp.is_lowp(param):  # bfloat16/float16 params (issue 17)
+        _lowp.adam_step_lowp(**_lowp_args(locals()))
+        return
     validate_arrays(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     same_dtype = exp_avg.dtype is param.dtype or exp_avg.dtype == param.dtype
     scalars = _scalars_of((*hyper, same_dtype))
@@ -208,6 +237,19 @@ def adam_step(
     if found_inf:
         return
     kernel.step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, scalars)
+
+
+def _lowp_args(args: dict[str, Any]) -> dict[str, Any]:
+    """adam_step's arguments (its locals at entry) for fastadam._lowp.adam_step_lowp."""
+    return {k: args[k] for k in _LOWP_ARGS}
+
+
+_LOWP_ARGS = (
+    "param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "beta1", "beta2", "eps",
+    "weight_decay", "decoupled_weight_decay", "amsgrad", "max_exp_avg_sq", "maximize",
+    "eps_hat", "grad_scale", "found_inf", "state_rounding", "seed", "backend", "param_copy",
+    "param_rounding",
+)  # fmt: skip
 
 
 #: The kind of step (the backends' auto rule is per kind) of float32 and float64

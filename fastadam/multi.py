@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends
+from . import _lowp, backends
 from ._scalars import STATE_BF16_STOCHASTIC, STATE_SAME_DTYPE, AdamScalars, compute_scalars
 from ._table import (
     GRAD,
@@ -549,6 +549,8 @@ def adam_step_multi(
     backend: str = "auto",
     exp_avg_absmaxes: Sequence[np.ndarray] | None = None,
     exp_avg_sq_absmaxes: Sequence[np.ndarray] | None = None,
+    param_copies: Sequence[np.ndarray] | None = None,
+    param_rounding: str = "nearest",
 ) -> None:
     """One fused Adam/AdamW update of a list of tensors, in place.
 
@@ -584,6 +586,13 @@ def adam_step_multi(
         8-bit states (issue 18): one pair of scale arrays per tensor, as
         :func:`adam_step`'s ``exp_avg_absmax``/``exp_avg_sq_absmax``; every
         tensor then has uint8 moments (``fastadam._q8.Q8Plan`` is the plan).
+    param_copies : sequence of numpy.ndarray or None, default None
+        Master weights: one bfloat16/float16 copy per float32 parameter, as
+        ``param_copy`` of :func:`adam_step`. With ``param_copies``, or with
+        bfloat16/float16 ``params``, every tensor of the call must be of those
+        (low-precision) kinds.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        As for :func:`adam_step`.
 
     Raises
     ------
@@ -595,7 +604,13 @@ def adam_step_multi(
     BackendUnavailableError
         The backend named cannot load on this machine.
     """
-    if exp_avg_absmaxes is not None or exp_avg_sq_absmaxes is not None:
+    q8 = exp_avg_absmaxes is not None or exp_avg_sq_absmaxes is not None
+    if q8 and param_copies is not None:
+        raise ValueError(
+            "param_copies (master weights) take float32 moments; they cannot be combined "
+            "with 8-bit states (exp_avg_absmaxes, exp_avg_sq_absmaxes)"
+        )
+    if q8:
         from ._q8 import adam_step_multi_q8
 
         adam_step_multi_q8(
@@ -604,6 +619,16 @@ def adam_step_multi(
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
             eps_hat=eps_hat, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        return
+    if param_copies is not None or any(_lowp.is_lowp(p) for p in params):  # issue 17
+        _lowp.adam_step_multi_lowp(
+            params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
+            eps_hat=eps_hat, grad_scale=grad_scale, found_inf=found_inf,
+            state_rounding=state_rounding, seeds=seeds, backend=backend,
+            param_copies=param_copies, param_rounding=param_rounding,
         )  # fmt: skip
         return
     plan = MultiTensorPlan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backend=backend)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
-from . import _q8_optim, backends
+from . import _lowp, _q8_optim, backends
 from ._validation import (
     BFLOAT16,
     check_array,
@@ -92,6 +92,15 @@ class Adam:
         scales ``exp_avg_absmax``/``exp_avg_sq_absmax`` in each state, about
         2 bytes per element instead of 8), parameters with fewer elements keep
         float32 states. ``amsgrad`` is refused with 8-bit states.
+    master_weights : bool, default False
+        For bfloat16/float16 parameters: keep a float32 copy of each in
+        ``state[i]["master_param"]`` (with float32 moments), update it, and
+        write the rounded result into the parameter in the same pass. Without
+        it, such parameters keep moments of their own dtype (torch's fused
+        update). A group with a low-precision parameter must hold only
+        low-precision parameters.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How bfloat16/float16 parameters are rounded (stochastic: bfloat16 only).
 
     Attributes
     ----------
@@ -150,14 +159,24 @@ class Adam:
         seed: int = 0,
         backend: str = "auto",
         min_8bit_size: int = 4096,
+        master_weights: bool = False,
+        param_rounding: str = "nearest",
     ) -> None:
         check_optimizer_hyper(lr, betas, eps, weight_decay)
+        _lowp.check_param_rounding(param_rounding)
+        self.master_weights = bool(master_weights)
+        self.param_rounding = param_rounding
         # state_dtype="8bit" (issue 18, fastadam._q8_optim): min_8bit_size is not None
         self.min_8bit_size: int | None = None
         if _q8_optim.is_8bit(state_dtype):
             self.min_8bit_size = _q8_optim.check_min_size(min_8bit_size)
             if amsgrad:
                 raise ValueError("amsgrad=True is not supported with state_dtype='8bit'")
+            if self.master_weights:
+                raise ValueError(
+                    "master_weights=True keeps float32 moments; it cannot be combined with "
+                    "state_dtype='8bit'"
+                )
             state_dtype = "float32"
         backends.get(backend)  # unknown or unloadable backend: fail now, not at step 1
         self.backend = backend
@@ -247,7 +266,10 @@ class Adam:
                     f"optimizer can only optimize numpy arrays, but params[{i}] is "
                     f"{type(p).__name__}"
                 )
-            check_array(f"params[{i}]", p, None, None)
+            if _lowp.is_lowp(p):  # bfloat16/float16 (issue 17)
+                check_array(f"params[{i}]", p, p.dtype, p.shape, f"params[{i}]")
+            else:
+                check_array(f"params[{i}]", p, None, None)
             if self.state_dtype is not None and p.dtype != np.float32:
                 raise TypeError(
                     f"state_dtype={self.state_dtype.name} needs float32 parameters; "
@@ -371,6 +393,9 @@ class Adam:
                 self, gi, group, active, params, grads, grad_scale, found_inf, pending
             )
         amsgrad = bool(group["amsgrad"])
+        if any(_lowp.is_lowp(params[i]) for i in active):  # bfloat16/float16 (issue 17)
+            return self._prepare_lowp(group, active, params, grads, grad_scale, found_inf,
+                                      pending)  # fmt: skip
         states, arrays = zip(*(self._state_for(i, params[i], amsgrad, pending) for i in active))
         plan, seeds = self._plan_for(gi, active, params, grads, arrays, amsgrad)
         steps = [st["step"] + 1 for st in states]
@@ -384,6 +409,50 @@ class Adam:
             maximize=group["maximize"], eps_hat=group["eps_hat"], grad_scale=grad_scale,
             found_inf=found_inf, state_rounding=self.state_rounding, seeds=seeds,
             grads=[grads[i] for i in active],
+        )  # fmt: skip
+        return run, list(states)
+
+    def _prepare_lowp(
+        self,
+        group: dict[str, Any],
+        active: list[int],
+        params: list[np.ndarray],
+        grads: list[np.ndarray],
+        grad_scale: float | None,
+        found_inf: bool,
+        pending: list[tuple[Any, Any, Any]],
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """_prepare_group for a group with bfloat16/float16 parameters: with
+        ``master_weights``, state["master_param"] (float32) is updated and the
+        parameter written rounded; without, the moments have the parameter's dtype."""
+        amsgrad = bool(group["amsgrad"])
+        states, arrays = zip(*(self._state_for(i, params[i], amsgrad, pending) for i in active))
+        masters = []
+        for i, st, arr in zip(active, states, arrays):
+            p = params[i]
+            if self.master_weights and _lowp.is_lowp(p):
+                mp = arr.get("master_param")
+                if mp is None:  # a new state, or one loaded without a master
+                    mp = p.astype(np.float32)
+                    pending.append((st, "master_param", mp))
+                masters.append(mp)
+            else:
+                masters.append(None)
+        beta1, beta2 = group["betas"]
+        run = _lowp.prepare_multi_lowp(
+            [p if m is None else m for p, m in zip((params[i] for i in active), masters)],
+            [grads[i] for i in active], [a["exp_avg"] for a in arrays],
+            [a["exp_avg_sq"] for a in arrays], step=[st["step"] + 1 for st in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
+            max_exp_avg_sqs=[a["max_exp_avg_sq"] for a in arrays] if amsgrad else None,
+            maximize=group["maximize"], eps_hat=group["eps_hat"], grad_scale=grad_scale,
+            found_inf=found_inf, state_rounding=self.state_rounding,
+            seeds=[(self.seed + i) % 2**64 for i in active], backend=self.backend,
+            param_copies=None if not self.master_weights else
+            [None if m is None else params[i] for i, m in zip(active, masters)],
+            param_rounding=self.param_rounding, labels=active,
         )  # fmt: skip
         return run, list(states)
 
@@ -442,6 +511,8 @@ class Adam:
         return st, st
 
     def _state_dtype(self, p: np.ndarray) -> np.dtype:
+        if self.master_weights and _lowp.is_lowp(p):
+            return np.dtype(np.float32)  # master weights keep float32 moments
         return p.dtype if self.state_dtype is None else self.state_dtype
 
     def zero_grad(self) -> None:
@@ -548,6 +619,14 @@ class Adam:
                         f"this optimizer keeps shape {p.shape} and dtype {want} for that parameter"
                     )
                 new[key] = np.array(a, dtype=want, order="C", copy=True)
+            if "master_param" in st:  # master weights (issue 17)
+                a = np.asarray(st["master_param"])
+                if a.shape != p.shape or a.dtype != np.float32:
+                    raise ValueError(
+                        f"state[{sid!r}]['master_param'] has shape {a.shape} and dtype "
+                        f"{a.dtype}, but the master of that parameter is float32 of shape {p.shape}"
+                    )
+                new["master_param"] = np.array(a, dtype=np.float32, order="C", copy=True)
             new_state[pos] = new
         for sg, g in zip(saved_groups, self.param_groups):
             for k, v in sg.items():
@@ -634,6 +713,15 @@ class AdamW(Adam):
         scales ``exp_avg_absmax``/``exp_avg_sq_absmax`` in each state, about
         2 bytes per element instead of 8), parameters with fewer elements keep
         float32 states. ``amsgrad`` is refused with 8-bit states.
+    master_weights : bool, default False
+        For bfloat16/float16 parameters: keep a float32 copy of each in
+        ``state[i]["master_param"]`` (with float32 moments), update it, and
+        write the rounded result into the parameter in the same pass. Without
+        it, such parameters keep moments of their own dtype (torch's fused
+        update). A group with a low-precision parameter must hold only
+        low-precision parameters.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How bfloat16/float16 parameters are rounded (stochastic: bfloat16 only).
 
     Attributes
     ----------
@@ -684,10 +772,13 @@ class AdamW(Adam):
         seed: int = 0,
         backend: str = "auto",
         min_8bit_size: int = 4096,
+        master_weights: bool = False,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=True, eps_hat=eps_hat,
             state_dtype=state_dtype, state_rounding=state_rounding, seed=seed, backend=backend,
-            min_8bit_size=min_8bit_size,
+            min_8bit_size=min_8bit_size, master_weights=master_weights,
+            param_rounding=param_rounding,
         )  # fmt: skip

@@ -19,8 +19,9 @@ state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) has exactly
 optimizers and torch's.
 
 Supported: float32/float64 dense CPU tensors that are contiguous (their
-gradients and states too). Anything else (CUDA or meta tensors, float16,
-bfloat16, complex, sparse gradients, non-contiguous tensors) raises an error
+gradients and states too), and bfloat16/float16 ones (with ``master_weights``
+or torch's fused update; see fastadam._torch_lowp). Anything else (CUDA or
+meta tensors, complex, sparse gradients, non-contiguous tensors) raises an error
 that names the parameter and the problem, before any parameter is updated.
 
 A group's plan is built (every tensor checked) at its first step and kept
@@ -57,7 +58,7 @@ except ImportError as exc:  # torch is an optional dependency of fastadam
 import numpy as np
 
 import fastadam
-from fastadam import _q8_optim, _q8_torch
+from fastadam import _lowp, _q8_optim, _q8_torch, _torch_lowp
 from fastadam._validation import (
     BFLOAT16,
     as_real,
@@ -89,6 +90,8 @@ _OPTIMIZER_SETTINGS = {
     "state_rounding": "stochastic",
     "seed": 0,
     "min_8bit_size": None,
+    "master_weights": False,
+    "param_rounding": "nearest",
 }
 
 
@@ -393,6 +396,15 @@ class Adam(torch.optim.Adam):
     min_8bit_size : int, default 4096
         With ``state_dtype="8bit"``: parameters with fewer elements keep
         float32 states.
+    master_weights : bool, default False
+        For bfloat16/float16 parameters: keep a float32 copy of each in
+        ``state["master_param"]`` (with float32 moments), update it, and write
+        the rounded result into the parameter in the same pass. Without it,
+        such parameters keep moments of their own dtype and are updated as
+        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How bfloat16/float16 parameters are rounded (stochastic: bfloat16
+        only, with the random bits of ``seed`` and the step).
 
     Raises
     ------
@@ -446,6 +458,8 @@ class Adam(torch.optim.Adam):
         seed: int = 0,
         backend: str = "auto",
         min_8bit_size: int = 4096,
+        master_weights: bool = False,
+        param_rounding: str = "nearest",
     ) -> None:
         # state_dtype="8bit" (issue 18, fastadam._q8_torch): min_8bit_size is not None
         self.min_8bit_size: int | None = None
@@ -453,6 +467,11 @@ class Adam(torch.optim.Adam):
             self.min_8bit_size = _q8_optim.check_min_size(min_8bit_size)
             if amsgrad:
                 raise ValueError("amsgrad=True is not supported with state_dtype='8bit'")
+            if master_weights:
+                raise ValueError(
+                    "master_weights=True keeps float32 moments; it cannot be combined with "
+                    "state_dtype='8bit'"
+                )
             state_dtype = None
         # foreach and fused are stored (torch's checkpoints carry them) and
         # ignored: the update is always one fused pass over each group.
@@ -469,6 +488,9 @@ class Adam(torch.optim.Adam):
         self.state_dtype = None if name is None else _STATE_DTYPES[name]
         self.state_rounding = state_rounding
         self.seed = seed
+        _lowp.check_param_rounding(param_rounding)
+        self.master_weights = bool(master_weights)
+        self.param_rounding = param_rounding
         # torch.optim.Adam's group keys, in its order and with the values it
         # stores, so that checkpoints move both ways and save -> load -> save is
         # stable (torch's Optimizer.__setstate__ adds "differentiable" to the
@@ -559,7 +581,9 @@ class Adam(torch.optim.Adam):
         ValueError
             torch's checks: the number of groups or of their parameters differs.
         """
+        kept = _torch_lowp.keep_float32_states(self, state_dict)  # master weights (issue 17)
         super().load_state_dict(state_dict)
+        _torch_lowp.restore_float32_states(self, kept)
         _q8_torch.after_load(self)  # 8-bit states (issue 18): codes back to uint8, conversions
         if self.state_dtype is None:
             return
@@ -592,8 +616,8 @@ class Adam(torch.optim.Adam):
         Raises
         ------
         TypeError
-            A parameter, gradient or state of an unsupported dtype (float16,
-            bfloat16 parameters, complex), or a hyperparameter of the wrong
+            A parameter, gradient or state of an unsupported dtype (complex;
+            a gradient of another dtype than its parameter), or a hyperparameter of the wrong
             kind, naming it (``param_groups[0]['params'][3] ...``).
         ValueError
             A non-CPU, non-dense or non-contiguous tensor, a state of the
@@ -657,6 +681,9 @@ class Adam(torch.optim.Adam):
         pending: list[tuple[Any, Any, Any]] = []
         gp = self._plans.get(gi)
         if gp is None or not gp.still_valid(params, self.state, kwargs["amsgrad"]):
+            if _torch_lowp.takes_lowp_path(self, params):  # bfloat16/float16 (issue 17)
+                prep = _torch_lowp.prepare_group(self, gi, group, first, kwargs)
+                return cast(_PreparedGroup, prep)
             gp = self._build_plan(gi, group, first, params, kwargs["amsgrad"], pending)
         grads = [p.grad for p in params]
         # The per-step checks of new gradient tensors. torch itself keeps a
@@ -822,6 +849,15 @@ class AdamW(Adam, torch.optim.AdamW):
     min_8bit_size : int, default 4096
         With ``state_dtype="8bit"``: parameters with fewer elements keep
         float32 states.
+    master_weights : bool, default False
+        For bfloat16/float16 parameters: keep a float32 copy of each in
+        ``state["master_param"]`` (with float32 moments), update it, and write
+        the rounded result into the parameter in the same pass. Without it,
+        such parameters keep moments of their own dtype and are updated as
+        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How bfloat16/float16 parameters are rounded (stochastic: bfloat16
+        only, with the random bits of ``seed`` and the step).
 
     Raises
     ------
@@ -866,13 +902,16 @@ class AdamW(Adam, torch.optim.AdamW):
         seed: int = 0,
         backend: str = "auto",
         min_8bit_size: int = 4096,
+        master_weights: bool = False,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, eps_hat=eps_hat, state_dtype=state_dtype,
             state_rounding=state_rounding, seed=seed, backend=backend,
-            min_8bit_size=min_8bit_size,
+            min_8bit_size=min_8bit_size, master_weights=master_weights,
+            param_rounding=param_rounding,
         )  # fmt: skip
 
     # __setstate__: torch.optim.AdamW's (next in the MRO after Adam's) keeps

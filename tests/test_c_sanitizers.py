@@ -95,25 +95,37 @@ def _sanitizers_work(gcc: str, tmp: Path) -> None:
         pytest.skip(f"sanitized programs do not run here: {run.stderr.strip()[-300:]}")
 
 
-def build_driver(tmp: Path) -> Path:
+#: The sanitized library's objects, compiled by the first build_driver of the session
+#: and linked into every driver.
+_LIBRARY_OBJECTS: list[Path] = []
+
+
+def build_driver(tmp: Path, driver: Path = DRIVER) -> Path:
     """The driver linked with the library sources, all sanitized; returns the binary."""
-    if not DRIVER.is_file():
+    if not driver.is_file():
         pytest.skip(f"the C sources are not here ({DRIVER}): not a source checkout")
     gcc = _gcc()
     _sanitizers_work(gcc, tmp)
     flags = [*CFLAGS, "-fopenmp"]
-    jobs = [
-        [*flags, *target, f"-DFA_VARIANT={name}", "-c", str(CSRC / "fastadam_kernel.c"),
-         "-o", f"kernel_{name}.o"]
-        for name, target in VARIANTS.items()
-    ]  # fmt: skip
     have = ["-DFA_HAVE_AVX2", "-DFA_HAVE_AVX512"] if X86 else []
-    jobs.append([*flags, *have, "-c", str(CSRC / "fastadam.c"), "-o", "fastadam.o"])
     # The driver itself needs no -O3 (and compiles faster without it).
-    jobs.append([*flags, "-O1", *have, "-c", str(DRIVER), "-o", "driver.o"])
+    jobs = [[*flags, "-O1", *have, "-c", str(driver), "-o", "driver.o"]]
+    library = not _LIBRARY_OBJECTS
+    if library:
+        jobs += [
+            [*flags, *target, f"-DFA_VARIANT={name}", "-c", str(CSRC / "fastadam_kernel.c"),
+             "-o", f"kernel_{name}.o"]
+            for name, target in VARIANTS.items()
+        ]  # fmt: skip
+        jobs.append([*flags, *have, "-c", str(CSRC / "fastadam.c"), "-o", "fastadam.o"])
+        # the low-precision entry point (issue 17), part of the library
+        jobs.append([*flags, *have, "-c", str(CSRC / "fastadam_lowp.c"), "-o", "fastadam_lowp.o"])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(lambda args: _compile(gcc, args, tmp), jobs))
-    objects = ["driver.o", "fastadam.o", *(f"kernel_{name}.o" for name in VARIANTS)]
+    if library:
+        names = ["fastadam.o", "fastadam_lowp.o", *(f"kernel_{name}.o" for name in VARIANTS)]
+        _LIBRARY_OBJECTS.extend(tmp / name for name in names)
+    objects = ["driver.o", *(str(o) for o in _LIBRARY_OBJECTS)]
     _compile(gcc, [*flags, *objects, "-lm", "-o", "test_fastadam"], tmp)
     return tmp / "test_fastadam"
 
@@ -128,3 +140,16 @@ def test_c_library_under_asan_and_ubsan(tmp_path):
     assert "all passed" in proc.stdout, output[-6000:]
     # At least the baseline variant ran its checks (the others where the CPU has them).
     assert "passed:" in proc.stdout and "on the baseline variant" in proc.stdout, output
+
+
+def test_c_lowp_under_asan_and_ubsan(tmp_path):
+    """csrc/tests/test_fastadam_lowp.c: the bfloat16/float16 and master-weights loops
+    (issue 17) against its scalar reference, every variant, under the sanitizers."""
+    binary = build_driver(tmp_path, CSRC / "tests" / "test_fastadam_lowp.c")
+    proc = subprocess.run(
+        [str(binary)], cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=600
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"
+    assert "all passed" in proc.stdout, output[-6000:]
+    assert "on the baseline variant" in proc.stdout, output

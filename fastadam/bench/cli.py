@@ -76,7 +76,7 @@ def parse_backends(text: str) -> list[str]:
     return [b for b in ALL_BACKENDS if b in names]  # table order, no duplicates
 
 
-_DTYPE_SETS = {"both": ["float32", "float64"], "all": [d for d in DTYPES if d != "q8"]}
+_DTYPE_SETS = {"both": ["float32", "float64"], "all": list(DTYPES[:3]), "master": list(DTYPES[4:])}
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -88,7 +88,7 @@ def parse_dtypes(text: str) -> list[str]:
     for name in names:
         if name not in DTYPES and name not in _DTYPE_SETS:
             raise argparse.ArgumentTypeError(
-                f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}, both, all"
+                f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}, both, all, master"
             )
         chosen.update(_DTYPE_SETS.get(name, [name]))
     return [d for d in DTYPES if d in chosen]
@@ -169,7 +169,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma-separated, from float32, float64, bf16 (float32 params with "
         "bfloat16 optimizer states, 20 B/element) and q8 (8-bit block-wise states, "
-        "16.06 B/element); both = float32,float64; all = all but q8. "
+        "16.06 B/element); both = float32,float64; all = float32,float64,bf16. "
+        "bf16-master: float32 master weights whose bfloat16 copy the step writes in the "
+        "same pass (30 B/element); f32+cast: the float32 step, then a separate cast-copy "
+        "into bfloat16 params (34 B/element; torch's copy_ where torch is installed); "
+        "master = those two. "
         "Several dtypes are timed in alternating rounds, so their ratios compare like with "
         "like (default: float32)",
     )

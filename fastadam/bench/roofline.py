@@ -8,7 +8,7 @@ import numpy as np
 
 import fastadam
 
-from .steps import BF16_STATES, Q8_STATES, bytes_per_element
+from .steps import BF16_STATES, F32_CAST, MASTER_BF16, Q8_STATES, bytes_per_element
 from .timing import time_calls
 
 Roofline = dict[str, dict[int, float]]  # dtype -> {n: GB/s}
@@ -60,6 +60,41 @@ def _get_roofline_kernel() -> tuple[Callable[..., None], Callable[..., None]]:
     return _roofline_kernel
 
 
+_copy_kernels: tuple[Callable[..., None], Callable[..., None]] | None = None
+
+
+def _get_copy_kernels() -> tuple[Callable[..., None], Callable[..., None]]:
+    """The roofline kernels of the master-weights pair (issue 17): the float32 step's
+    bytes plus a 16-bit copy written in the same pass; and the copy written in a
+    second pass that reads θ again."""
+    global _copy_kernels
+    if _copy_kernels is None:
+        float_kernel, _ = _get_roofline_kernel()
+        import numba
+
+        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        def move_master_bytes(p, g, m, v, c):  # pragma: no cover - compiled
+            for i in numba.prange(p.size):
+                gi = g[i]
+                p[i] += gi
+                m[i] += gi
+                v[i] += gi * gi
+                c[i] = numba.uint16(0x3F80)  # a store, as the copy's
+
+        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        def move_cast_bytes(bits, c):  # pragma: no cover - compiled
+            # bits: θ's float32 bits (uint32); its top half is a bfloat16 (truncated)
+            for i in numba.prange(bits.size):
+                c[i] = numba.uint16(bits[i] >> 16)
+
+        def move_step_then_cast_bytes(p, g, m, v, c):
+            float_kernel(p, g, m, v)
+            move_cast_bytes(p.view(np.uint32), c)
+
+        _copy_kernels = (move_master_bytes, move_step_then_cast_bytes)
+    return _copy_kernels
+
+
 def measure_roofline(
     n: int, dtype: np.dtype | str, threads: int, *, min_time: float, repeat: int | None
 ) -> float:
@@ -71,7 +106,12 @@ def measure_roofline(
     import numba
 
     float_kernel, bf16_kernel = _get_roofline_kernel()
-    if dtype == BF16_STATES:
+    if dtype in (MASTER_BF16, F32_CAST):
+        master_kernel, cast_kernel = _get_copy_kernels()
+        kernel = master_kernel if dtype == MASTER_BF16 else cast_kernel
+        arrays = [np.full(n, x, dtype=np.float32) for x in (1.0, 0.5, 0.1, 0.01)]
+        arrays.append(np.full(n, 0x3F80, dtype=np.uint16))
+    elif dtype == BF16_STATES:
         kernel = bf16_kernel
         arrays = [np.full(n, x, dtype=np.float32) for x in (1.0, 0.5)]
         arrays += [np.full(n, x, dtype=np.uint16) for x in (0x3DCC, 0x3C23)]

@@ -29,9 +29,13 @@ BF16_STATES = "bf16"
 #: The pseudo-dtype of a step with float32 params/grads and 8-bit block-wise
 #: states (issue 18): uint8 codes and a float32 absmax per block of 256.
 Q8_STATES = "q8"
-#: The step kinds --dtype can name, in table order, and its shorthands for several.
-DTYPES: tuple[str, ...] = ("float32", "float64", BF16_STATES, Q8_STATES)
-_DTYPE_SETS = {"both": ["float32", "float64"], "all": list(DTYPES)}
+#: The pseudo-dtypes of the master-weights comparison (issue 17): float32 master
+#: weights whose bfloat16 copy the step writes in the same pass, and the float32
+#: step followed by a separate cast-copy into the bfloat16 params.
+MASTER_BF16 = "bf16-master"
+F32_CAST = "f32+cast"
+#: The step kinds --dtype can name, in table order.
+DTYPES: tuple[str, ...] = ("float32", "float64", BF16_STATES, Q8_STATES, MASTER_BF16, F32_CAST)
 
 
 def bytes_per_element(dtype: np.dtype | str) -> float:
@@ -43,8 +47,12 @@ def bytes_per_element(dtype: np.dtype | str) -> float:
     """
     if dtype == BF16_STATES:
         return 20
-    if dtype == Q8_STATES:
+    if dtype == Q8_STATES:  # 16 B, and two float32 scales per block of 256
         return 16 + 4 * 4 / 256
+    if dtype == MASTER_BF16:  # the float32 step's 28 B, and the copy written: 2 B
+        return 30
+    if dtype == F32_CAST:  # 28 B, then the cast reads θ (4 B) and writes the copy (2 B)
+        return 34
     return 7 * np.dtype(dtype).itemsize
 
 
@@ -74,6 +82,9 @@ def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray
         mc, ma = quantize(m, signed=True)
         vc, va = quantize(v, signed=False)
         return p, g, mc, vc, ma, va
+    if dtype in (MASTER_BF16, F32_CAST):  # (θ, g, m, v, the bfloat16 copy of θ)
+        p, g, m, v = make_state(n, "float32", seed)
+        return _CopyState((p, g, m, v, p.astype(BFLOAT16)), separate=dtype == F32_CAST)
     dt = np.dtype(dtype)
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(n, dtype=dt)
@@ -87,6 +98,24 @@ def make_state(n: int, dtype: np.dtype | str, seed: int = 0) -> tuple[np.ndarray
     return p, g, m, v
 
 
+def cast_copy() -> Callable[[np.ndarray, np.ndarray], None]:
+    """The fastest cast-copy of float32 into bfloat16 at hand: torch's ``copy_``
+    (vectorized, on torch's threads) where torch is installed, else NumPy's."""
+    try:
+        import torch
+    except ImportError:
+
+        def numpy_cast(src: np.ndarray, dst: np.ndarray) -> None:
+            np.copyto(dst, src, casting="unsafe")
+
+        return numpy_cast
+
+    def torch_cast(src: np.ndarray, dst: np.ndarray) -> None:
+        torch.from_numpy(dst.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(src))
+
+    return torch_cast
+
+
 def _fastadam_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], None]:
     steps = itertools.count(1)  # a real training loop's step counter
     adam_step = fastadam.adam_step
@@ -98,12 +127,45 @@ def _fastadam_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], 
                       exp_avg_absmax=am, exp_avg_sq_absmax=av)  # fmt: skip
 
         return run_q8
+    if len(state) == 5:
+        return _master_step(backend, state, steps)
     p, g, m, v = state
 
     def run() -> None:
         adam_step(p, g, m, v, step=next(steps), lr=1e-3, backend=backend)
 
     return run
+
+
+class _CopyState(tuple):
+    """(θ, g, m, v, bfloat16 copy) of a MASTER_BF16 step, or of an F32_CAST one
+    (``separate``: the float32 step, then the cast-copy)."""
+
+    separate: bool
+
+    def __new__(cls, arrays: tuple[np.ndarray, ...], separate: bool) -> _CopyState:
+        self = super().__new__(cls, arrays)
+        self.separate = separate
+        return self
+
+
+def _master_step(backend: str, state: tuple[np.ndarray, ...], steps: Any) -> Callable[[], None]:
+    """MASTER_BF16: the step writes the copy; F32_CAST: a float32 step, then cast_copy."""
+    p, g, m, v, c = state
+    adam_step = fastadam.adam_step
+    if getattr(state, "separate", False):
+        cast = cast_copy()
+
+        def separate() -> None:
+            adam_step(p, g, m, v, step=next(steps), lr=1e-3, backend=backend)
+            cast(p, c)
+
+        return separate
+
+    def fused() -> None:
+        adam_step(p, g, m, v, step=next(steps), lr=1e-3, param_copy=c, backend=backend)
+
+    return fused
 
 
 def _torch_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:

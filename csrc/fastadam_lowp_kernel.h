@@ -1,0 +1,201 @@
+/*
+ * fastadam_lowp_kernel.h - the low-precision loops (fastadam_lowp.h),
+ * included once at the end of fastadam_kernel.c, after fastadam_kernel_bf16.h
+ * (whose bit helpers it uses), so compiled once per ISA variant with the
+ * same rules: no FMA contraction, no fast-math. Plain C on uint32 lanes that
+ * GCC vectorizes; the float16 conversions are integer code too (the same
+ * results on every ISA, no F16C needed).
+ */
+#include "fastadam_lowp_internal.h"
+
+/* storage types of an array */
+#define FA_LP_F32 0
+#define FA_LP_BF16 1
+#define FA_LP_F16 2
+
+/* float16 bits -> float32, exactly (NaN: payload shifted up, as NumPy). */
+static inline float fa_lp_widen_f16(uint32_t h)
+{
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t e = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    const uint32_t nrm = ((h & 0x7FFFu) << 13) + 0x38000000u;
+    const uint32_t inf = 0x7F800000u | (mant << 13);
+    const uint32_t sub = fa_f32_bits((float)(int32_t)mant * 0x1p-24f); /* exact */
+    const uint32_t bits = e == 0x1Fu ? inf : e == 0 ? sub : nrm;
+    return fa_bits_f32(sign | bits);
+}
+
+/* float32 -> float16 bits, rounded to nearest-even (overflow to Inf; NaN
+ * quiet, sign and high payload kept). */
+static inline uint32_t fa_lp_round_f16(float x)
+{
+    const uint32_t u = fa_f32_bits(x);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;
+    const uint32_t nrm = (a - 0x38000000u + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
+    const uint32_t e = a >> 23;
+    /* subnormal results: e <= 112, s in [14, 31]; clamped for the other lanes too
+     * (their sub is discarded, but a shift by 32 or more is undefined) */
+    const uint32_t s = e < 95u ? 31u : e > 112u ? 14u : 126u - e;
+    const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
+    const uint32_t q = m >> s;
+    const uint32_t rem = m & ((1u << s) - 1u);
+    const uint32_t half = 1u << (s - 1u);
+    const uint32_t sub = q + ((rem > half) | ((rem == half) & (q & 1u)));
+    const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
+    const uint32_t h = a > 0x7F800000u  ? nan
+                       : a >= 0x477FF000u ? 0x7C00u
+                       : a >= 0x38800000u ? nrm
+                                          : sub;
+    return sign | h;
+}
+
+static inline __attribute__((always_inline)) float fa_lp_load(const void *a, int64_t i, int t)
+{
+    if (t == FA_LP_F32)
+        return ((const float *)a)[i];
+    if (t == FA_LP_BF16)
+        return fa_widen_bf16(((const uint16_t *)a)[i]);
+    return fa_lp_widen_f16(((const uint16_t *)a)[i]);
+}
+
+static inline __attribute__((always_inline)) uint32_t fa_lp_nearest_bits(float x, int t)
+{
+    if (t == FA_LP_BF16) {
+        const uint32_t u = fa_f32_bits(x);
+        return fa_round_bf16(u, 0x7FFFu + ((u >> 16) & 1u));
+    }
+    return fa_lp_round_f16(x);
+}
+
+static inline __attribute__((always_inline)) void fa_lp_store(void *a, int64_t i, int t, float x)
+{
+    if (t == FA_LP_F32)
+        ((float *)a)[i] = x;
+    else
+        ((uint16_t *)a)[i] = (uint16_t)fa_lp_nearest_bits(x, t);
+}
+
+/*
+ * Element i: pt/gt/st/ct the storage types of param, grad, moments and copy
+ * (ct < 0: no copy), compile-time constants at every call. Master weights
+ * (ct >= 0) do the float32 step of fastadam_kernel_impl.h, operation for
+ * operation, so the master is what a float32 step gives; low-precision params
+ * follow torch's fused loop (three FMAs, see below). In both, the moments
+ * are rounded when stored but the update uses their float32 values, and the
+ * unscaled gradient is written back rounded and used unrounded, as torch does.
+ */
+static inline __attribute__((always_inline)) void fa_lp_element(
+    const fa_lowp_piece *restrict pc, int64_t i, const fa_scalars_f32 c, const int pt,
+    const int gt, const int st, const int ct, const int stochastic, const int l2, const int ams,
+    const int unscale, const int maximize)
+{
+    float g = fa_lp_load(pc->grad, i, gt);
+    if (unscale) {
+        g = g / c.grad_scale;
+        fa_lp_store(pc->grad, i, gt, g);
+    }
+    if (maximize)
+        g = -g;
+    float p = fa_lp_load(pc->param, i, pt);
+    const float m_old = fa_lp_load(pc->exp_avg, i, st);
+    const float v_old = fa_lp_load(pc->exp_avg_sq, i, st);
+    float m, v;
+    if (ct < 0) {
+        /* low-precision params: torch's fused CPU loop as it runs (its
+         * Vectorized<float> mul/add contracted into FMAs by its compiler;
+         * lerp by its own fmadd). Measured against torch 2.x: every element
+         * of p, m and v identical (tests/test_torch_lowp.py). */
+        if (l2)
+            g = fmaf(p, c.weight_decay, g);
+        p = p * c.decay;
+        const int small = c.one_minus_beta1 < 0.5f;
+        m = fmaf(small ? c.one_minus_beta1 : c.one_minus_beta1 - 1.0f, g - m_old,
+                 small ? m_old : g);
+        v = fmaf(c.one_minus_beta2 * g, g, v_old * c.beta2);
+    } else {
+        /* master weights: the float32 step of fastadam_kernel_impl.h, exactly */
+        if (l2)
+            g = g + c.weight_decay * p;
+        p = p * c.decay;
+        m = m_old + (g - m_old) * c.one_minus_beta1;
+        v = v_old * c.beta2 + c.one_minus_beta2 * g * g;
+    }
+    fa_lp_store(pc->exp_avg, i, st, m);
+    fa_lp_store(pc->exp_avg_sq, i, st, v);
+    float second = v;
+    if (ams) {
+        const float old = fa_lp_load(pc->max_exp_avg_sq, i, st);
+        second = (old > v || old != old) ? old : v;
+        fa_lp_store(pc->max_exp_avg_sq, i, st, second);
+    }
+    const float denom = sqrtf(second) / c.bias_correction2_sqrt + c.eps;
+    p = p - c.step_size * m / denom;
+    /* the rounded parameter: the copy's (master weights), or the bfloat16
+     * parameter's own with stochastic rounding */
+    uint32_t bits = 0;
+    if (stochastic) {
+        const uint64_t idx = (uint64_t)(pc->first_index + i);
+        const uint32_t r = fa_mix32((uint32_t)idx ^ fa_mix32(pc->key ^ (uint32_t)(idx >> 32)));
+        bits = fa_round_bf16(fa_f32_bits(p), r & 0xFFFFu);
+    } else if (ct >= 0) {
+        bits = fa_lp_nearest_bits(p, ct);
+    }
+    if (ct >= 0) {
+        fa_lp_store(pc->param, i, pt, p);
+        ((uint16_t *)pc->copy)[i] = (uint16_t)bits;
+    } else if (stochastic) {
+        ((uint16_t *)pc->param)[i] = (uint16_t)bits;
+    } else {
+        fa_lp_store(pc->param, i, pt, p);
+    }
+}
+
+static inline __attribute__((always_inline)) void fa_lp_body(
+    const fa_lowp_piece *restrict pc, const fa_scalars_f32 *s, const int pt, const int gt,
+    const int st, const int ct, const int stochastic, const int l2, const int ams,
+    const int unscale, const int maximize)
+{
+    const fa_scalars_f32 c = *s;
+    const fa_lowp_piece q = *pc;
+    const int64_t n = q.n;
+#if !defined(__clang__)
+#pragma GCC ivdep
+#endif
+    for (int64_t i = 0; i < n; i++)
+        fa_lp_element(&q, i, c, pt, gt, st, ct, stochastic, l2, ams, unscale, maximize);
+}
+
+/* One function per (kind, rounding): the common flag-free case as its own
+ * loop, every other combination through one loop with the flags as values. */
+#define FA_LP_DEFINE(name, pt, gt, st, ct, sr)                                               \
+    static void name(const fa_lowp_piece *pc, const fa_scalars_f32 *s, int flags)          \
+    {                                                                                      \
+        if (flags == 0)                                                                    \
+            fa_lp_body(pc, s, pt, gt, st, ct, sr, 0, 0, 0, 0);                             \
+        else if (flags == FA_F_L2)                                                         \
+            fa_lp_body(pc, s, pt, gt, st, ct, sr, 1, 0, 0, 0);                             \
+        else                                                                               \
+            fa_lp_body(pc, s, pt, gt, st, ct, sr, (flags & FA_F_L2) != 0,                  \
+                       (flags & FA_F_AMSGRAD) != 0, (flags & FA_F_UNSCALE) != 0,           \
+                       (flags & FA_F_MAXIMIZE) != 0);                                      \
+    }
+
+FA_LP_DEFINE(fa_lp_bf16, FA_LP_BF16, FA_LP_BF16, FA_LP_BF16, -1, 0)
+FA_LP_DEFINE(fa_lp_bf16_sr, FA_LP_BF16, FA_LP_BF16, FA_LP_BF16, -1, 1)
+FA_LP_DEFINE(fa_lp_f16, FA_LP_F16, FA_LP_F16, FA_LP_F16, -1, 0)
+FA_LP_DEFINE(fa_lp_master_bf16, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_BF16, 0)
+FA_LP_DEFINE(fa_lp_master_bf16_sr, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_BF16, 1)
+FA_LP_DEFINE(fa_lp_master_bf16_g, FA_LP_F32, FA_LP_BF16, FA_LP_F32, FA_LP_BF16, 0)
+FA_LP_DEFINE(fa_lp_master_bf16_g_sr, FA_LP_F32, FA_LP_BF16, FA_LP_F32, FA_LP_BF16, 1)
+FA_LP_DEFINE(fa_lp_master_f16, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_F16, 0)
+FA_LP_DEFINE(fa_lp_master_f16_g, FA_LP_F32, FA_LP_F16, FA_LP_F32, FA_LP_F16, 0)
+
+const fa_lowp_table FA_LOWP_TABLE_NAME(FA_VARIANT) = {{
+    {fa_lp_bf16, fa_lp_bf16_sr},
+    {fa_lp_f16, NULL},
+    {fa_lp_master_bf16, fa_lp_master_bf16_sr},
+    {fa_lp_master_bf16_g, fa_lp_master_bf16_g_sr},
+    {fa_lp_master_f16, NULL},
+    {fa_lp_master_f16_g, NULL},
+}};

@@ -1,0 +1,224 @@
+"""Numba backend's low-precision loops (issue 17): fastadam._lowp's reference,
+element for element, in one ``prange`` loop per tensor.
+
+bfloat16/float16 arrays are handed over as their uint16 bits; the conversions
+are the integer code of csrc/fastadam_lowp_kernel.h, on uint64 lanes (Numba
+widens integer arithmetic; every constant is a uint64 so nothing becomes a
+float). The fused multiply-adds are LLVM's ``llvm.fma.f32``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .._lowp import FLOAT32, KINDS, PARAM_STOCHASTIC
+from .._scalars import AdamScalars
+from ._numba_intrinsics import _bits_f32, _f32_bits
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """float32 ``a*b + c`` rounded once."""
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fnty = ir.FunctionType(f32, [f32, f32, f32])
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty)
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+_U = np.uint64
+_M16 = _U(0xFFFF)
+_M32 = _U(0xFFFFFFFF)
+_F32, _BF16, _F16 = 0, 1, 2  # storage types, as fastadam_lowp_kernel.h's FA_LP_*
+
+
+@njit(inline="always")
+def _mix32(x):
+    x = x ^ (x >> _U(16))
+    x = (x * _U(0x7FEB352D)) & _M32
+    x = x ^ (x >> _U(15))
+    x = (x * _U(0x846CA68B)) & _M32
+    return x ^ (x >> _U(16))
+
+
+@njit(inline="always")
+def _widen16(h, t):
+    h = _U(h)
+    if t == _BF16:
+        return _bits_f32(np.uint32(h << _U(16)))
+    sign = (h & _U(0x8000)) << _U(16)
+    e = (h >> _U(10)) & _U(0x1F)
+    mant = h & _U(0x3FF)
+    if e == _U(0x1F):
+        bits = _U(0x7F800000) | (mant << _U(13))
+    elif e == _U(0):
+        bits = _U(_f32_bits(np.float32(np.float32(mant) * np.float32(2.0**-24))))
+    else:
+        bits = ((h & _U(0x7FFF)) << _U(13)) + _U(0x38000000)
+    return _bits_f32(np.uint32(sign | bits))
+
+
+@njit(inline="always")
+def _round_bf16(u, add):
+    if (u & _U(0x7FFFFFFF)) > _U(0x7F800000):
+        return (u >> _U(16)) | _U(0x0040)
+    return ((u + add) >> _U(16)) & _M16
+
+
+@njit(inline="always")
+def _nearest16(x, t):
+    u = _U(_f32_bits(x))
+    if t == _BF16:
+        return _round_bf16(u, _U(0x7FFF) + ((u >> _U(16)) & _U(1)))
+    sign = (u >> _U(16)) & _U(0x8000)
+    a = u & _U(0x7FFFFFFF)
+    if a > _U(0x7F800000):
+        h = _U(0x7E00) | ((a >> _U(13)) & _U(0x3FF))
+    elif a >= _U(0x477FF000):
+        h = _U(0x7C00)
+    elif a >= _U(0x38800000):
+        h = (a - _U(0x38000000) + _U(0x0FFF) + ((a >> _U(13)) & _U(1))) >> _U(13)
+    else:
+        e = a >> _U(23)
+        s = _U(31) if e < _U(95) else _U(126) - e
+        m = (a & _U(0x7FFFFF)) | _U(0x800000)
+        q = m >> s
+        rem = m & ((_U(1) << s) - _U(1))
+        half = _U(1) << (s - _U(1))
+        if rem > half or (rem == half and (q & _U(1)) == _U(1)):
+            q = q + _U(1)
+        h = q
+    return sign | h
+
+
+@njit(inline="always")
+def _load(a, i, t):
+    if t == _F32:
+        return np.float32(a[i])
+    return _widen16(a[i], t)
+
+
+@njit(inline="always")
+def _store(a, i, t, x):
+    if t == _F32:
+        a[i] = x
+    else:
+        a[i] = _nearest16(x, t)
+
+
+@njit(parallel=True, cache=True)
+def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, stochastic, key,
+          step_size, bc2, eps, omb1, beta2, omb2, wd, decay, grad_scale,
+          unscale, maximize, amsgrad):  # fmt: skip
+    l2 = wd != 0.0  # on the float64 value, as the C dispatcher's flag
+    step_size = np.float32(step_size)
+    bc2 = np.float32(bc2)
+    eps = np.float32(eps)
+    omb1 = np.float32(omb1)
+    beta2 = np.float32(beta2)
+    omb2 = np.float32(omb2)
+    wd = np.float32(wd)
+    decay = np.float32(decay)
+    grad_scale = np.float32(grad_scale)
+    key = _U(key)
+    small = omb1 < np.float32(0.5)
+    coeff = omb1 if small else omb1 - np.float32(1.0)
+    for i in prange(n):
+        gi = _load(g, i, gt)
+        if unscale:
+            gi = gi / grad_scale
+            _store(g, i, gt, gi)
+        if maximize:
+            gi = -gi
+        pi = _load(p, i, pt)
+        m_old = _load(m, i, st)
+        v_old = _load(v, i, st)
+        if ct < 0:
+            if l2:
+                gi = _fma32(pi, wd, gi)
+            pi = pi * decay
+            mi = _fma32(coeff, gi - m_old, m_old if small else gi)
+            vi = _fma32(omb2 * gi, gi, v_old * beta2)
+        else:
+            if l2:
+                gi = gi + wd * pi
+            pi = pi * decay
+            mi = m_old + (gi - m_old) * omb1
+            vi = v_old * beta2 + omb2 * gi * gi
+        _store(m, i, st, mi)
+        _store(v, i, st, vi)
+        second = vi
+        if amsgrad:
+            old = _load(vmax, i, st)
+            if old > vi or old != old:
+                second = old
+            _store(vmax, i, st, second)
+        denom = np.sqrt(second) / bc2 + eps
+        pi = pi - step_size * mi / denom
+        if stochastic:
+            idx = _U(i)
+            r = _mix32((idx & _M32) ^ _mix32(key ^ (idx >> _U(32))))
+            bits = _round_bf16(_U(_f32_bits(pi)), r & _M16)
+            if ct >= 0:
+                p[i] = pi
+                copy[i] = bits
+            else:
+                p[i] = bits
+        else:
+            _store(p, i, pt, pi)
+            if ct >= 0:
+                copy[i] = _nearest16(pi, ct)
+
+
+_EMPTY16 = np.zeros(1, np.uint16)
+_EMPTY32 = np.zeros(1, np.float32)
+
+
+def _arg(a: Any, dt: Any) -> np.ndarray:
+    if a is None:
+        return _EMPTY32 if dt == FLOAT32 else _EMPTY16
+    a = a.reshape(-1)
+    return a if a.dtype == FLOAT32 else a.view(np.uint16)
+
+
+def _code(dt: Any) -> int:
+    if dt is None:
+        return -1
+    return {"float32": _F32, "bfloat16": _BF16, "float16": _F16}[np.dtype(dt).name]
+
+
+def step_rows(
+    kind: str,
+    rows: Sequence[tuple[Any, ...]],
+    scalars: Sequence[AdamScalars],
+    index: np.ndarray | None,
+    keys: np.ndarray | None,
+    rounding: int,
+) -> None:
+    """Every tensor of ``rows`` stepped in turn (see fastadam._lowp.step_rows)."""
+    info = KINDS[kind]
+    pt, gt, st, ct = _code(info.param), _code(info.grad), _code(info.state), _code(info.copy)
+    stochastic = rounding == PARAM_STOCHASTIC
+    for i, row in enumerate(rows):
+        n = row[0].size
+        if n == 0:
+            continue
+        sc = scalars[0 if index is None else int(index[i])]
+        key = 0 if keys is None else int(keys[i])
+        _loop(
+            _arg(row[0], info.param), _arg(row[1], info.grad), _arg(row[2], info.state),
+            _arg(row[3], info.state), _arg(row[4] if sc.amsgrad else None, info.state),
+            _arg(row[5], info.copy), n, pt, gt, st, ct, stochastic, key,
+            sc.step_size, sc.bias_correction2_sqrt, sc.eps, sc.one_minus_beta1, sc.beta2,
+            sc.one_minus_beta2, sc.weight_decay, sc.decay, sc.grad_scale, sc.unscale,
+            sc.maximize, sc.amsgrad,
+        )  # fmt: skip
