@@ -368,6 +368,24 @@ def test_bf16_rows_count_20_bytes_and_feed_the_ratio_target(tmp_path, capsys, re
     assert got == {"c": (0.7, 0.75, True), "numba": (0.8, 0.75, False)}
 
 
+@pytest.mark.parametrize("dtypes", ["q8", "master", "float32,bf16,q8,master"])
+def test_every_step_kind_runs_with_its_bytes_and_state_memory(dtypes, capsys, restore_threads):
+    """Each kind --dtype can name runs end to end, its header line naming the
+    bytes a step moves and the optimizer state per element."""
+    argv = ["--sizes", "2^10", "--backends", "numpy", "--dtype", dtypes, "--threads", "1"]
+    assert bench.main([*argv, "--repeat", "1", "--no-progress", "--no-per-call"]) == 0
+    stdout = capsys.readouterr().out
+    expected = {  # dtype: (B/element moved, B/element of optimizer state)
+        "float32": ("28", "8"), "bf16": ("20", "4"), "q8": ("16.0625", "2.03"),
+        "bf16-master": ("30", "12"), "f32+cast": ("34", "8"),
+    }  # fmt: skip
+    for dtype in bench.parse_dtypes(dtypes):
+        line = stdout.split(f"roofline {dtype}: ")[1].split("\n")[0]
+        moved, state = expected[dtype]
+        assert f"({moved} B/element moved" in line, line
+        assert f"optimizer state {state} B/element" in line, line
+
+
 # -- python -m fastadam ---------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ from .measure import Sweep
 from .roofline import Roofline
 from .steps import (
     BF16_STATES,
+    F32_CAST,
+    MASTER_BF16,
     NP_ADD,
     PER_CALL_N,
     PER_TENSOR_K,
@@ -59,6 +61,8 @@ def header_lines(info: dict[str, Any], roofline: Roofline, with_targets: bool = 
             + (
                 "p+=g; m^=1; v^=1 on bf16 bits" if dt == BF16_STATES
                 else "p+=g; m^=1; v^=1 on uint8 codes" if dt == Q8_STATES
+                else "p+=g; m+=g; v+=g*g, and the bfloat16 copy of p written" if dt == MASTER_BF16
+                else "p+=g; m+=g; v+=g*g, then a pass copying p to bfloat16" if dt == F32_CAST
                 else "p+=g; m+=g; v+=g*g"
             )
             + " in Numba, best of runs; optimizer state "

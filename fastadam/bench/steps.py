@@ -62,6 +62,10 @@ def state_bytes_per_element(dtype: np.dtype | str, n: int = 1 << 24) -> float:
         return 2 + 2 * 4 * (-(-n // 256)) / n
     if dtype == BF16_STATES:
         return 4
+    if dtype == MASTER_BF16:  # the float32 master and its two float32 moments
+        return 12
+    if dtype == F32_CAST:  # the float32 moments (θ itself is the model's float32 copy)
+        return 8
     return 2 * np.dtype(dtype).itemsize
 
 
