@@ -77,6 +77,10 @@ typedef int (*fa_unscale_f64)(double *grad, int64_t n, double scale, double reci
 #define FA_BF16_NEAREST 0
 #define FA_BF16_STOCHASTIC 1
 
+/* Elements per block of the 8-bit states, each block with its own scale
+ * (fastadam/_q8.py's BLOCK): the kernels and the driver's work split. */
+#define FA_Q8_BLOCK 256
+
 /* float32 param/grad, 8-bit block-wise moments (fastadam_kernel_q8.h): n
  * elements from a block boundary, am/av the scales of their blocks. */
 typedef void (*fa_kernel_q8)(float *param, float *grad, uint8_t *exp_avg, uint8_t *exp_avg_sq,

@@ -1,7 +1,8 @@
 /*
  * fastadam_kernel_q8.h - the 8-bit block-wise state kernels (issue 18),
  * included by fastadam_kernel.c after the float32 instantiation of
- * fastadam_kernel_impl.h (it uses div_bc2_f32), so it is compiled once per ISA.
+ * fastadam_kernel_impl.h (it uses div_bc2_f32) and fastadam_kernel_bf16.h (its
+ * bit casts fa_f32_bits, fa_bits_f32), so it is compiled once per ISA.
  *
  * The format and its rounding are defined by the NumPy reference,
  * fastadam/_q8.py; this reproduces it bit for bit: the code map is integer
@@ -11,52 +12,37 @@
  * One fused pass per block of FA_Q8_BLOCK elements (fa_q8_block): the only
  * temporaries are two 1 KiB buffers on the stack, in L1.
  */
-#define FA_Q8_BLOCK 256
 #define FA_Q8_ONE 0x3F800000u
 #define FA_Q8_F_DIV FA_F_AMSGRAD /* the amsgrad bit: refused with 8-bit states */
-
-static inline uint32_t fa_q8_bits(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-}
-
-static inline float fa_q8_float(uint32_t u)
-{
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
 
 /* y(code) of exp_avg: sign in bit 7, magnitude k in bits 0..6 (K = 127) */
 static inline float fa_q8_y_m(uint8_t code)
 {
     const uint32_t k = code & 0x7Fu;
     const uint32_t mag = k != 0 ? FA_Q8_ONE - ((127u - k) << 20) : 0u;
-    return fa_q8_float(mag | ((uint32_t)(code & 0x80u) << 24));
+    return fa_bits_f32(mag | ((uint32_t)(code & 0x80u) << 24));
 }
 
 /* y(code) of exp_avg_sq: magnitude k in all 8 bits (K = 255) */
 static inline float fa_q8_y_v(uint8_t code)
 {
     const uint32_t k = code;
-    return fa_q8_float(k != 0 ? FA_Q8_ONE - ((255u - k) << 20) : 0u);
+    return fa_bits_f32(k != 0 ? FA_Q8_ONE - ((255u - k) << 20) : 0u);
 }
 
 static inline uint8_t fa_q8_enc_m(float x, float r)
 {
-    const uint32_t u = fa_q8_bits(fabsf(x) * r) & 0x7FFFFFFFu;
+    const uint32_t u = fa_f32_bits(fabsf(x) * r) & 0x7FFFFFFFu;
     int32_t t = ((int32_t)u - (int32_t)(FA_Q8_ONE - (127u << 20)) + (1 << 19)) >> 20;
     t = t < 0 ? 0 : t;
     t = t > 127 ? 127 : t;
-    return (uint8_t)((uint32_t)t | ((fa_q8_bits(x) >> 24) & 0x80u));
+    return (uint8_t)((uint32_t)t | ((fa_f32_bits(x) >> 24) & 0x80u));
 }
 
 static inline uint8_t fa_q8_enc_v(float x, float r)
 {
-    const uint32_t u = fa_q8_bits(fabsf(x) * r) & 0x7FFFFFFFu;
-    const int32_t lo = fa_q8_bits(x) != 0; /* a positive v is never coded as 0 */
+    const uint32_t u = fa_f32_bits(fabsf(x) * r) & 0x7FFFFFFFu;
+    const int32_t lo = fa_f32_bits(x) != 0; /* a positive v is never coded as 0 */
     int32_t t = ((int32_t)u - (int32_t)(FA_Q8_ONE - (255u << 20)) + (1 << 19)) >> 20;
     t = t < lo ? lo : t;
     t = t > 255 ? 255 : t;
@@ -104,11 +90,11 @@ static inline __attribute__((always_inline)) void fa_q8_block(
         param[i] = p - c.step_size * m / denom;
         mb[i] = m;
         vb[i] = v;
-        const uint32_t bm = fa_q8_bits(m) & 0x7FFFFFFFu, bv = fa_q8_bits(v) & 0x7FFFFFFFu;
+        const uint32_t bm = fa_f32_bits(m) & 0x7FFFFFFFu, bv = fa_f32_bits(v) & 0x7FFFFFFFu;
         mm = bm > mm ? bm : mm;
         mv = bv > mv ? bv : mv;
     }
-    const float am1 = fa_q8_float(mm), av1 = fa_q8_float(mv);
+    const float am1 = fa_bits_f32(mm), av1 = fa_bits_f32(mv);
     const float rm = mm != 0 ? 1.0f / am1 : 0.0f, rv = mv != 0 ? 1.0f / av1 : 0.0f;
     for (int64_t i = 0; i < len; i++) {
         cm[i] = fa_q8_enc_m(mb[i], rm);
@@ -181,7 +167,7 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx512(
         mv = _mm512_max_epu32(mv, _mm512_and_si512(_mm512_castps_si512(v), mag));
     }
     const uint32_t mmax = _mm512_reduce_max_epu32(mm), vmax = _mm512_reduce_max_epu32(mv);
-    const float am1 = fa_q8_float(mmax), av1 = fa_q8_float(vmax);
+    const float am1 = fa_bits_f32(mmax), av1 = fa_bits_f32(vmax);
     const __m512 rm = _mm512_set1_ps(mmax != 0 ? 1.0f / am1 : 0.0f);
     const __m512 rv = _mm512_set1_ps(vmax != 0 ? 1.0f / av1 : 0.0f);
     const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
@@ -281,7 +267,7 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx2(
         mmax = lanes_m[k] > mmax ? lanes_m[k] : mmax;
         vmax = lanes_v[k] > vmax ? lanes_v[k] : vmax;
     }
-    const float am1 = fa_q8_float(mmax), av1 = fa_q8_float(vmax);
+    const float am1 = fa_bits_f32(mmax), av1 = fa_bits_f32(vmax);
     const __m256 rm = _mm256_set1_ps(mmax != 0 ? 1.0f / am1 : 0.0f);
     const __m256 rv = _mm256_set1_ps(vmax != 0 ? 1.0f / av1 : 0.0f);
     const __m256i one = _mm256_set1_epi32(1), k127 = _mm256_set1_epi32(127);

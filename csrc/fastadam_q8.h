@@ -4,16 +4,15 @@
  * kernel table, thread count and scalar rounding); the ABI is declared in
  * fastadam.h.
  *
- * The work is split by whole blocks (FA_Q8_BLOCK_ELEMS elements) over the
+ * The work is split by whole blocks (FA_Q8_BLOCK elements) over the
  * concatenation of every tensor's blocks: a block is never shared by two
  * threads, and every block is computed the same way whoever computes it, so
  * the result is bit-identical for any thread count.
  */
-#define FA_Q8_BLOCK_ELEMS 256
 
 static inline int64_t fa_q8_nblocks(int64_t n)
 {
-    return n / FA_Q8_BLOCK_ELEMS + (n % FA_Q8_BLOCK_ELEMS != 0);
+    return n / FA_Q8_BLOCK + (n % FA_Q8_BLOCK != 0);
 }
 
 /* Blocks [b0, b1) of tensor t on the calling thread. */
@@ -28,8 +27,8 @@ static void fa_q8_piece(int64_t t, int64_t b0, int64_t b1, float *const *param,
     /* the amsgrad bit (refused) selects the division by bias_correction2_sqrt */
     const int flags = (fa_flags(sc) & ~FA_F_AMSGRAD) |
                       (s.bias_correction2_sqrt != 1.0f ? FA_F_AMSGRAD : 0);
-    const int64_t lo = b0 * FA_Q8_BLOCK_ELEMS;
-    const int64_t hi = b1 * FA_Q8_BLOCK_ELEMS < n[t] ? b1 * FA_Q8_BLOCK_ELEMS : n[t];
+    const int64_t lo = b0 * FA_Q8_BLOCK;
+    const int64_t hi = b1 * FA_Q8_BLOCK < n[t] ? b1 * FA_Q8_BLOCK : n[t];
     if (hi > lo)
         g_table->q8[flags](param[t] + lo, grad[t] + lo, exp_avg[t] + lo, exp_avg_sq[t] + lo,
                            am[t] + b0, av[t] + b0, hi - lo, &s);
@@ -70,7 +69,7 @@ int fa_adam_multi_f32_q8(int64_t count, float *const *param, float *const *grad,
     if (total == 0)
         return FA_OK;
     fa_ensure_init();
-    const int nt = fa_team_size(total * FA_Q8_BLOCK_ELEMS, FA_PARALLEL_MIN_ELEMENTS,
+    const int nt = fa_team_size(total * FA_Q8_BLOCK, FA_PARALLEL_MIN_ELEMENTS,
                                 FA_MIN_ELEMENTS_PER_THREAD);
     if (nt <= 1) {
         for (int64_t t = 0; t < count; t++)
