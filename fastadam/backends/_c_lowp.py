@@ -1,8 +1,9 @@
 """C backend's low-precision loops (csrc/fastadam_lowp.h, issue 17), through cffi.
 
-The same library as :mod:`fastadam.backends.c`, opened with its own FFI
-(the declarations of fastadam_lowp.h); the callers (fastadam._lowp) have
-checked every array.
+The library :mod:`fastadam.backends.c` loads, with the declaration of
+fastadam_lowp.h's entry point added to its FFI (cffi resolves a function of
+an opened library at first use, so a later ``cdef`` is fine; fastadam._q8's
+C calls do the same). The callers (fastadam._lowp) have checked every array.
 """
 
 from __future__ import annotations
@@ -11,43 +12,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from cffi import FFI
 
 from .._lowp import KINDS
 from .._scalars import AdamScalars
 from .._table import address
-from . import c as _c
+from .c import _raise_code, ffi, lib
 
-_CDEF = """
-typedef struct fa_adam_scalars {
-    double step_size;
-    double bias_correction2_sqrt;
-    double eps;
-    double one_minus_beta1;
-    double beta2;
-    double one_minus_beta2;
-    double weight_decay;
-    double decay;
-    double grad_scale;
-    int unscale;
-    int maximize;
-    int amsgrad;
-    int state_rounding;
-    uint32_t rounding_key;
-} fa_adam_scalars;
-
+ffi.cdef("""
 int fa_adam_lowp_multi(int kind, int param_rounding, int64_t count,
                        void *const *param, void *const *grad, void *const *exp_avg,
                        void *const *exp_avg_sq, void *const *max_exp_avg_sq,
                        void *const *copy, const int64_t *n,
                        const fa_adam_scalars *scalars, int64_t n_scalars,
                        const void *scalar_index, const void *rounding_keys);
-const char *fa_strerror(int code);
-"""
-
-ffi = FFI()
-ffi.cdef(_CDEF)
-lib = ffi.dlopen(_c._library_candidates()[0])
+""")
 _fn = lib.fa_adam_lowp_multi
 
 
@@ -79,6 +57,4 @@ def step_rows(
         structs, len(scalars), idx, k,
     )  # fmt: skip
     if rc:
-        raise RuntimeError(
-            f"fastadam C kernel failed with code {rc}: {ffi.string(lib.fa_strerror(rc)).decode()}"
-        )
+        _raise_code(rc)
