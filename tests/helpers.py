@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import io
 import itertools
 import json
 import os
@@ -11,6 +15,7 @@ import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -283,3 +288,28 @@ def c_digests_per_isa(test_file: str, cwd) -> dict[str, dict]:
         assert proc.returncode == 0, proc.stderr
         results[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+#: The runnable examples (they import one another by module name).
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def import_example(name: str):
+    """The module of ``examples/<name>.py``."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+@functools.cache
+def torch_digits_accuracy(*args: str) -> float:
+    """The test accuracy ``examples/torch_digits.py ARGS`` prints last; each argument
+    list runs once per test session (the float32 baseline serves every state dtype)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert import_example("torch_digits").main(list(args)) == 0
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("test accuracy: "), last
+    return float(last.split(": ")[1])

@@ -10,13 +10,18 @@ of (seed, step, element index).
 from __future__ import annotations
 
 import pickle
-import sys
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import OPTION_COMBOS, assert_bit_identical, bits, combo_id
+from helpers import (
+    OPTION_COMBOS,
+    assert_bit_identical,
+    bits,
+    combo_id,
+    import_example,
+    torch_digits_accuracy,
+)
 
 import fastadam
 from fastadam.backends import reference
@@ -370,16 +375,10 @@ def test_bad_rounding_arguments(backend, kwargs, exc, word):
 
 # --- accuracy: the digits CNN trains as well with bf16 states ----------------------
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
 
 def test_digits_cnn_trains_to_the_same_accuracy_with_bf16_states():
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import train_digits_cnn as cnn
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    cnn = import_example("train_digits_cnn")
     data = cnn.load_data(0, cnn.DEFAULT_TEST_FRACTION)
     acc = {}
     for dtype in (None, "bfloat16"):
@@ -442,20 +441,12 @@ def test_torch_dropin_bf16_needs_float32_params():
         ft.Adam([p], state_dtype=torch.float16)
 
 
-def test_torch_digits_example_trains_to_the_same_accuracy_with_bf16_states(capsys):
+def test_torch_digits_example_trains_to_the_same_accuracy_with_bf16_states():
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import torch_digits
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    acc = {}
-    for dtype in ("float32", "bfloat16"):
-        assert torch_digits.main(["--state-dtype", dtype]) == 0
-        last = capsys.readouterr().out.strip().splitlines()[-1]
-        assert last.startswith("test accuracy: ")
-        acc[dtype] = float(last.split(": ")[1])
+    acc = {
+        dtype: torch_digits_accuracy("--state-dtype", dtype) for dtype in ("float32", "bfloat16")
+    }
     # float32 states: 0.975-0.981 over seeds 0-2 with these defaults.
     assert acc["float32"] >= 0.97 and acc["bfloat16"] >= 0.97
     assert abs(acc["bfloat16"] - acc["float32"]) <= 0.01
