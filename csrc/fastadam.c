@@ -398,19 +398,6 @@ static inline __attribute__((always_inline)) int fa_check_job(const fa_job *job,
     return FA_OK;
 }
 
-/* The double scalars rounded to float once, by C's conversion (round to
- * nearest even, like NumPy's float64 -> float32 cast). The kernels divide by
- * bias_correction2_sqrt b through its reciprocal RN(1/b), in T, where that is
- * exact: b in [2^-40, 2] (fastadam_kernel_impl.h, div_bc2); else 0 says divide. */
-#define FA_BC2_RCP(T, b) ((b) >= (T)0x1p-40 && (b) <= (T)2 ? (T)1 / (b) : (T)0)
-#define FA_ROUND_SCALARS(T, sc)                                                            \
-    {                                                                                      \
-        (T)(sc)->step_size,       (T)(sc)->bias_correction2_sqrt, (T)(sc)->eps,            \
-        (T)(sc)->one_minus_beta1, (T)(sc)->beta2,                 (T)(sc)->one_minus_beta2, \
-        (T)(sc)->weight_decay,    (T)(sc)->decay,                 (T)(sc)->grad_scale,     \
-        FA_BC2_RCP(T, (T)(sc)->bias_correction2_sqrt),                                     \
-    }
-
 /* Elements [lo, hi) of tensor t, on the calling thread, by the kernel its
  * scalars select. bf16 pieces pass their global start, so the random bits (a
  * function of the index in the tensor) do not depend on how it was split.

@@ -24,6 +24,19 @@ typedef struct fa_scalars_f64 {
         bias_correction2_rcp; /* RN(1 / bias_correction2_sqrt), or 0: divide (see div_bc2) */
 } fa_scalars_f64;
 
+/* The double scalars rounded to float once, by C's conversion (round to
+ * nearest even, like NumPy's float64 -> float32 cast). The kernels divide by
+ * bias_correction2_sqrt b through its reciprocal RN(1/b), in T, where that is
+ * exact: b in [2^-40, 2] (fastadam_kernel_impl.h, div_bc2); else 0 says divide. */
+#define FA_BC2_RCP(T, b) ((b) >= (T)0x1p-40 && (b) <= (T)2 ? (T)1 / (b) : (T)0)
+#define FA_ROUND_SCALARS(T, sc)                                                            \
+    {                                                                                      \
+        (T)(sc)->step_size,       (T)(sc)->bias_correction2_sqrt, (T)(sc)->eps,            \
+        (T)(sc)->one_minus_beta1, (T)(sc)->beta2,                 (T)(sc)->one_minus_beta2, \
+        (T)(sc)->weight_decay,    (T)(sc)->decay,                 (T)(sc)->grad_scale,     \
+        FA_BC2_RCP(T, (T)(sc)->bias_correction2_sqrt),                                     \
+    }
+
 /* A kernel updates elements [0, n) of its (non-overlapping) arrays. vmax is
  * only touched by the amsgrad specialisations. */
 typedef void (*fa_kernel_f32)(float *param, float *grad, float *exp_avg, float *exp_avg_sq,

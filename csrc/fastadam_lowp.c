@@ -132,11 +132,7 @@ static int fa_lp_check(const fa_lp_job *job, int64_t n_scalars, int64_t *total)
 static void fa_lp_piece_run(const fa_lp_job *job, int64_t t, int64_t lo, int64_t hi)
 {
     const fa_adam_scalars *sc = fa_lp_scalars_of(job, t);
-    const fa_scalars_f32 s = {
-        (float)sc->step_size, (float)sc->bias_correction2_sqrt, (float)sc->eps,
-        (float)sc->one_minus_beta1, (float)sc->beta2, (float)sc->one_minus_beta2,
-        (float)sc->weight_decay, (float)sc->decay, (float)sc->grad_scale, 0.0f,
-    };
+    const fa_scalars_f32 s = FA_ROUND_SCALARS(float, sc);
     const int flags = (sc->weight_decay != 0.0 ? FA_F_L2 : 0) | (sc->amsgrad ? FA_F_AMSGRAD : 0) |
                       (sc->unscale ? FA_F_UNSCALE : 0) | (sc->maximize ? FA_F_MAXIMIZE : 0);
     const size_t *es = FA_LP_ELSIZE[job->kind];

@@ -129,7 +129,10 @@ static inline __attribute__((always_inline)) void fa_lp_element(
         second = (old > v || old != old) ? old : v;
         fa_lp_store(pc->max_exp_avg_sq, i, st, second);
     }
-    const float denom = sqrtf(second) / c.bias_correction2_sqrt + c.eps;
+    /* the division by bias_correction2_sqrt through its reciprocal, bit for
+     * bit the division (fastadam_kernel_impl.h's div_bc2): on CPUs with a slow
+     * divider (AVX2) two divides per element bound the loop */
+    const float denom = div_bc2_f32(sqrtf(second), c) + c.eps;
     p = p - c.step_size * m / denom;
     /* the rounded parameter: the copy's (master weights), or the bfloat16
      * parameter's own with stochastic rounding */
