@@ -27,8 +27,15 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 _gbps_key = pytest.StashKey[list]()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_gbps_key] = []
+    # pyproject.toml's addopts spread the tests over worker processes
+    # (pytest-xdist, ``-n auto``); benchmarks run in this one process, alone,
+    # or pytest-benchmark switches itself off.
+    if hasattr(config.option, "numprocesses"):
+        config.option.numprocesses = 0
+        config.option.dist = "no"
 
 
 def _require_backend(name: str) -> None:

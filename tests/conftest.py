@@ -4,10 +4,32 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from helpers import FAST_BACKENDS, fast_backends_required
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two worker processes share the cores, each with its own OpenMP pool
+    # (fastadam's C library, torch): a thread spinning while it waits for a
+    # descheduled one wastes the other worker's core. Waiting threads sleep
+    # (set before fastadam's library, and libgomp with it, is loaded).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import fastadam
+import pytest  # noqa: E402
+from helpers import FAST_BACKENDS, fast_backends_required  # noqa: E402
+
+import fastadam  # noqa: E402
+
+#: The modules that take longest (a wheel, a library sanitized, cross-compiled
+#: or without OpenMP, the docs, Numba's compiles), longest first. pytest-xdist
+#: hands out whole modules (pyproject.toml: ``--dist loadfile``, so each builds
+#: its module-scoped fixtures once) in collection order: these go first, so
+#: that the short ones fill the other workers' time meanwhile instead of one
+#: long module running alone at the end.
+_FIRST = ("test_wheel", "test_c_sanitizers", "test_lowp", "test_c_aarch64", "test_docs",
+          "test_bf16", "test_multi", "test_backends", "test_c_no_openmp")  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(_FIRST)))  # stable
 
 
 def _backend_params(names):

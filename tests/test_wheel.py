@@ -17,15 +17,16 @@ missing header, a C compiler needed at import -- fails here. The dependencies
 (NumPy, Numba, torch, pytest ...) are not installed again: a ``.pth`` file puts
 this environment's site-packages *after* the fresh one's, and the checks assert
 that ``fastadam`` and its library are the wheel's. The tests run there are the
-ones that exercise what the wheel carries, chosen for their run time (about
-40 s of the test's 1.5-2 min on 2 cores, the build being most of the rest):
+ones that exercise what the wheel carries, chosen for their run time:
 
 * ``test_c_kernel.py``: the library is the installed one; every compiled ISA
   variant, forced in its own process, gives the NumPy reference's bits on every
   case; the thread count API, threaded steps bit-identical, a step after fork()
   (all through the vendored libgomp);
-* ``test_backends.py``: the registry and ``auto``'s rule, Numba included, in
-  that environment.
+* the registry, Numba included, by the probe (``available_backends()``);
+  Numba's loops themselves are the same Python files as in the sdist and are
+  tested by the rest of the suite (compiling them again in the fresh
+  environment took half of this test's time).
 
 Also here, each a few seconds: ``FASTADAM_SKIP_C=1`` builds a pure-Python wheel
 without a compiler or CMake, whose C backend says why it is missing while
@@ -76,11 +77,11 @@ _UNSET = ("FASTADAM_C_LIBRARY", "FASTADAM_ISA", "FASTADAM_BACKEND", "PYTHONPATH"
 #: -k filters both files, hence test_backends (the module's name) in it.
 WHEEL_TESTS = [
     "tests/test_c_kernel.py",
-    "tests/test_backends.py",
     "-k",
-    # test_backends' case table is left out: in a fresh environment it would
-    # compile every Numba loop again (~35 s); the C ISA variants cover the wheel.
-    "(test_backends and not case_table) or library or best_isa or isa_variants or thread or fork",
+    "library or best_isa or isa_variants or thread or fork",
+    # in this process: the suite around this test already fills the cores
+    "-n",
+    "0",
 ]
 
 
