@@ -19,8 +19,9 @@ state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) has exactly
 optimizers and torch's.
 
 Supported: float32/float64 dense CPU tensors that are contiguous (their
-gradients and states too), and bfloat16/float16 ones (with ``master_weights``
-or torch's fused update; see fastadam._torch_lowp). Anything else (CUDA or
+gradients and states too), and bfloat16/float16 ones (torch's fused update,
+with moments of their dtype or of ``state_dtype``, or ``master_weights``; see
+fastadam._torch_lowp). Anything else (CUDA or
 meta tensors, complex, sparse gradients, non-contiguous tensors) raises an error
 that names the parameter and the problem, before any parameter is updated.
 
