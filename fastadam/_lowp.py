@@ -467,7 +467,9 @@ def step_rows(
 ) -> None:
     """Every tensor of ``rows`` (all of ``kind``, checked) stepped by ``backend``'s
     low-precision loop: one call over all of them. ``index``/``keys`` as in
-    fastadam._table (None: ``scalars[0]``; no stochastic rounding)."""
+    fastadam._table (None: ``scalars[0]``; no stochastic rounding); ``rounding``:
+    the bits :data:`PARAM_STOCHASTIC` | :data:`STATE_STOCHASTIC` (:func:`rounding_of`;
+    the second only for kinds with bfloat16 moments)."""
     name = backends.get(backend).NAME if backend != "auto" else _auto_name()
     if name == "c":
         from .backends import _c_lowp
