@@ -505,8 +505,9 @@ def _f16_neighbours(x):
 
 @pytest.mark.parametrize(
     "x",
-    [1.0 + 0.3 * 2.0**-10, -1000.37, 3.1e-5 + 0.77 * 2.0**-24,  # normal results
-     5.3 * 2.0**-24, -0.7 * 2.0**-24, 2.0**-14 - 0.4 * 2.0**-24, 1.01 * 2.0**-31],  # subnormal
+    [1.0 + 0.3 * 2.0**-10, -1000.37, 0.0123,  # normal results
+     3.1e-5 + 0.77 * 2.0**-24, 5.3 * 2.0**-24, -0.7 * 2.0**-24,  # subnormal ones
+     2.0**-14 - 0.4 * 2.0**-24, 1.01 * 2.0**-31],
 )  # fmt: skip
 def test_float16_stochastic_rounding_is_unbiased(x):
     """2**16 copies of a value between two float16 numbers, each with its own random
