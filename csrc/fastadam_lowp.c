@@ -50,10 +50,17 @@ static void fa_lp_init(void)
 /* element sizes of param, grad, moments, copy by kind */
 static const size_t FA_LP_ELSIZE[FA_LOWP_N_KINDS][4] = {
     {2, 2, 2, 0}, {2, 2, 2, 0}, {4, 4, 4, 2}, {4, 2, 4, 2}, {4, 4, 4, 2}, {4, 2, 4, 2},
+    {2, 2, 4, 0}, {2, 2, 4, 0}, {2, 2, 2, 0},
 };
 
+/* whether a kind has a copy (the master kinds) */
+static int fa_lp_has_copy(int kind)
+{
+    return kind >= FA_LOWP_MASTER_BF16 && kind <= FA_LOWP_MASTER_F16_G;
+}
+
 typedef struct fa_lp_job {
-    int kind, stochastic;
+    int kind, rounding;
     int64_t count;
     void *const *table[6];
     const int64_t *n;
@@ -80,7 +87,7 @@ static int fa_lp_check(const fa_lp_job *job, int64_t n_scalars, int64_t *total)
     for (int r = 0; r < 4; r++)
         if (job->table[r] == NULL)
             return FA_ERR_NULL;
-    if (job->n == NULL || (job->kind >= FA_LOWP_MASTER_BF16 && job->table[5] == NULL))
+    if (job->n == NULL || (fa_lp_has_copy(job->kind) && job->table[5] == NULL))
         return FA_ERR_NULL;
     *total = 0;
     if (job->count == 0)
@@ -93,7 +100,7 @@ static int fa_lp_check(const fa_lp_job *job, int64_t n_scalars, int64_t *total)
             return FA_ERR_INDEX;
     }
     int64_t sum = 0;
-    const int copy = job->kind >= FA_LOWP_MASTER_BF16;
+    const int copy = fa_lp_has_copy(job->kind);
     for (int64_t t = 0; t < job->count; t++) {
         const fa_adam_scalars *sc = fa_lp_scalars_of(job, t);
         const int64_t n = job->n[t];
@@ -141,11 +148,11 @@ static void fa_lp_piece_run(const fa_lp_job *job, int64_t t, int64_t lo, int64_t
     fa_lowp_piece pc = {
         FA_LP_AT(0, es[0]), FA_LP_AT(1, es[1]), FA_LP_AT(2, es[2]), FA_LP_AT(3, es[2]),
         sc->amsgrad ? FA_LP_AT(4, es[2]) : NULL,
-        job->kind >= FA_LOWP_MASTER_BF16 ? FA_LP_AT(5, es[3]) : NULL,
+        fa_lp_has_copy(job->kind) ? FA_LP_AT(5, es[3]) : NULL,
         hi - lo, lo, job->keys != NULL ? job->keys[t] : sc->rounding_key,
     };
 #undef FA_LP_AT
-    g_lp_table->k[job->kind][job->stochastic](&pc, &s, flags);
+    g_lp_table->k[job->kind][job->rounding](&pc, &s, flags);
 }
 
 #if defined(_OPENMP)
@@ -173,13 +180,12 @@ int fa_adam_lowp_multi(int kind, int param_rounding, int64_t count, void *const 
 {
     if (kind < 0 || kind >= FA_LOWP_N_KINDS)
         return FA_ERR_ROUNDING;
-    if (param_rounding != FA_LOWP_NEAREST && param_rounding != FA_LOWP_STOCHASTIC)
+    if (param_rounding & ~(FA_LOWP_STOCHASTIC | FA_LOWP_STOCHASTIC_STATE))
         return FA_ERR_ROUNDING;
     pthread_once(&g_lp_once, fa_lp_init);
-    const int stochastic = param_rounding == FA_LOWP_STOCHASTIC;
-    if (g_lp_table->k[kind][stochastic] == NULL)
+    if (g_lp_table->k[kind][param_rounding] == NULL)
         return FA_ERR_ROUNDING;
-    const fa_lp_job job = {kind, stochastic, count,
+    const fa_lp_job job = {kind, param_rounding, count,
                            {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, copy},
                            n, scalars, scalar_index, rounding_keys};
     int64_t total;

@@ -24,10 +24,10 @@ typedef struct fa_lowp_piece {
 typedef void (*fa_lowp_kernel)(const fa_lowp_piece *pc, const fa_scalars_f32 *s, int flags);
 
 /* Kinds; the values are those of fastadam_lowp.h's FA_LOWP_*. */
-#define FA_LOWP_N_KINDS 6
+#define FA_LOWP_N_KINDS 9
 
 typedef struct fa_lowp_table {
-    fa_lowp_kernel k[FA_LOWP_N_KINDS][2]; /* [kind][stochastic copy rounding]; NULL: none */
+    fa_lowp_kernel k[FA_LOWP_N_KINDS][4]; /* [kind][rounding bits, fastadam_lowp.h]; NULL: none */
 } fa_lowp_table;
 
 #define FA_LOWP_TABLE_NAME_(v) fa_lowp_kernels_##v

@@ -50,6 +50,38 @@ static inline uint32_t fa_lp_round_f16(float x)
     return sign | h;
 }
 
+/*
+ * float32 -> float16 bits, rounded stochastically with 32 random bits r
+ * (fastadam._lowp.round_f16_stochastic is the definition): up with
+ * probability equal to the discarded fraction of the gap, so the result's
+ * expectation is x. a = |x| bits. NaN: as nearest. a >= 0x47800000 (|x| >=
+ * 65536, Inf included): Inf. Normal results (a >= 0x38800000, |x| >= 2^-14):
+ * h = (a - 0x38000000 + (r & 0x1FFF)) >> 13 (a carry past 65504 gives Inf,
+ * 0x7C00). Subnormal results: e = a >> 23; e < 95 (|x| < 2^-32) gives a
+ * signed zero (a bias below 2^-32 in magnitude); else s = 126 - e in [14, 31],
+ * m = the 24-bit significand, h = (m >> s) + (((m & (2^s-1)) + (r & (2^s-1))) >> s)
+ * (a carry out of 0x3FF gives 0x400, the smallest normal, as it should).
+ */
+static inline uint32_t fa_lp_round_f16_sr(float x, uint32_t r)
+{
+    const uint32_t u = fa_f32_bits(x);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;
+    const uint32_t nrm = (a - 0x38000000u + (r & 0x1FFFu)) >> 13;
+    const uint32_t e = a >> 23;
+    /* clamped for the other lanes too (a shift by 32 or more is undefined) */
+    const uint32_t s = e < 95u ? 31u : e > 112u ? 14u : 126u - e;
+    const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
+    const uint32_t mask = (1u << s) - 1u;
+    const uint32_t sub = e < 95u ? 0u : (m >> s) + (((m & mask) + (r & mask)) >> s);
+    const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
+    const uint32_t h = a > 0x7F800000u  ? nan
+                       : a >= 0x47800000u ? 0x7C00u
+                       : a >= 0x38800000u ? nrm
+                                          : sub;
+    return sign | h;
+}
+
 static inline __attribute__((always_inline)) float fa_lp_load(const void *a, int64_t i, int t)
 {
     if (t == FA_LP_F32)
@@ -84,11 +116,38 @@ static inline __attribute__((always_inline)) void fa_lp_store(void *a, int64_t i
  * follow torch's fused loop (three FMAs, see below). In both, the moments
  * are rounded when stored but the update uses their float32 values, and the
  * unscaled gradient is written back rounded and used unrounded, as torch does.
+ *
+ * psr: the rounded parameter (the copy's, or a low-precision parameter's own)
+ * is rounded stochastically with r, the element's 32 random bits (bfloat16:
+ * r & 0xFFFF; float16: fa_lp_round_f16_sr). ssr (bfloat16 moments only): the
+ * moments are rounded stochastically with r2 = mix32(r): exp_avg with
+ * r2 & 0xFFFF, exp_avg_sq and max_exp_avg_sq with r2 >> 16 (so a max that is
+ * v stores what exp_avg_sq stores, as the float32-parameter bfloat16 kernel's
+ * does; a max that is the old value is a bfloat16 value, stored exactly).
  */
+static inline __attribute__((always_inline)) uint32_t fa_lp_bits(float x, int t, int sr,
+                                                                 uint32_t r)
+{
+    if (!sr)
+        return fa_lp_nearest_bits(x, t);
+    if (t == FA_LP_BF16)
+        return fa_round_bf16(fa_f32_bits(x), r & 0xFFFFu);
+    return fa_lp_round_f16_sr(x, r);
+}
+
+static inline __attribute__((always_inline)) void fa_lp_store_sr(void *a, int64_t i, int t,
+                                                                 float x, int sr, uint32_t r)
+{
+    if (t == FA_LP_F32)
+        ((float *)a)[i] = x;
+    else
+        ((uint16_t *)a)[i] = (uint16_t)fa_lp_bits(x, t, sr, r);
+}
+
 static inline __attribute__((always_inline)) void fa_lp_element(
     const fa_lowp_piece *restrict pc, int64_t i, const fa_scalars_f32 c, const int pt,
-    const int gt, const int st, const int ct, const int stochastic, const int l2, const int ams,
-    const int unscale, const int maximize)
+    const int gt, const int st, const int ct, const int psr, const int ssr, const int l2,
+    const int ams, const int unscale, const int maximize)
 {
     float g = fa_lp_load(pc->grad, i, gt);
     if (unscale) {
@@ -121,42 +180,38 @@ static inline __attribute__((always_inline)) void fa_lp_element(
         m = m_old + (g - m_old) * c.one_minus_beta1;
         v = v_old * c.beta2 + c.one_minus_beta2 * g * g;
     }
-    fa_lp_store(pc->exp_avg, i, st, m);
-    fa_lp_store(pc->exp_avg_sq, i, st, v);
+    uint32_t r = 0, r2 = 0;
+    if (psr || ssr) {
+        const uint64_t idx = (uint64_t)(pc->first_index + i);
+        r = fa_mix32((uint32_t)idx ^ fa_mix32(pc->key ^ (uint32_t)(idx >> 32)));
+        if (ssr)
+            r2 = fa_mix32(r);
+    }
+    fa_lp_store_sr(pc->exp_avg, i, st, m, ssr, r2);
+    fa_lp_store_sr(pc->exp_avg_sq, i, st, v, ssr, r2 >> 16);
     float second = v;
     if (ams) {
         const float old = fa_lp_load(pc->max_exp_avg_sq, i, st);
         second = (old > v || old != old) ? old : v;
-        fa_lp_store(pc->max_exp_avg_sq, i, st, second);
+        fa_lp_store_sr(pc->max_exp_avg_sq, i, st, second, ssr, r2 >> 16);
     }
     /* the division by bias_correction2_sqrt through its reciprocal, bit for
      * bit the division (fastadam_kernel_impl.h's div_bc2): on CPUs with a slow
      * divider (AVX2) two divides per element bound the loop */
     const float denom = div_bc2_f32(sqrtf(second), c) + c.eps;
     p = p - c.step_size * m / denom;
-    /* the rounded parameter: the copy's (master weights), or the bfloat16
-     * parameter's own with stochastic rounding */
-    uint32_t bits = 0;
-    if (stochastic) {
-        const uint64_t idx = (uint64_t)(pc->first_index + i);
-        const uint32_t r = fa_mix32((uint32_t)idx ^ fa_mix32(pc->key ^ (uint32_t)(idx >> 32)));
-        bits = fa_round_bf16(fa_f32_bits(p), r & 0xFFFFu);
-    } else if (ct >= 0) {
-        bits = fa_lp_nearest_bits(p, ct);
-    }
+    /* the rounded parameter: the copy's (master weights), or the parameter's own */
     if (ct >= 0) {
         fa_lp_store(pc->param, i, pt, p);
-        ((uint16_t *)pc->copy)[i] = (uint16_t)bits;
-    } else if (stochastic) {
-        ((uint16_t *)pc->param)[i] = (uint16_t)bits;
+        ((uint16_t *)pc->copy)[i] = (uint16_t)fa_lp_bits(p, ct, psr, r);
     } else {
-        fa_lp_store(pc->param, i, pt, p);
+        fa_lp_store_sr(pc->param, i, pt, p, psr, r);
     }
 }
 
 static inline __attribute__((always_inline)) void fa_lp_body(
     const fa_lowp_piece *restrict pc, const fa_scalars_f32 *s, const int pt, const int gt,
-    const int st, const int ct, const int stochastic, const int l2, const int ams,
+    const int st, const int ct, const int psr, const int ssr, const int l2, const int ams,
     const int unscale, const int maximize)
 {
     const fa_scalars_f32 c = *s;
@@ -166,39 +221,55 @@ static inline __attribute__((always_inline)) void fa_lp_body(
 #pragma GCC ivdep
 #endif
     for (int64_t i = 0; i < n; i++)
-        fa_lp_element(&q, i, c, pt, gt, st, ct, stochastic, l2, ams, unscale, maximize);
+        fa_lp_element(&q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize);
 }
 
-/* One function per (kind, rounding): the common flag-free case as its own
- * loop, every other combination through one loop with the flags as values. */
-#define FA_LP_DEFINE(name, pt, gt, st, ct, sr)                                               \
+/* One function per (kind, roundings): the common flag-free case as its own
+ * loop, every other combination through one loop with the flags as values.
+ * psr/ssr: stochastic rounding of the parameter (or copy) / of the moments. */
+#define FA_LP_DEFINE(name, pt, gt, st, ct, psr, ssr)                                         \
     static void name(const fa_lowp_piece *pc, const fa_scalars_f32 *s, int flags)          \
     {                                                                                      \
         if (flags == 0)                                                                    \
-            fa_lp_body(pc, s, pt, gt, st, ct, sr, 0, 0, 0, 0);                             \
+            fa_lp_body(pc, s, pt, gt, st, ct, psr, ssr, 0, 0, 0, 0);                       \
         else if (flags == FA_F_L2)                                                         \
-            fa_lp_body(pc, s, pt, gt, st, ct, sr, 1, 0, 0, 0);                             \
+            fa_lp_body(pc, s, pt, gt, st, ct, psr, ssr, 1, 0, 0, 0);                       \
         else                                                                               \
-            fa_lp_body(pc, s, pt, gt, st, ct, sr, (flags & FA_F_L2) != 0,                  \
+            fa_lp_body(pc, s, pt, gt, st, ct, psr, ssr, (flags & FA_F_L2) != 0,            \
                        (flags & FA_F_AMSGRAD) != 0, (flags & FA_F_UNSCALE) != 0,           \
                        (flags & FA_F_MAXIMIZE) != 0);                                      \
     }
 
-FA_LP_DEFINE(fa_lp_bf16, FA_LP_BF16, FA_LP_BF16, FA_LP_BF16, -1, 0)
-FA_LP_DEFINE(fa_lp_bf16_sr, FA_LP_BF16, FA_LP_BF16, FA_LP_BF16, -1, 1)
-FA_LP_DEFINE(fa_lp_f16, FA_LP_F16, FA_LP_F16, FA_LP_F16, -1, 0)
-FA_LP_DEFINE(fa_lp_master_bf16, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_BF16, 0)
-FA_LP_DEFINE(fa_lp_master_bf16_sr, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_BF16, 1)
-FA_LP_DEFINE(fa_lp_master_bf16_g, FA_LP_F32, FA_LP_BF16, FA_LP_F32, FA_LP_BF16, 0)
-FA_LP_DEFINE(fa_lp_master_bf16_g_sr, FA_LP_F32, FA_LP_BF16, FA_LP_F32, FA_LP_BF16, 1)
-FA_LP_DEFINE(fa_lp_master_f16, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_F16, 0)
-FA_LP_DEFINE(fa_lp_master_f16_g, FA_LP_F32, FA_LP_F16, FA_LP_F32, FA_LP_F16, 0)
+/* both roundings nearest / the parameter's stochastic, and for bfloat16
+ * moments the same two with stochastic moments */
+#define FA_LP_DEFINE2(name, pt, gt, st, ct)                                                  \
+    FA_LP_DEFINE(name, pt, gt, st, ct, 0, 0)                                               \
+    FA_LP_DEFINE(name##_sr, pt, gt, st, ct, 1, 0)
+#define FA_LP_DEFINE4(name, pt, gt, st, ct)                                                  \
+    FA_LP_DEFINE2(name, pt, gt, st, ct)                                                    \
+    FA_LP_DEFINE(name##_ss, pt, gt, st, ct, 0, 1)                                          \
+    FA_LP_DEFINE(name##_sr_ss, pt, gt, st, ct, 1, 1)
 
+FA_LP_DEFINE4(fa_lp_bf16, FA_LP_BF16, FA_LP_BF16, FA_LP_BF16, -1)
+FA_LP_DEFINE2(fa_lp_f16, FA_LP_F16, FA_LP_F16, FA_LP_F16, -1)
+FA_LP_DEFINE2(fa_lp_master_bf16, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_BF16)
+FA_LP_DEFINE2(fa_lp_master_bf16_g, FA_LP_F32, FA_LP_BF16, FA_LP_F32, FA_LP_BF16)
+FA_LP_DEFINE2(fa_lp_master_f16, FA_LP_F32, FA_LP_F32, FA_LP_F32, FA_LP_F16)
+FA_LP_DEFINE2(fa_lp_master_f16_g, FA_LP_F32, FA_LP_F16, FA_LP_F32, FA_LP_F16)
+FA_LP_DEFINE2(fa_lp_bf16_s32, FA_LP_BF16, FA_LP_BF16, FA_LP_F32, -1)
+FA_LP_DEFINE2(fa_lp_f16_s32, FA_LP_F16, FA_LP_F16, FA_LP_F32, -1)
+FA_LP_DEFINE4(fa_lp_f16_sbf16, FA_LP_F16, FA_LP_F16, FA_LP_BF16, -1)
+
+/* [kind][rounding]: rounding is fastadam_lowp.h's FA_LOWP_STOCHASTIC (1) |
+ * FA_LOWP_STOCHASTIC_STATE (2); NULL where the moments are not bfloat16 */
 const fa_lowp_table FA_LOWP_TABLE_NAME(FA_VARIANT) = {{
-    {fa_lp_bf16, fa_lp_bf16_sr},
-    {fa_lp_f16, NULL},
-    {fa_lp_master_bf16, fa_lp_master_bf16_sr},
-    {fa_lp_master_bf16_g, fa_lp_master_bf16_g_sr},
-    {fa_lp_master_f16, NULL},
-    {fa_lp_master_f16_g, NULL},
+    {fa_lp_bf16, fa_lp_bf16_sr, fa_lp_bf16_ss, fa_lp_bf16_sr_ss},
+    {fa_lp_f16, fa_lp_f16_sr, NULL, NULL},
+    {fa_lp_master_bf16, fa_lp_master_bf16_sr, NULL, NULL},
+    {fa_lp_master_bf16_g, fa_lp_master_bf16_g_sr, NULL, NULL},
+    {fa_lp_master_f16, fa_lp_master_f16_sr, NULL, NULL},
+    {fa_lp_master_f16_g, fa_lp_master_f16_g_sr, NULL, NULL},
+    {fa_lp_bf16_s32, fa_lp_bf16_s32_sr, NULL, NULL},
+    {fa_lp_f16_s32, fa_lp_f16_s32_sr, NULL, NULL},
+    {fa_lp_f16_sbf16, fa_lp_f16_sbf16_sr, fa_lp_f16_sbf16_ss, fa_lp_f16_sbf16_sr_ss},
 }};

@@ -2,25 +2,37 @@
 
 Two new kinds of step, beside fastadam._table's float32/float64/bfloat16-state ones:
 
-* **bfloat16 or float16 parameters**, with gradients and moments of the same
-  dtype (as ``torch.optim.AdamW(fused=True)`` keeps them). The math runs in
-  float32 in the order of torch's fused CPU loop as it runs, three of its
-  multiply-adds fused (its compiler contracts them; measured, see
+* **bfloat16 or float16 parameters**, with gradients of the same dtype and
+  moments of the parameter's dtype (as ``torch.optim.AdamW(fused=True)`` keeps
+  them), or float32 moments, or (float16 parameters) bfloat16 moments. The
+  math runs in float32 in the order of torch's fused CPU loop as it runs,
+  three of its multiply-adds fused (its compiler contracts them; measured, see
   :func:`_reference_step`): ``g = fma(p, wd, g)`` (Adam's L2),
   ``m = fma(1-β1, g-m, m)`` (torch's lerp; ``fma(-β1, g-m, g)`` for
-  ``1-β1 >= 0.5``), ``v = fma((1-β2)·g, g, v·β2)``; the moments are rounded to nearest-even
-  when stored, but the parameter update uses their float32 values, as torch's
-  fused CPU kernel (``FusedAdamKernel.cpp``, reduced floating types) does; the
-  parameter is rounded to nearest-even, or for bfloat16 stochastically.
+  ``1-β1 >= 0.5``), ``v = fma((1-β2)·g, g, v·β2)``; float32 moments are stored
+  exactly, bfloat16/float16 ones rounded to nearest-even (bfloat16 moments
+  optionally stochastically), but the parameter update uses their float32
+  values, as torch's fused CPU kernel (``FusedAdamKernel.cpp``, reduced
+  floating types) does; the parameter is rounded to nearest-even or
+  stochastically.
 * **float32 master weights** with a low-precision copy: a float32 ``param``
   (gradient float32 or of the copy's dtype, float32 moments) is updated as by a
-  float32 step, and its new value, rounded to the copy's dtype (nearest-even,
-  or for bfloat16 stochastically), is written to ``param_copy`` in the same
-  pass: one read of the master, one write of each.
+  float32 step, and its new value, rounded to the copy's dtype (nearest-even
+  or stochastically), is written to ``param_copy`` in the same pass: one read
+  of the master, one write of each.
 
 Stochastic rounding uses the counter hash of the bfloat16 states
 (:class:`fastadam._scalars.AdamScalars`): the 32 bits ``r`` of element ``i``
-under the key ``rounding_key(seed, step)``; the parameter takes ``r & 0xFFFF``.
+under the key ``rounding_key(seed, step)``. The rounded parameter takes
+``r``: bfloat16 ``r & 0xFFFF`` (:func:`fastadam.backends.reference.round_to_bf16`),
+float16 :func:`round_f16_stochastic`. Stochastically rounded bfloat16 moments
+take ``r2 = mix32(r)``: ``exp_avg`` ``r2 & 0xFFFF``, ``exp_avg_sq`` and
+``max_exp_avg_sq`` ``r2 >> 16`` (the max stores ``max(old, v)`` with v's bits:
+when v wins it stores what ``exp_avg_sq`` stores, as the float32-parameter
+bfloat16 kernel's max does; the old value, a bfloat16 value, is stored exactly).
+The rounding code passed to the backends is a bit set: :data:`PARAM_STOCHASTIC`
+(1) for the parameter, :data:`STATE_STOCHASTIC` (2) for bfloat16 moments, as
+fastadam_lowp.h's ``FA_LOWP_STOCHASTIC``/``FA_LOWP_STOCHASTIC_STATE``.
 
 The scalars are the float32 step's (torch's form of the bias corrections):
 ``compute_scalars(..., state_rounding=STATE_SAME_DTYPE)``.
@@ -55,6 +67,9 @@ KIND_MASTER_BF16 = "master_bfloat16"
 KIND_MASTER_BF16_G = "master_bfloat16_lowp_grad"
 KIND_MASTER_F16 = "master_float16"
 KIND_MASTER_F16_G = "master_float16_lowp_grad"
+KIND_BF16_PARAMS_S32 = "bfloat16_params_float32_states"
+KIND_F16_PARAMS_S32 = "float16_params_float32_states"
+KIND_F16_PARAMS_SBF16 = "float16_params_bfloat16_states"
 
 
 class KindInfo(NamedTuple):
@@ -72,12 +87,22 @@ KINDS: dict[str, KindInfo] = {
     KIND_MASTER_BF16_G: KindInfo(3, FLOAT32, BFLOAT16, FLOAT32, BFLOAT16),
     KIND_MASTER_F16: KindInfo(4, FLOAT32, FLOAT32, FLOAT32, FLOAT16),
     KIND_MASTER_F16_G: KindInfo(5, FLOAT32, FLOAT16, FLOAT32, FLOAT16),
+    KIND_BF16_PARAMS_S32: KindInfo(6, BFLOAT16, BFLOAT16, FLOAT32, None),
+    KIND_F16_PARAMS_S32: KindInfo(7, FLOAT16, FLOAT16, FLOAT32, None),
+    KIND_F16_PARAMS_SBF16: KindInfo(8, FLOAT16, FLOAT16, BFLOAT16, None),
 }
-_KIND_OF = {(i.param, i.grad, i.copy): k for k, i in KINDS.items()}
+_KIND_OF = {(i.param, i.grad, i.copy, i.state): k for k, i in KINDS.items()}
 
-#: param_rounding by name.
+#: The moments' dtypes a low-precision parameter (no copy) may have, its own first.
+STATE_DTYPES_OF = {
+    BFLOAT16: (BFLOAT16, FLOAT32),
+    FLOAT16: (FLOAT16, FLOAT32, BFLOAT16),
+}
+
+#: param_rounding by name; the rounding codes are bit sets (fastadam_lowp.h).
 PARAM_NEAREST = 0
 PARAM_STOCHASTIC = 1
+STATE_STOCHASTIC = 2  # bfloat16 moments of bfloat16/float16 params
 _ROUNDINGS = {"nearest": PARAM_NEAREST, "stochastic": PARAM_STOCHASTIC}
 
 _U32 = np.uint32
@@ -89,18 +114,25 @@ def is_lowp(param: Any) -> bool:
     return isinstance(param, np.ndarray) and (dt == BFLOAT16 or dt == FLOAT16)
 
 
-def check_param_rounding(value: object, copy_dtype: np.dtype | None = None) -> int:
-    """The code of ``param_rounding`` ("nearest" or "stochastic"); stochastic
-    rounding exists for bfloat16 results only (``copy_dtype``, the dtype rounded to)."""
+def check_param_rounding(value: object) -> int:
+    """The code of ``param_rounding`` ("nearest" or "stochastic"; both exist for
+    bfloat16 and float16 results); else ValueError."""
     code = _ROUNDINGS.get(value) if isinstance(value, str) else None
     if code is None:
         raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {value!r}")
-    if code == PARAM_STOCHASTIC and copy_dtype is not None and copy_dtype != BFLOAT16:
-        raise ValueError(
-            f"param_rounding='stochastic' rounds to bfloat16 only; the parameter is rounded "
-            f"to {copy_dtype} (use 'nearest')"
-        )
     return code
+
+
+def rounding_of(kind: str, param_rounding: int, state_rounding: object) -> int:
+    """The rounding bits of a step of ``kind``: ``param_rounding``'s code, plus
+    :data:`STATE_STOCHASTIC` where the moments are bfloat16 moments of a
+    low-precision parameter and ``state_rounding`` (checked: "stochastic",
+    "nearest" or None) is "stochastic". None, the functional API's default,
+    is each kind's default: nearest here (torch's), as for moments of the
+    parameter's dtype."""
+    info = KINDS[kind]
+    state = info.copy is None and info.state == BFLOAT16 and state_rounding == "stochastic"
+    return param_rounding | (STATE_STOCHASTIC if state else 0)
 
 
 def validate_lowp(
@@ -157,17 +189,25 @@ def validate_lowp(
             + f" it must be {want}"
         )
     check_array(names[1], grad, gdt, param.shape, what=names[0])
-    kind = _KIND_OF[(pdt, gdt, copy_dt)]
-    sdt = KINDS[kind].state
+    if copy_dt is None:
+        allowed_states = STATE_DTYPES_OF[pdt]
+        if not isinstance(exp_avg, np.ndarray):
+            raise TypeError(f"{names[2]} must be a numpy.ndarray, got {type(exp_avg).__name__}")
+        sdt = exp_avg.dtype if exp_avg.dtype in allowed_states else pdt
+    else:
+        allowed_states = (FLOAT32,)
+        sdt = FLOAT32
+    kind = _KIND_OF[(pdt, gdt, copy_dt, sdt)]
     arrays = [param, grad, exp_avg, exp_avg_sq]
     labels = list(names[:4])
     for name, a in ((names[2], exp_avg), (names[3], exp_avg_sq)):
-        _check_state(name, a, sdt, param, names[0], copy_dt is not None)
+        _check_state(name, a, sdt, allowed_states, param, names, copy_dt is not None)
     if max_exp_avg_sq is None:
         if amsgrad:
             raise ValueError(f"amsgrad=True needs {names[4]}, an array shaped like {names[0]}")
     else:
-        _check_state(names[4], max_exp_avg_sq, sdt, param, names[0], copy_dt is not None)
+        _check_state(names[4], max_exp_avg_sq, sdt, allowed_states, param, names,
+                     copy_dt is not None)  # fmt: skip
         arrays.append(max_exp_avg_sq)
         labels.append(names[4])
     if param_copy is not None:
@@ -182,18 +222,20 @@ def validate_lowp(
     return kind
 
 
-def _check_state(name: str, a: Any, sdt: np.dtype, param: np.ndarray, pname: str,
-                 master: bool) -> None:  # fmt: skip
+def _check_state(name: str, a: Any, sdt: np.dtype, allowed: tuple[np.dtype, ...],
+                 param: np.ndarray, names: Sequence[str], master: bool) -> None:  # fmt: skip
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     if a.dtype != sdt:
-        why = (
-            "master weights keep float32 moments"
-            if master
-            else f"with {pname} of dtype {param.dtype} the moments have its dtype"
-        )
+        if master:
+            why = "master weights keep float32 moments"
+        elif a.dtype in allowed:
+            why = f"the moments share one dtype, {names[2]}'s"
+        else:
+            want = ", ".join(str(d) for d in allowed)
+            why = f"with {names[0]} of dtype {param.dtype} the moments may be {want}"
         raise TypeError(f"{name} has dtype {a.dtype} but must be {sdt}: {why}")
-    check_array(name, a, sdt, param.shape, what=pname)
+    check_array(name, a, sdt, param.shape, what=names[0])
 
 
 # -- the NumPy reference ---------------------------------------------------------
@@ -238,14 +280,55 @@ def round_f16_bits(x: np.ndarray) -> np.ndarray:
     return (sign | h).astype(np.uint16)
 
 
-def round_bits(x: np.ndarray, dtype: np.dtype, r16: np.ndarray | None = None) -> np.ndarray:
+def round_f16_stochastic_bits(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits (uint16), rounded stochastically with the 32 random
+    bits ``r`` (uint32, shaped like ``x``): the definition.
+
+    Up with probability equal to the discarded fraction of the gap between the
+    two float16 neighbours, so ``E[result] = x`` for every ``|x| < 65504`` (the
+    largest finite float16) and ``|x| >= 2**-32``. With ``a`` the bits of ``|x|``:
+
+    * NaN (``a > 0x7F800000``): as nearest (quiet, sign and high payload kept);
+    * ``a >= 0x47800000`` (``|x| >= 65536``, Inf included): Inf;
+    * normal results (``a >= 0x38800000``, ``|x| >= 2**-14``):
+      ``h = (a - 0x38000000 + (r & 0x1FFF)) >> 13`` (a carry past 65504 gives
+      Inf, 0x7C00: values in (65504, 65536) round to 65504 or Inf);
+    * subnormal results: ``e = a >> 23``; ``e < 95`` (``|x| < 2**-32``) gives a
+      signed zero (a bias of less than ``2**-32`` in magnitude: 32 random bits
+      cannot resolve a smaller fraction of the float16 step ``2**-24``); else
+      ``s = 126 - e`` (14..31), ``m = (a & 0x7FFFFF) | 0x800000``,
+      ``h = (m >> s) + (((m & (2**s-1)) + (r & (2**s-1))) >> s)``.
+
+    The sign is ``x``'s, as in nearest rounding.
+    """
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    r = np.asarray(r, np.uint32)
+    sign = (u >> _U32(16)) & _U32(0x8000)
+    a = u & _U32(0x7FFFFFFF)
+    nrm = (a - _U32(0x38000000) + (r & _U32(0x1FFF))) >> _U32(13)
+    e = a >> _U32(23)
+    s = np.where(e < 95, _U32(31), np.where(e > 112, _U32(14), _U32(126) - e))
+    m = (a & _U32(0x7FFFFF)) | _U32(0x800000)
+    mask = (_U32(1) << s) - _U32(1)
+    sub = np.where(e < 95, _U32(0), (m >> s) + (((m & mask) + (r & mask)) >> s))
+    nan = _U32(0x7E00) | ((a >> _U32(13)) & _U32(0x3FF))
+    h = np.where(
+        a > 0x7F800000, nan,
+        np.where(a >= 0x47800000, _U32(0x7C00), np.where(a >= 0x38800000, nrm, sub)),
+    )  # fmt: skip
+    return (sign | h).astype(np.uint16)
+
+
+def round_bits(x: np.ndarray, dtype: np.dtype, r: np.ndarray | None = None) -> np.ndarray:
     """float32 -> ``dtype`` (bfloat16/float16) bits: nearest-even, or stochastic
-    with 16 random bits ``r16`` (bfloat16 only)."""
+    with the 32 random bits ``r`` (bfloat16 takes ``r & 0xFFFF``)."""
     from .backends.reference import round_to_bf16
 
     if dtype == BFLOAT16:
-        return round_to_bf16(x, r16)
-    return round_f16_bits(x)
+        return round_to_bf16(x, None if r is None else r & _U32(0xFFFF))
+    if r is None:
+        return round_f16_bits(x)
+    return round_f16_stochastic_bits(x, r)
 
 
 def fma32(a: Any, b: Any, c: Any) -> np.ndarray:
@@ -270,11 +353,12 @@ def fma32(a: Any, b: Any, c: Any) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def _store(a: np.ndarray, x: np.ndarray) -> None:
+def _store(a: np.ndarray, x: np.ndarray, r: np.ndarray | None = None) -> None:
+    """Store float32 ``x`` into ``a``: exactly, or rounded (stochastically with ``r``)."""
     if a.dtype == FLOAT32:
         a[...] = x
     else:
-        a.view(np.uint16)[...] = round_bits(x, a.dtype).reshape(a.shape)
+        a.view(np.uint16)[...] = round_bits(x, a.dtype, r).reshape(a.shape)
 
 
 def reference_step(
@@ -289,7 +373,11 @@ def reference_step(
     key: int = 0,
     first: int = 0,
 ) -> None:
-    """The low-precision step (see the module docstring), in place: the definition."""
+    """The low-precision step (see the module docstring), in place: the definition.
+
+    ``rounding``: bits, :data:`PARAM_STOCHASTIC` and :data:`STATE_STOCHASTIC`
+    (bfloat16 moments only); ``key``: the tensor's rounding key; ``first``: the
+    index of element 0 in the tensor (the random bits follow it)."""
     with np.errstate(all="ignore"):
         _reference_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, sc,
                         rounding, key, first)  # fmt: skip
@@ -324,27 +412,30 @@ def _reference_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy
         p = p * f(sc.decay)
         m = m_old + (g - m_old) * f(sc.one_minus_beta1)
         v = v_old * f(sc.beta2) + f(sc.one_minus_beta2) * g * g
-    _store(exp_avg, m)
-    _store(exp_avg_sq, v)
+    r = r_m = r_v = None
+    if rounding:
+        from .backends.reference import mix32, random_bits
+
+        r = random_bits(p.size, key, first).reshape(p.shape)
+        if rounding & STATE_STOCHASTIC:  # bfloat16 moments: the bits of r2 = mix32(r)
+            r2 = mix32(r)
+            r_m, r_v = r2, r2 >> _U32(16)  # (round_bits takes the low 16 of each)
+        if not rounding & PARAM_STOCHASTIC:
+            r = None
+    _store(exp_avg, m, r_m)
+    _store(exp_avg_sq, v, r_v)
     second = v
     if sc.amsgrad:
         old = widen(max_exp_avg_sq)
         second = np.where((old > v) | (old != old), old, v)
-        _store(max_exp_avg_sq, second)
+        _store(max_exp_avg_sq, second, r_v)
     denom = np.sqrt(second) / f(sc.bias_correction2_sqrt) + f(sc.eps)
     p = p - f(sc.step_size) * m / denom
-    r16 = None
-    if rounding == PARAM_STOCHASTIC:
-        from .backends.reference import random_bits
-
-        r16 = (random_bits(p.size, key, first) & _U32(0xFFFF)).reshape(p.shape)
     if param_copy is not None:
         param[...] = p
-        param_copy.view(np.uint16)[...] = round_bits(p, param_copy.dtype, r16).reshape(p.shape)
-    elif r16 is not None:
-        param.view(np.uint16)[...] = round_bits(p, param.dtype, r16).reshape(p.shape)
+        param_copy.view(np.uint16)[...] = round_bits(p, param_copy.dtype, r).reshape(p.shape)
     else:
-        _store(param, p)
+        _store(param, p, r)
 
 
 # -- dispatch --------------------------------------------------------------------
@@ -376,7 +467,9 @@ def step_rows(
 ) -> None:
     """Every tensor of ``rows`` (all of ``kind``, checked) stepped by ``backend``'s
     low-precision loop: one call over all of them. ``index``/``keys`` as in
-    fastadam._table (None: ``scalars[0]``; no stochastic rounding)."""
+    fastadam._table (None: ``scalars[0]``; no stochastic rounding); ``rounding``:
+    the bits :data:`PARAM_STOCHASTIC` | :data:`STATE_STOCHASTIC` (:func:`rounding_of`;
+    the second only for kinds with bfloat16 moments)."""
     name = backends.get(backend).NAME if backend != "auto" else _auto_name()
     if name == "c":
         from .backends import _c_lowp
@@ -435,15 +528,14 @@ def adam_step_lowp(
     step = check_step(step)
     hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, state_rounding)
     seed = check_seed(seed)
-    info = KINDS[kind]
-    rounding = check_param_rounding(param_rounding, info.copy or info.param)
+    rounding = rounding_of(kind, check_param_rounding(param_rounding), state_rounding)
     sc = scalars_of(step, hp, (bool(decoupled_weight_decay), amsgrad, bool(maximize),
                                bool(eps_hat)))  # fmt: skip
     backends.get(backend)  # an unknown or unloadable backend fails before any write
     if found_inf or param.size == 0:
         return
     keys = None
-    if rounding == PARAM_STOCHASTIC:
+    if rounding:  # the parameter's or the moments' stochastic rounding
         keys = np.array([rounding_key(seed, step)], np.uint32)
     row = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, param_copy)
     step_rows(backend, kind, [row], (sc,), None, keys, rounding)
@@ -540,20 +632,20 @@ def prepare_multi_lowp(
         base = check_seed(seeds, "seeds")
         seed_list = [(base + i) % 2**64 for i in range(count)]
     hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, state_rounding)
+    param_code = check_param_rounding(param_rounding)
     flags = (bool(decoupled_weight_decay), amsgrad, bool(maximize), bool(eps_hat))
     calls = []
     for kind in KINDS:
         pos = [i for i in range(count) if kinds[i] == kind]
         if not pos:
             continue
-        info = KINDS[kind]
-        rounding = check_param_rounding(param_rounding, info.copy or info.param)
+        rounding = rounding_of(kind, param_code, state_rounding)
         kstep = np.array([steps[i] for i in pos], np.uint64)
         unique, inverse = np.unique(kstep, return_inverse=True)
         scalars = tuple(scalars_of(int(s), hp, flags) for s in unique)
         index = None if len(scalars) == 1 else inverse.astype(np.int32)
         keys = None
-        if rounding == PARAM_STOCHASTIC:
+        if rounding:  # the parameter's or the moments' stochastic rounding
             keys = rounding_keys(np.array([seed_list[i] for i in pos], np.uint64), kstep)
         rows = [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
                  vmaxs[i] if amsgrad else None, copies[i]) for i in pos]  # fmt: skip

@@ -6,7 +6,10 @@ checks every tensor (views are made afresh: a few microseconds per tensor), then
 parameters of such a group take :func:`fastadam.adam_step`.
 
 * bfloat16/float16 parameters, ``master_weights=False``: states of the
-  parameter's dtype, updated as ``torch.optim.AdamW(fused=True)`` does, bit for bit.
+  parameter's dtype, updated as ``torch.optim.AdamW(fused=True)`` does, bit for
+  bit (moments rounded to nearest); or, with ``state_dtype``, float32 or
+  bfloat16 moments (the same arithmetic; bfloat16 ones rounded as
+  ``state_rounding`` says).
 * ``master_weights=True``: ``state["master_param"]`` is a float32 copy of the
   parameter (made at its first step), updated with float32 moments; the
   parameter receives the rounded master in the same pass.
@@ -129,13 +132,9 @@ def prepare_group(
         gv = _numpy(g, f"the grad of {where}")
         lowp = p.dtype in LOWP_TORCH
         if lowp:
-            if opt.state_dtype is not None and not master:
-                raise TypeError(
-                    f"{where} has dtype {p.dtype}: its moments keep its dtype "
-                    f"(state_dtype={opt.state_dtype} needs master_weights=True for float32 "
-                    "moments)"
-                )
-            sdt = torch.float32 if master else p.dtype
+            # master weights keep float32 moments; else state_dtype's (float32 or
+            # bfloat16), or the parameter's own
+            sdt = torch.float32 if master else opt.state_dtype or p.dtype
         else:
             sdt = opt.state_dtype or p.dtype
         st = opt.state.get(p)
@@ -197,16 +196,19 @@ def prepare_group(
             step_tensors.append(t)
         params.append(p)
         grads.append(g)
+    # moments of the parameter's own dtype are rounded to nearest (torch's);
+    # state_dtype="bfloat16" ones as state_rounding says
+    state_rounding = "nearest" if opt.state_dtype is None else opt.state_rounding
     calls = []
     for kind, krows in rows.items():
         steps = np.array(row_steps[kind], np.uint64)
         unique, inverse = np.unique(steps, return_inverse=True)
         scalars = tuple(_lowp.scalars_of(int(s), hp, flags) for s in unique)
         index = None if len(scalars) == 1 else inverse.astype(np.int32)
-        info = _lowp.KINDS[kind]
-        rounding = _lowp.check_param_rounding(opt.param_rounding, info.copy or info.param)
+        rounding = _lowp.rounding_of(kind, _lowp.check_param_rounding(opt.param_rounding),
+                                     state_rounding)  # fmt: skip
         keys = None
-        if rounding == _lowp.PARAM_STOCHASTIC:
+        if rounding:  # the parameter's or the moments' stochastic rounding
             keys = rounding_keys(np.array(row_seeds[kind], np.uint64), steps)
         calls.append((kind, krows, scalars, index, keys, rounding))
     fastadam.backends.get(opt.backend)
@@ -236,9 +238,11 @@ def _float_step(p, g, m, v, vm, step, seed, kwargs, opt) -> Callable[[], None]:
 
 
 def keep_float32_states(opt: Any, state_dict: dict[str, Any]) -> list[tuple[Any, str, Any]]:
-    """The float32 tensors of low-precision parameters' states in ``state_dict``
-    (master weights and their moments), which torch's load_state_dict would cast
-    to the parameter's dtype: (parameter, key, tensor) to put back after it."""
+    """The float32 and bfloat16 tensors of low-precision parameters' states in
+    ``state_dict`` whose dtype is not the parameter's (master weights, their
+    moments, ``state_dtype`` moments), which torch's load_state_dict would cast
+    to the parameter's dtype (a bfloat16 moment cast to float16 can lose its
+    value): (parameter, key, tensor) to put back after it."""
     kept = []
     try:
         groups = state_dict["param_groups"]
@@ -250,7 +254,11 @@ def keep_float32_states(opt: Any, state_dict: dict[str, Any]) -> list[tuple[Any,
                     continue
                 for key in _MASTER_KEYS:
                     t = state[pid].get(key)
-                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    if (
+                        isinstance(t, torch.Tensor)
+                        and t.dtype in (torch.float32, torch.bfloat16)
+                        and t.dtype != p.dtype
+                    ):
                         kept.append((p, key, t))
     except (KeyError, IndexError, TypeError, AttributeError):
         return []  # torch's own checks then say what is wrong with the state dict

@@ -174,8 +174,15 @@ def check_threads(n: object, name: str = "n") -> int:
     return n
 
 
-def check_state_rounding(state_rounding: object) -> int:
-    """The ``AdamScalars.state_rounding`` code of "stochastic" or "nearest"; else ValueError."""
+def check_state_rounding(state_rounding: object, allow_none: bool = False) -> int:
+    """The ``AdamScalars.state_rounding`` code of "stochastic" or "nearest"; else ValueError.
+
+    ``allow_none``: None is accepted too (the functional API's default, "each
+    kind's default"): the code of "stochastic", the default of float32
+    parameters' bfloat16 states (bfloat16/float16 parameters' moments default
+    to nearest rounding: fastadam._lowp.rounding_of)."""
+    if state_rounding is None and allow_none:
+        return STATE_BF16_STOCHASTIC
     rounding = _ROUNDINGS.get(state_rounding) if isinstance(state_rounding, str) else None
     if rounding is None:
         raise ValueError(
@@ -205,7 +212,8 @@ def check_hyper(
     grad_scale: object,
     state_rounding: object,
 ) -> Hyper:
-    """Every hyperparameter of a step, checked whether or not the step uses it."""
+    """Every hyperparameter of a step, checked whether or not the step uses it
+    (``state_rounding`` may be None, the functional API's default)."""
     return Hyper(
         check_nonneg("lr", lr),
         check_beta("beta1", beta1),
@@ -213,7 +221,7 @@ def check_hyper(
         check_nonneg("eps", eps),
         check_nonneg("weight_decay", weight_decay),
         None if grad_scale is None else check_positive("grad_scale", grad_scale),
-        check_state_rounding(state_rounding),
+        check_state_rounding(state_rounding, allow_none=True),
     )
 
 

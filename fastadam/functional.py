@@ -49,7 +49,7 @@ def adam_step(
     eps_hat: bool = False,
     grad_scale: float | None = None,
     found_inf: bool = False,
-    state_rounding: str = "stochastic",
+    state_rounding: str | None = None,
     seed: int = 0,
     backend: str = "auto",
     exp_avg_absmax: np.ndarray | None = None,
@@ -111,12 +111,14 @@ def adam_step(
     found_inf : bool, default False
         If true, validate and return without touching anything (the step a
         loss scaler skips after an overflow).
-    state_rounding : {"stochastic", "nearest"}, default "stochastic"
+    state_rounding : {None, "stochastic", "nearest"}, default None
         With bfloat16 states (``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``
-        of dtype ``ml_dtypes.bfloat16``, ``param`` and ``grad`` float32), how
-        the float32 results are stored: stochastic rounding is unbiased, so
-        small decays are not lost. Checked always, used only with bfloat16
-        states.
+        of dtype ``ml_dtypes.bfloat16``), how the float32 results are stored:
+        stochastic rounding is unbiased, so small decays are not lost. None
+        means each kind's default: "stochastic" for the bfloat16 states of
+        float32 ``param``, "nearest" (torch's) for the moments of bfloat16 or
+        float16 ``param``. Checked always; used only with bfloat16 states
+        (float16 moments are always rounded to nearest-even).
     seed : int, default 0
         Stochastic rounding's random bits are a hash of (seed, step, element
         index): reproducible whatever the thread count. In [0, 2**64); give
@@ -135,13 +137,16 @@ def adam_step(
         array shaped like it that receives the updated ``param`` rounded to its
         dtype, in the same pass (see ``fastadam._lowp``).
         ``param`` itself may also be bfloat16 or float16 (without
-        ``param_copy``): ``grad`` and the moments then have its dtype, the math
-        runs in float32, and every stored value is rounded to nearest-even, as
-        ``torch.optim.AdamW(fused=True)`` does on such tensors.
+        ``param_copy``): ``grad`` then has its dtype and the moments its dtype
+        (torch's), float32, or for float16 ``param`` bfloat16 (the moments'
+        dtype is ``exp_avg``'s); the math runs in float32 in torch's fused
+        order, and with the defaults every stored value is rounded to
+        nearest-even, as ``torch.optim.AdamW(fused=True)`` does on such tensors.
     param_rounding : {"nearest", "stochastic"}, default "nearest"
-        How the low-precision parameter (``param_copy``, or a low-precision
-        ``param``) is rounded; "stochastic" (bfloat16 only) uses the random
-        bits of ``seed`` and ``step``, as the bfloat16 states do.
+        How the updated parameter is rounded to bfloat16/float16 (``param``'s
+        own dtype, or ``param_copy``'s): nearest-even, or stochastically with 32
+        random bits of (seed, step, element index) (unbiased: the expected
+        result is the float32 value; see ``fastadam._lowp``).
 
     Raises
     ------
@@ -336,7 +341,7 @@ def _plain(step, lr, beta1, beta2, eps, weight_decay, grad_scale, seed, state_ro
         type(step) is int and type(seed) is int and type(lr) is float
         and type(beta1) is float and type(beta2) is float and type(eps) is float
         and type(weight_decay) is float and (grad_scale is None or type(grad_scale) is float)
-        and type(state_rounding) is str
+        and (state_rounding is None or type(state_rounding) is str)
     )  # fmt: skip
 
 

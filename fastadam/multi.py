@@ -544,7 +544,7 @@ def adam_step_multi(
     eps_hat: bool = False,
     grad_scale: float | None = None,
     found_inf: bool = False,
-    state_rounding: str = "stochastic",
+    state_rounding: str | None = None,
     seeds: int | Sequence[int] | np.ndarray | None = None,
     backend: str = "auto",
     exp_avg_absmaxes: Sequence[np.ndarray] | None = None,
@@ -590,7 +590,8 @@ def adam_step_multi(
         Master weights: one bfloat16/float16 copy per float32 parameter, as
         ``param_copy`` of :func:`adam_step`. With ``param_copies``, or with
         bfloat16/float16 ``params``, every tensor of the call must be of those
-        (low-precision) kinds.
+        (low-precision) kinds; each tensor's moments may have their own dtype
+        (as :func:`adam_step` allows), one call per kind.
     param_rounding : {"nearest", "stochastic"}, default "nearest"
         As for :func:`adam_step`.
 

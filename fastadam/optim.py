@@ -75,11 +75,18 @@ class Adam:
         The Keras/TensorFlow/scikit-learn placement of ``eps``; see :func:`adam_step`.
     state_dtype : {None, "float32", "bfloat16", "8bit"} or numpy.dtype, default None
         dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None keeps each
-        parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, float32
-        parameters only) halves the optimizer's memory and moves 20 instead of
-        28 bytes per element and step.
+        parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, for float32
+        parameters) halves the optimizer's memory and moves 20 instead of
+        28 bytes per element and step. bfloat16/float16 parameters (without
+        ``master_weights``) may keep ``"float32"`` or ``"bfloat16"`` moments
+        too (the update is the same float32 arithmetic; only the moments'
+        storage changes); ``"8bit"`` needs float32 parameters.
     state_rounding : {"stochastic", "nearest"}, default "stochastic"
-        How bfloat16 states are rounded; see :func:`adam_step`.
+        How bfloat16 states are rounded; see :func:`adam_step`. With
+        ``state_dtype=None`` a bfloat16 parameter's moments (its own dtype) are
+        rounded to nearest, as ``torch.optim.AdamW(fused=True)`` does; with
+        ``state_dtype="bfloat16"`` this applies to them. float16 moments are
+        always rounded to nearest.
     seed : int, default 0
         Base seed of stochastic rounding, in [0, 2**64); parameter ``i`` (its
         position across groups) uses ``seed + i``, so no two arrays share
@@ -95,12 +102,15 @@ class Adam:
     master_weights : bool, default False
         For bfloat16/float16 parameters: keep a float32 copy of each in
         ``state[i]["master_param"]`` (with float32 moments), update it, and
-        write the rounded result into the parameter in the same pass. Without
+        write the rounded result into the parameter in the same pass
+        (``state_dtype`` does not apply to these float32 moments). Without
         it, such parameters keep moments of their own dtype (torch's fused
-        update). A group with a low-precision parameter must hold only
-        low-precision parameters.
+        update) or of ``state_dtype``. A group with a low-precision parameter
+        must hold only low-precision parameters.
     param_rounding : {"nearest", "stochastic"}, default "nearest"
-        How bfloat16/float16 parameters are rounded (stochastic: bfloat16 only).
+        How bfloat16/float16 parameters are rounded: nearest-even, or
+        stochastically (unbiased; the random bits follow ``seed``, the
+        parameter's position and the step, as those of bfloat16 states).
 
     Attributes
     ----------
@@ -270,10 +280,17 @@ class Adam:
                 check_array(f"params[{i}]", p, p.dtype, p.shape, f"params[{i}]")
             else:
                 check_array(f"params[{i}]", p, None, None)
-            if self.state_dtype is not None and p.dtype != np.float32:
+            if self.min_8bit_size is not None and p.dtype != np.float32:
                 raise TypeError(
-                    f"state_dtype={self.state_dtype.name} needs float32 parameters; "
-                    f"params[{i}] has dtype {p.dtype}"
+                    f"state_dtype='8bit' needs float32 parameters; params[{i}] has dtype "
+                    f"{p.dtype}"
+                    + (" (its moments may be its own dtype, 'float32' or 'bfloat16')"
+                       if _lowp.is_lowp(p) else "")
+                )  # fmt: skip
+            if self.state_dtype is not None and p.dtype != np.float32 and not _lowp.is_lowp(p):
+                raise TypeError(
+                    f"state_dtype={self.state_dtype.name} needs float32, bfloat16 or float16 "
+                    f"parameters; params[{i}] has dtype {p.dtype}"
                 )
         if len({id(p) for p in ps}) != len(ps):
             raise ValueError("a parameter group contains the same array twice")
@@ -424,7 +441,9 @@ class Adam:
     ) -> tuple[Any, list[dict[str, Any]]]:
         """_prepare_group for a group with bfloat16/float16 parameters: with
         ``master_weights``, state["master_param"] (float32) is updated and the
-        parameter written rounded; without, the moments have the parameter's dtype."""
+        parameter written rounded; without, the moments have the parameter's dtype
+        (rounded to nearest, torch's) or ``state_dtype``'s (bfloat16 ones rounded
+        as ``state_rounding`` says)."""
         amsgrad = bool(group["amsgrad"])
         states, arrays = zip(*(self._state_for(i, params[i], amsgrad, pending) for i in active))
         masters = []
@@ -448,7 +467,8 @@ class Adam:
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
             max_exp_avg_sqs=[a["max_exp_avg_sq"] for a in arrays] if amsgrad else None,
             maximize=group["maximize"], eps_hat=group["eps_hat"], grad_scale=grad_scale,
-            found_inf=found_inf, state_rounding=self.state_rounding,
+            found_inf=found_inf,
+            state_rounding="nearest" if self.state_dtype is None else self.state_rounding,
             seeds=[(self.seed + i) % 2**64 for i in active], backend=self.backend,
             param_copies=None if not self.master_weights else
             [None if m is None else params[i] for i, m in zip(active, masters)],
@@ -696,11 +716,18 @@ class AdamW(Adam):
         The Keras/TensorFlow/scikit-learn placement of ``eps``; see :func:`adam_step`.
     state_dtype : {None, "float32", "bfloat16", "8bit"} or numpy.dtype, default None
         dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: None keeps each
-        parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, float32
-        parameters only) halves the optimizer's memory and moves 20 instead of
-        28 bytes per element and step.
+        parameter's own; ``"bfloat16"`` (``ml_dtypes.bfloat16``, for float32
+        parameters) halves the optimizer's memory and moves 20 instead of
+        28 bytes per element and step. bfloat16/float16 parameters (without
+        ``master_weights``) may keep ``"float32"`` or ``"bfloat16"`` moments
+        too (the update is the same float32 arithmetic; only the moments'
+        storage changes); ``"8bit"`` needs float32 parameters.
     state_rounding : {"stochastic", "nearest"}, default "stochastic"
-        How bfloat16 states are rounded; see :func:`adam_step`.
+        How bfloat16 states are rounded; see :func:`adam_step`. With
+        ``state_dtype=None`` a bfloat16 parameter's moments (its own dtype) are
+        rounded to nearest, as ``torch.optim.AdamW(fused=True)`` does; with
+        ``state_dtype="bfloat16"`` this applies to them. float16 moments are
+        always rounded to nearest.
     seed : int, default 0
         Base seed of stochastic rounding, in [0, 2**64); parameter ``i`` (its
         position across groups) uses ``seed + i``, so no two arrays share
@@ -716,12 +743,15 @@ class AdamW(Adam):
     master_weights : bool, default False
         For bfloat16/float16 parameters: keep a float32 copy of each in
         ``state[i]["master_param"]`` (with float32 moments), update it, and
-        write the rounded result into the parameter in the same pass. Without
+        write the rounded result into the parameter in the same pass
+        (``state_dtype`` does not apply to these float32 moments). Without
         it, such parameters keep moments of their own dtype (torch's fused
-        update). A group with a low-precision parameter must hold only
-        low-precision parameters.
+        update) or of ``state_dtype``. A group with a low-precision parameter
+        must hold only low-precision parameters.
     param_rounding : {"nearest", "stochastic"}, default "nearest"
-        How bfloat16/float16 parameters are rounded (stochastic: bfloat16 only).
+        How bfloat16/float16 parameters are rounded: nearest-even, or
+        stochastically (unbiased; the random bits follow ``seed``, the
+        parameter's position and the step, as those of bfloat16 states).
 
     Attributes
     ----------

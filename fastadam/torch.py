@@ -19,8 +19,9 @@ state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) has exactly
 optimizers and torch's.
 
 Supported: float32/float64 dense CPU tensors that are contiguous (their
-gradients and states too), and bfloat16/float16 ones (with ``master_weights``
-or torch's fused update; see fastadam._torch_lowp). Anything else (CUDA or
+gradients and states too), and bfloat16/float16 ones (torch's fused update,
+with moments of their dtype or of ``state_dtype``, or ``master_weights``; see
+fastadam._torch_lowp). Anything else (CUDA or
 meta tensors, complex, sparse gradients, non-contiguous tensors) raises an error
 that names the parameter and the problem, before any parameter is updated.
 
@@ -155,8 +156,10 @@ def _check_tensor(
                     "float64 parameters only (torch.optim.Adam handles complex ones)"
                 )
             raise TypeError(
-                f"{what} has dtype {t.dtype}: fastadam.torch supports float32 and float64 "
-                "parameters only (keep float32 master weights for float16/bfloat16 training)"
+                f"{what} has dtype {t.dtype}: fastadam.torch supports float32, float64, "
+                "bfloat16 and float16 parameters (bfloat16/float16 ones with moments of "
+                "their dtype, float32 or bfloat16 moments (state_dtype), or float32 master "
+                "weights (master_weights=True))"
             )
     elif t.dtype != dtype:
         raise TypeError(f"{what} has dtype {t.dtype} but its parameter has dtype {dtype}")
@@ -380,12 +383,17 @@ class Adam(torch.optim.Adam):
         dtype of the moment estimates: None (the parameter's),
         ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
         the optimizer memory; stochastically rounded, see ``state_rounding``);
+        bfloat16/float16 parameters (without ``master_weights``) may keep
+        float32 or bfloat16 moments too (the same float32 arithmetic as with
+        moments of their own dtype; only the storage changes);
         ``"8bit"``: 8-bit block-wise states for float32 parameters of at least
         ``min_8bit_size`` elements (uint8 codes ``exp_avg``/``exp_avg_sq`` and
         float32 scales ``exp_avg_absmax``/``exp_avg_sq_absmax``; about 2 bytes
         per element; no amsgrad), float32 for smaller ones.
     state_rounding : {"stochastic", "nearest"}, default "stochastic"
-        How bfloat16 states are rounded.
+        How bfloat16 states are rounded. With ``state_dtype=None``, a bfloat16
+        parameter's moments (its own dtype) are rounded to nearest, as
+        ``torch.optim.AdamW(fused=True)`` does; float16 moments always are.
     seed : int, default 0
         Base seed of stochastic rounding, in [0, 2**64); the parameter at
         position ``i`` (across groups, as numbered in ``state_dict``) uses
@@ -399,12 +407,15 @@ class Adam(torch.optim.Adam):
     master_weights : bool, default False
         For bfloat16/float16 parameters: keep a float32 copy of each in
         ``state["master_param"]`` (with float32 moments), update it, and write
-        the rounded result into the parameter in the same pass. Without it,
-        such parameters keep moments of their own dtype and are updated as
-        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit.
+        the rounded result into the parameter in the same pass
+        (``state_dtype`` does not apply to these float32 moments). Without
+        it, such parameters keep moments of their own dtype and are updated as
+        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit, or moments
+        of ``state_dtype``.
     param_rounding : {"nearest", "stochastic"}, default "nearest"
-        How bfloat16/float16 parameters are rounded (stochastic: bfloat16
-        only, with the random bits of ``seed`` and the step).
+        How bfloat16/float16 parameters are rounded: nearest-even, or
+        stochastically (unbiased), with the random bits of ``seed``, the
+        parameter's position and the step.
 
     Raises
     ------
@@ -581,13 +592,16 @@ class Adam(torch.optim.Adam):
         ValueError
             torch's checks: the number of groups or of their parameters differs.
         """
-        kept = _torch_lowp.keep_float32_states(self, state_dict)  # master weights (issue 17)
+        # low-precision parameters' float32/bfloat16 states (issue 17)
+        kept = _torch_lowp.keep_float32_states(self, state_dict)
         super().load_state_dict(state_dict)
         _torch_lowp.restore_float32_states(self, kept)
         _q8_torch.after_load(self)  # 8-bit states (issue 18): codes back to uint8, conversions
         if self.state_dtype is None:
             return
         for st in self.state.values():
+            if "master_param" in st:  # master weights keep float32 moments
+                continue
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 t = st.get(key)
                 if torch.is_tensor(t) and t.dtype != self.state_dtype:
@@ -833,12 +847,17 @@ class AdamW(Adam, torch.optim.AdamW):
         dtype of the moment estimates: None (the parameter's),
         ``torch.float32``, or ``torch.bfloat16`` for float32 parameters (half
         the optimizer memory; stochastically rounded, see ``state_rounding``);
+        bfloat16/float16 parameters (without ``master_weights``) may keep
+        float32 or bfloat16 moments too (the same float32 arithmetic as with
+        moments of their own dtype; only the storage changes);
         ``"8bit"``: 8-bit block-wise states for float32 parameters of at least
         ``min_8bit_size`` elements (uint8 codes ``exp_avg``/``exp_avg_sq`` and
         float32 scales ``exp_avg_absmax``/``exp_avg_sq_absmax``; about 2 bytes
         per element; no amsgrad), float32 for smaller ones.
     state_rounding : {"stochastic", "nearest"}, default "stochastic"
-        How bfloat16 states are rounded.
+        How bfloat16 states are rounded. With ``state_dtype=None``, a bfloat16
+        parameter's moments (its own dtype) are rounded to nearest, as
+        ``torch.optim.AdamW(fused=True)`` does; float16 moments always are.
     seed : int, default 0
         Base seed of stochastic rounding, in [0, 2**64); the parameter at
         position ``i`` (across groups, as numbered in ``state_dict``) uses
@@ -852,12 +871,15 @@ class AdamW(Adam, torch.optim.AdamW):
     master_weights : bool, default False
         For bfloat16/float16 parameters: keep a float32 copy of each in
         ``state["master_param"]`` (with float32 moments), update it, and write
-        the rounded result into the parameter in the same pass. Without it,
-        such parameters keep moments of their own dtype and are updated as
-        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit.
+        the rounded result into the parameter in the same pass
+        (``state_dtype`` does not apply to these float32 moments). Without
+        it, such parameters keep moments of their own dtype and are updated as
+        ``torch.optim.AdamW(fused=True)`` updates them, bit for bit, or moments
+        of ``state_dtype``.
     param_rounding : {"nearest", "stochastic"}, default "nearest"
-        How bfloat16/float16 parameters are rounded (stochastic: bfloat16
-        only, with the random bits of ``seed`` and the step).
+        How bfloat16/float16 parameters are rounded: nearest-even, or
+        stochastically (unbiased), with the random bits of ``seed``, the
+        parameter's position and the step.
 
     Raises
     ------

@@ -357,7 +357,7 @@ def test_mixed_dtypes_are_refused_and_nothing_changes(backend, breaker, exc, wor
     "kwargs, exc, word",
     [
         ({"state_rounding": "floor"}, ValueError, "state_rounding"),
-        ({"state_rounding": None}, ValueError, "state_rounding"),
+        ({"state_rounding": 0}, ValueError, "state_rounding"),
         ({"seed": -1}, ValueError, "seed"),
         ({"seed": 2**64}, ValueError, "seed"),
         ({"seed": "1"}, TypeError, "seed"),

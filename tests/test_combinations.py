@@ -67,3 +67,24 @@ def test_torch_optimizers_refuse_master_weights_with_8bit_states():
         p = torch.zeros(N, dtype=torch.bfloat16, requires_grad=True)
         with pytest.raises(ValueError, match="master_weights.*8bit"):
             cls([p], lr=1e-3, state_dtype="8bit", master_weights=True)
+
+
+def test_numpy_optimizers_refuse_8bit_states_for_lowp_params():
+    """8-bit states are for float32 parameters; bf16/fp16 ones may keep their own,
+    float32 or bfloat16 moments instead."""
+    for dt in (ml_dtypes.bfloat16, np.float16):
+        with pytest.raises(TypeError, match=r"state_dtype='8bit' needs float32.*params\[0\]"):
+            fastadam.AdamW([np.zeros(N, dt)], lr=1e-3, state_dtype="8bit")
+
+
+def test_torch_optimizers_refuse_8bit_states_for_lowp_params():
+    torch = pytest.importorskip("torch")
+    import fastadam.torch as ft
+
+    p = torch.randn(N).to(torch.bfloat16)
+    p.grad = torch.ones(N, dtype=torch.bfloat16)
+    before = p.clone()
+    o = ft.AdamW([p], lr=1e-3, state_dtype="8bit")
+    with pytest.raises(TypeError, match=r"params'\]\[0\] has dtype torch.bfloat16.*'8bit'"):
+        o.step()
+    assert torch.equal(p, before) and not o.state

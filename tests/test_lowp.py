@@ -45,9 +45,10 @@ def assert_same(actual, expected):
         assert not differ.any(), f"array {k} differs in {np.count_nonzero(differ)} of {a.size}"
 
 
-def make(n, dtype, master, grad_dtype=None, seed=0, specials=False):
+def make(n, dtype, master, grad_dtype=None, seed=0, specials=False, state_dtype=None):
     """(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy): a low-precision
-    param with states of its dtype, or a float32 master with float32 states and a copy."""
+    param with states of its dtype (or ``state_dtype``), or a float32 master with
+    float32 states and a copy."""
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(n).astype(np.float32)
     g = (rng.standard_normal(n) * 0.1).astype(np.float32)
@@ -63,7 +64,10 @@ def make(n, dtype, master, grad_dtype=None, seed=0, specials=False):
         if master:
             gd = np.float32 if grad_dtype is None else grad_dtype
             return p, g.astype(gd), m, v, vmax, p.astype(dtype)
-        return tuple(a.astype(dtype) for a in (p, g, m, v, vmax)) + (None,)
+        sdt = dtype if state_dtype is None else state_dtype
+        return (p.astype(dtype), g.astype(dtype)) + tuple(
+            a.astype(sdt) for a in (m, v, vmax)
+        ) + (None,)  # fmt: skip
 
 
 def copy_of(state):
@@ -205,8 +209,21 @@ def _bad_cases():
     s[1] = s[1].astype(BF16)
     cases.append(("f16-param-bf16-grad", s, {}, TypeError, "grad has dtype bfloat16"))
     s = base()
+    s[2] = s[2].astype(np.float16)
+    s[3] = s[3].astype(np.float16)
+    cases.append(("bf16-param-f16-states", s, {}, TypeError,
+                  "exp_avg has dtype float16 but must be bfloat16: .*float32"))  # fmt: skip
+    s = base()
     s[2] = s[2].astype(np.float32)
-    cases.append(("bf16-param-f32-states", s, {}, TypeError, "exp_avg has dtype float32"))
+    cases.append(("mixed-moment-dtypes", s, {}, TypeError,
+                  "exp_avg_sq has dtype bfloat16 but must be float32: .*exp_avg's"))  # fmt: skip
+    s = base(F16)
+    s[2], s[3] = s[2].astype(BF16), s[3].astype(BF16)
+    cases.append(("f16-bf16-states-f16-max", s, {"amsgrad": True}, TypeError,
+                  "max_exp_avg_sq has dtype float16 but must be bfloat16"))  # fmt: skip
+    s = base()
+    cases.append(("state-rounding-name", s, {"state_rounding": "up"}, ValueError,
+                  "state_rounding"))  # fmt: skip
     s = base(BF16, True)
     s[5] = np.zeros(n + 1, BF16)
     cases.append(("copy-shape", s, {}, ValueError, "param_copy has shape"))
@@ -226,9 +243,6 @@ def _bad_cases():
     s = base(BF16, True)
     s[2] = s[2].astype(BF16)
     cases.append(("master-bf16-states", s, {}, TypeError, "master weights keep float32"))
-    s = base(F16, True)
-    cases.append(("f16-stochastic", s, {"param_rounding": "stochastic"}, ValueError,
-                  "rounds to bfloat16 only"))  # fmt: skip
     s = base(BF16, True)
     cases.append(("rounding-name", s, {"param_rounding": "up"}, ValueError, "param_rounding"))
     s = base(BF16, True)
@@ -401,3 +415,192 @@ def test_optimizer_bad_grad_changes_nothing():
         opt.step([np.ones(4, BF16), np.ones(3, np.float16)])
     assert_same(params, before)
     assert opt.state == {}
+
+
+# -- float16 stochastic rounding, and moments of another dtype (issue 17's gaps) ----------
+
+F32 = np.dtype(np.float32)
+
+#: (param dtype, master, grad dtype, moments' dtype or None, param_rounding, state_rounding)
+NEW_KINDS = [
+    pytest.param(F16, False, None, None, "stochastic", None, id="f16-params-sr"),
+    pytest.param(F16, True, None, None, "stochastic", None, id="f16-master-sr"),
+    pytest.param(F16, True, F16, None, "stochastic", None, id="f16-master-lowpgrad-sr"),
+    pytest.param(BF16, False, None, F32, "nearest", None, id="bf16-params-f32-states"),
+    pytest.param(BF16, False, None, F32, "stochastic", None, id="bf16-params-f32-states-sr"),
+    pytest.param(F16, False, None, F32, "stochastic", None, id="f16-params-f32-states-sr"),
+    pytest.param(F16, False, None, BF16, "nearest", None, id="f16-params-bf16-states"),
+    pytest.param(F16, False, None, BF16, "stochastic", "stochastic", id="f16-bf16-states-ss"),
+    pytest.param(BF16, False, None, None, "nearest", "stochastic", id="bf16-params-ss"),
+]
+#: plain; Adam's L2 with amsgrad and maximize; AdamW's decay (every flag once)
+NEW_OPTIONS = [OPTION_COMBOS[0], OPTION_COMBOS[11], OPTION_COMBOS[12]]
+
+
+@pytest.mark.parametrize(("dtype", "master", "gdt", "sdt", "rounding", "srnd"), NEW_KINDS)
+def test_new_kinds_bit_identical(fast_backend, dtype, master, gdt, sdt, rounding, srnd):
+    """float16 stochastic rounding and moments of another dtype: every backend equals
+    the reference on odd sizes with special values, the flags and grad_scale covered."""
+    for options in NEW_OPTIONS:
+        for n in SIZES:
+            ref = make(n, dtype, master, gdt, seed=n, specials=True, state_dtype=sdt)
+            got = copy_of(ref)
+            for t in (1, 2):
+                for s, b in ((ref, "numpy"), (got, fast_backend)):
+                    step(s, b, t=t, rounding=rounding, grad_scale=2.0, state_rounding=srnd,
+                         **options)  # fmt: skip
+            assert_same(got, ref)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sdt", "rounding", "srnd"),
+    [pytest.param(F16, BF16, "stochastic", "stochastic", id="f16-bf16-states-sr-ss"),
+     pytest.param(BF16, F32, "stochastic", None, id="bf16-f32-states-sr")],
+)  # fmt: skip
+def test_new_kinds_threads_do_not_change_bits(fast_backend, restore_threads, dtype, sdt,
+                                              rounding, srnd):  # fmt: skip
+    n = 70_001  # >= 65,536: the C library splits it over two threads
+    results = []
+    for threads in (1, 2):
+        fastadam.set_num_threads(threads)
+        s = make(n, dtype, False, seed=1, state_dtype=sdt)
+        step(s, fast_backend, rounding=rounding, state_rounding=srnd, amsgrad=True)
+        results.append(s)
+    ref = make(n, dtype, False, seed=1, state_dtype=sdt)
+    step(ref, "numpy", rounding=rounding, state_rounding=srnd, amsgrad=True)
+    assert_same(results[0], ref)
+    assert_same(results[1], ref)
+
+
+@pytest.mark.parametrize("backend_name", ("numpy", *FAST_BACKENDS))
+def test_multi_new_kinds_is_per_tensor(backend_name, restore_threads):
+    """One adam_step_multi over tensors of the new kinds (one of 70,001 elements, split
+    over two threads by C), stochastic parameters and moments: adam_step on each."""
+    fastadam.set_num_threads(2)
+    spec = [(F16, None, 7), (BF16, F32, 70_001), (F16, BF16, 33), (BF16, None, 1000),
+            (F16, F32, 5), (F16, BF16, 4097)]  # fmt: skip
+    states = [make(n, dt, False, seed=n, specials=True, state_dtype=sdt) for dt, sdt, n in spec]
+    ref = [copy_of(s) for s in states]
+    cols = list(zip(*states))
+    fastadam.adam_step_multi(
+        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), step=[2, 3, 2, 2, 1, 2],
+        lr=1e-2, amsgrad=True, max_exp_avg_sqs=list(cols[4]), param_rounding="stochastic",
+        state_rounding="stochastic", seeds=50, weight_decay=0.1, backend=backend_name,
+    )  # fmt: skip
+    for i, (s, t) in enumerate(zip(ref, [2, 3, 2, 2, 1, 2])):
+        step(s, "numpy", t=t, rounding="stochastic", state_rounding="stochastic", seed=50 + i,
+             amsgrad=True, weight_decay=0.1)  # fmt: skip
+    for got, want in zip(states, ref):
+        assert_same(got, want)
+
+
+def _f16_neighbours(x):
+    """The float16 values just below and above |x| (float64), for float32 x."""
+    lo = np.float64(np.float32(x).astype(np.float16))
+    if abs(lo) > abs(x):
+        lo = np.float64(np.nextafter(np.float16(lo), np.float16(0)))
+    hi = np.float64(np.nextafter(np.float16(lo), np.float16(np.copysign(np.inf, x))))
+    return lo, hi
+
+
+@pytest.mark.parametrize(
+    "x",
+    [1.0 + 0.3 * 2.0**-10, -1000.37, 0.0123,  # normal results
+     3.1e-5 + 0.77 * 2.0**-24, 5.3 * 2.0**-24, -0.7 * 2.0**-24,  # subnormal ones
+     2.0**-14 - 0.4 * 2.0**-24, 1.01 * 2.0**-31],
+)  # fmt: skip
+def test_float16_stochastic_rounding_is_unbiased(x):
+    """2**16 copies of a value between two float16 numbers, each with its own random
+    bits (those of the parameters' stochastic rounding): every result is one of
+    the two neighbours, and their mean is within 4 standard errors of x."""
+    from fastadam.backends.reference import random_bits
+
+    n = 1 << 16
+    x = np.float32(x)
+    lo, hi = _f16_neighbours(float(x))
+    assert lo != float(x) != hi  # between the two, not on one
+    got = _lowp.round_f16_stochastic_bits(np.full(n, x), random_bits(n, 12345))
+    vals = got.view(np.float16).astype(np.float64)
+    assert set(np.unique(vals)) <= {lo, hi}
+    f = (float(x) - lo) / (hi - lo)
+    se = abs(hi - lo) * np.sqrt(f * (1 - f) / n)
+    assert abs(vals.mean() - float(x)) < 4 * se
+    nearest = np.float64(x.astype(np.float16))
+    assert abs(nearest - float(x)) > 4 * se  # nearest would be biased here
+
+
+def test_float16_stochastic_rounding_edges():
+    """NaN as nearest; |x| >= 65536 and Inf: Inf; (65504, 65536): 65504 or Inf;
+    |x| < 2**-32: signed zero (the documented bias); representable values exact."""
+    from fastadam.backends.reference import random_bits
+
+    r = random_bits(4096, 3)
+    with np.errstate(over="ignore"):
+        h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+        finite = h[np.isfinite(h)].astype(np.float32)
+        rr = random_bits(finite.size, 9)
+        assert np.array_equal(_lowp.round_f16_stochastic_bits(finite, rr),
+                              finite.astype(np.float16).view(np.uint16))  # fmt: skip
+    for x, want in ((np.inf, {0x7C00}), (-np.inf, {0xFC00}), (65536.0, {0x7C00}),
+                    (1e30, {0x7C00}), (65520.0, {0x7BFF, 0x7C00}), (-65510.0, {0xFBFF, 0xFC00}),
+                    (2.0**-33, {0}), (-(2.0**-40), {0x8000}), (1e-45, {0})):  # fmt: skip
+        got = set(_lowp.round_f16_stochastic_bits(np.full(4096, x, np.float32), r).tolist())
+        assert got == want, (x, got)
+    nan = np.array([np.nan, -np.nan], np.float32)
+    assert np.array_equal(_lowp.round_f16_stochastic_bits(nan, r[:2]), _lowp.round_f16_bits(nan))
+
+
+def test_state_rounding_default_is_each_kinds():
+    """The functional default (None): bf16 params' bf16 moments round to nearest (torch's),
+    float32 params' bf16 states stochastically (unchanged); explicit values are honoured."""
+    out = {}
+    for srnd in (None, "nearest", "stochastic"):
+        s = make(1000, BF16, False, seed=4)
+        step(s, "numpy", state_rounding=srnd)
+        out[srnd] = s
+    assert_same(out[None], out["nearest"])
+    assert not np.array_equal(lowp_bits(out[None][2]), lowp_bits(out["stochastic"][2]))
+    f32 = {}
+    for srnd in (None, "stochastic"):
+        rng = np.random.default_rng(0)
+        p, g = rng.standard_normal((2, 1000)).astype(np.float32)
+        m, v = np.zeros(1000, BF16), np.zeros(1000, BF16)
+        fastadam.adam_step(p, g, m, v, step=1, lr=1e-2, seed=3, state_rounding=srnd)
+        f32[srnd] = (p, m, v)
+    assert_same(f32[None], f32["stochastic"])
+    assert fastadam.adam_step.__kwdefaults__["state_rounding"] is None
+    assert fastadam.adam_step_multi.__kwdefaults__["state_rounding"] is None
+
+
+@pytest.mark.parametrize("state_dtype", ("float32", "bfloat16"))
+def test_optimizer_state_dtype_for_lowp_params(backend, state_dtype):
+    """fastadam.AdamW over bf16 params with float32/bfloat16 moments: adam_step on each
+    (bfloat16 moments rounded stochastically, the optimizer's default), moments of
+    that dtype, and a state_dict round trip that resumes bit for bit."""
+    sdt = np.dtype(np.float32) if state_dtype == "float32" else BF16
+    params = [make(n, BF16, False, seed=n)[0] for n in (10, 1000)]
+    ref = [p.copy() for p in params]
+    mom = [(np.zeros(p.shape, sdt), np.zeros(p.shape, sdt)) for p in params]
+    opt = fastadam.AdamW(params, lr=1e-2, state_dtype=state_dtype, backend=backend)
+    rng = np.random.default_rng(0)
+    for t in (1, 2):
+        grads = [(rng.standard_normal(p.shape) * 0.1).astype(BF16) for p in params]
+        opt.step([g.copy() for g in grads])
+        for i, g in enumerate(grads):
+            fastadam.adam_step(ref[i], g.copy(), *mom[i], step=t, lr=1e-2, weight_decay=1e-2,
+                               decoupled_weight_decay=True, seed=i, state_rounding="stochastic",
+                               backend="numpy")  # fmt: skip
+    assert_same(params, ref)
+    for i in range(2):
+        assert opt.state[i]["exp_avg"].dtype == sdt
+        assert_same((opt.state[i]["exp_avg"], opt.state[i]["exp_avg_sq"]), mom[i])
+    twin_params = [p.copy() for p in params]
+    twin = fastadam.AdamW(twin_params, lr=1e-2, state_dtype=state_dtype, backend=backend)
+    twin.load_state_dict(opt.state_dict())
+    grads = [(rng.standard_normal(p.shape) * 0.1).astype(BF16) for p in params]
+    opt.step([g.copy() for g in grads])
+    twin.step([g.copy() for g in grads])
+    assert_same(twin_params, params)
+    for i in range(2):
+        assert_same((twin.state[i]["exp_avg"], twin.state[i]["exp_avg_sq"]),
+                    (opt.state[i]["exp_avg"], opt.state[i]["exp_avg_sq"]))  # fmt: skip

@@ -1,6 +1,6 @@
 /*
  * test_fastadam_lowp.c - the low-precision entry point (fastadam_lowp.h)
- * against a scalar C reference, with no Python: every kind, both roundings,
+ * against a scalar C reference, with no Python: every kind, every rounding,
  * every flag combination, odd sizes, 1 and 2 threads, each array its own
  * exact-size allocation (so the sanitizers see any access out of bounds), then
  * the error codes. Run per ISA variant (FASTADAM_ISA, one process each).
@@ -125,11 +125,41 @@ static uint32_t mix32(uint32_t x)
 }
 
 enum { F32 = 0, BF = 1, HF = 2 };
-static const int KIND_TYPES[6][4] = {
+enum { N_KINDS = 9 };
+static const int KIND_TYPES[N_KINDS][4] = {
     /* param, grad, moments, copy (-1 none) */
     {BF, BF, BF, -1}, {HF, HF, HF, -1}, {F32, F32, F32, BF},
     {F32, BF, F32, BF}, {F32, F32, F32, HF}, {F32, HF, F32, HF},
+    {BF, BF, F32, -1}, {HF, HF, F32, -1}, {HF, HF, BF, -1},
 };
+
+/* float16's stochastic rounding with 32 random bits r, written another way:
+ * the neighbour toward zero, the gap to the next one, and the discarded
+ * fraction of the gap in units of 2^-nb (nb random bits decide). */
+static uint16_t f16_stochastic(float x, uint32_t r)
+{
+    const uint16_t sign = signbit(x) ? 0x8000 : 0;
+    const double a = fabs((double)x);
+    if (isnan(x))
+        return f16_nearest(x);
+    if (a >= 65536.0)
+        return sign | 0x7C00;
+    if (a < 0x1p-32)
+        return sign;
+    int e;
+    frexp(a, &e);                                  /* a in [2^(e-1), 2^e) */
+    const int lsb = e - 11 < -24 ? -24 : e - 11;   /* the float16 grid's step there */
+    const double gap = ldexp(1.0, lsb);
+    const double lo = floor(a / gap) * gap;
+    /* random bits used: those of the float32 significand below the grid */
+    const int nb = lsb - (e - 24);
+    const double frac = (a - lo) / gap * ldexp(1.0, nb); /* an integer < 2^nb */
+    const double rb = (double)(r & (uint32_t)((1ull << nb) - 1u));
+    const double q = frac + rb >= ldexp(1.0, nb) ? lo + gap : lo;
+    if (q >= 65536.0)
+        return sign | 0x7C00;
+    return (uint16_t)(sign | f16_nearest((float)q)); /* q is a float16 value */
+}
 
 static size_t elsize(int t)
 {
@@ -152,17 +182,20 @@ static void store(void *a, int64_t i, int t, float x)
         ((uint16_t *)a)[i] = t == BF ? bf16_nearest(x) : f16_nearest(x);
 }
 
-static void reference(int kind, int stochastic, void *p, void *g, void *m, void *v, void *vmax,
+static void reference(int kind, int rounding, void *p, void *g, void *m, void *v, void *vmax,
                       void *copy, int64_t n, const fa_adam_scalars *sc, uint32_t key)
 {
     const int pt = KIND_TYPES[kind][0], gt = KIND_TYPES[kind][1], st = KIND_TYPES[kind][2],
               ct = KIND_TYPES[kind][3];
+    const int psr = (rounding & 1) != 0, ssr = (rounding & 2) != 0;
     const float step_size = (float)sc->step_size, bc2 = (float)sc->bias_correction2_sqrt,
                 eps = (float)sc->eps, omb1 = (float)sc->one_minus_beta1,
                 beta2 = (float)sc->beta2, omb2 = (float)sc->one_minus_beta2,
                 wd = (float)sc->weight_decay, decay = (float)sc->decay,
                 scale = (float)sc->grad_scale;
     for (int64_t i = 0; i < n; i++) {
+        const uint32_t r = mix32((uint32_t)i ^ mix32(key ^ (uint32_t)((uint64_t)i >> 32)));
+        const uint32_t r2 = mix32(r);
         float gi = load(g, i, gt);
         if (sc->unscale) {
             gi = gi / scale;
@@ -186,27 +219,33 @@ static void reference(int kind, int stochastic, void *p, void *g, void *m, void 
             mi = m0 + (gi - m0) * omb1;
             vi = v0 * beta2 + omb2 * gi * gi;
         }
-        store(m, i, st, mi);
-        store(v, i, st, vi);
+        if (ssr) { /* bfloat16 moments */
+            ((uint16_t *)m)[i] = bf16_round(mi, r2 & 0xFFFFu);
+            ((uint16_t *)v)[i] = bf16_round(vi, r2 >> 16);
+        } else {
+            store(m, i, st, mi);
+            store(v, i, st, vi);
+        }
         float second = vi;
         if (sc->amsgrad) {
             const float old = load(vmax, i, st);
             second = (old > vi || old != old) ? old : vi;
-            store(vmax, i, st, second);
+            if (ssr)
+                ((uint16_t *)vmax)[i] = bf16_round(second, r2 >> 16);
+            else
+                store(vmax, i, st, second);
         }
         pi = pi - step_size * mi / (sqrtf(second) / bc2 + eps);
-        uint16_t r16 = 0;
-        if (stochastic)
-            r16 = (uint16_t)(mix32((uint32_t)i ^ mix32(key ^ (uint32_t)((uint64_t)i >> 32))) &
-                             0xFFFFu);
+        const int rt = ct >= 0 ? ct : pt; /* the type the parameter is rounded to */
+        uint16_t rounded = 0;
+        if (rt != F32)
+            rounded = !psr ? (rt == BF ? bf16_nearest(pi) : f16_nearest(pi))
+                           : (rt == BF ? bf16_round(pi, r & 0xFFFFu) : f16_stochastic(pi, r));
         if (ct >= 0) {
             ((float *)p)[i] = pi;
-            ((uint16_t *)copy)[i] = stochastic ? bf16_round(pi, r16)
-                                               : (ct == BF ? bf16_nearest(pi) : f16_nearest(pi));
-        } else if (stochastic) {
-            ((uint16_t *)p)[i] = bf16_round(pi, r16);
+            ((uint16_t *)copy)[i] = rounded;
         } else {
-            store(p, i, pt, pi);
+            ((uint16_t *)p)[i] = rounded;
         }
     }
 }
@@ -249,7 +288,7 @@ static void fill(void *a, int64_t n, int t, double scale, int positive)
 
 enum { NT = 3 };
 
-static void check(int kind, int stochastic, int flags, const int64_t *n)
+static void check(int kind, int rounding, int flags, const int64_t *n)
 {
     const int pt = KIND_TYPES[kind][0], gt = KIND_TYPES[kind][1], st = KIND_TYPES[kind][2],
               ct = KIND_TYPES[kind][3];
@@ -278,7 +317,7 @@ static void check(int kind, int stochastic, int flags, const int64_t *n)
     sc.maximize = (flags & 8) != 0;
     sc.state_rounding = FA_STATE_SAME_DTYPE;
     const uint32_t keys[NT] = {0x12345678u, 0x9ABCDEF0u, 7u};
-    const int rc = fa_adam_lowp_multi(kind, stochastic, NT, arr[0], arr[1], arr[2], arr[3],
+    const int rc = fa_adam_lowp_multi(kind, rounding, NT, arr[0], arr[1], arr[2], arr[3],
                                       sc.amsgrad ? arr[4] : NULL, ct >= 0 ? arr[5] : NULL, n,
                                       &sc, 1, NULL, keys);
     if (rc != FA_OK) {
@@ -286,7 +325,7 @@ static void check(int kind, int stochastic, int flags, const int64_t *n)
         fprintf(stderr, "kind %d: rc %d\n", kind, rc);
     }
     for (int t = 0; t < NT; t++) {
-        reference(kind, stochastic, ref[0][t], ref[1][t], ref[2][t], ref[3][t], ref[4][t],
+        reference(kind, rounding, ref[0][t], ref[1][t], ref[2][t], ref[3][t], ref[4][t],
                   ref[5][t], n[t], &sc, keys[t]);
         for (int r = 0; r < 6; r++) {
             if ((r == 4 && !sc.amsgrad) || (r == 5 && ct < 0))
@@ -295,7 +334,7 @@ static void check(int kind, int stochastic, int flags, const int64_t *n)
                 if (!same(arr[r][t], ref[r][t], i, types[r])) {
                     if (g_failures++ < 10)
                         fprintf(stderr, "kind %d sr %d flags %d tensor %d array %d elem %lld\n",
-                                kind, stochastic, flags, t, r, (long long)i);
+                                kind, rounding, flags, t, r, (long long)i);
                     break;
                 }
         }
@@ -327,10 +366,14 @@ static void check_errors(void)
     sc.beta2 = 0.999, sc.one_minus_beta2 = 0.001, sc.decay = 1, sc.grad_scale = 1;
     expect(fa_adam_lowp_multi(2, 0, 1, P, G, M, V, NULL, NULL, n, &sc, 1, NULL, NULL),
            FA_ERR_NULL, "master without a copy");
-    expect(fa_adam_lowp_multi(6, 0, 1, P, G, M, V, NULL, C, n, &sc, 1, NULL, NULL),
+    expect(fa_adam_lowp_multi(N_KINDS, 0, 1, P, G, M, V, NULL, C, n, &sc, 1, NULL, NULL),
            FA_ERR_ROUNDING, "unknown kind");
-    expect(fa_adam_lowp_multi(4, 1, 1, P, G, M, V, NULL, C, n, &sc, 1, NULL, NULL),
-           FA_ERR_ROUNDING, "stochastic float16");
+    expect(fa_adam_lowp_multi(4, 2, 1, P, G, M, V, NULL, C, n, &sc, 1, NULL, NULL),
+           FA_ERR_ROUNDING, "stochastic float32 moments");
+    expect(fa_adam_lowp_multi(7, 2, 1, H, H, M, V, NULL, NULL, n, &sc, 1, NULL, NULL),
+           FA_ERR_ROUNDING, "stochastic float32 moments of float16 params");
+    expect(fa_adam_lowp_multi(0, 4, 1, H, H, H, H, NULL, NULL, n, &sc, 1, NULL, NULL),
+           FA_ERR_ROUNDING, "an unknown rounding bit");
     void *overlap[1] = {(char *)p + 4};
     expect(fa_adam_lowp_multi(2, 0, 1, P, overlap, M, V, NULL, C, n, &sc, 1, NULL, NULL),
            FA_ERR_OVERLAP, "overlap");
@@ -361,14 +404,28 @@ static int run_here(void)
     for (int threads = 1; threads <= 2; threads++) {
         fa_set_num_threads(threads);
         for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
-            for (int kind = 0; kind < 6; kind++)
-                for (int sr = 0; sr < 2; sr++) {
-                    if (sr && !(kind == 0 || kind == 2 || kind == 3))
+            for (int kind = 0; kind < N_KINDS; kind++)
+                for (int rounding = 0; rounding < 4; rounding++) {
+                    const int bf16_moments = KIND_TYPES[kind][2] == BF;
+                    if ((rounding & 2) && !bf16_moments)
                         continue;
-                    for (int flags = 0; flags < 32; flags++)
-                        /* every combination on the small sizes; four on the large */
-                        if (s < 2 || flags == 0 || flags == 3 || flags == 12 || flags == 31)
-                            check(kind, sr, flags, sizes[s]);
+                    /* the (kind, rounding) pairs that existed before the float16
+                     * stochastic rounding and the kinds 6-8: every flag
+                     * combination on the two small sizes, four on the large ones.
+                     * The newer pairs (to keep the sanitizer run short): every
+                     * combination on the first sizes, four on the second, and
+                     * all flags at once on the large ones with 2 threads. */
+                    const int older = kind < 6 && rounding < 2 &&
+                                      (rounding == 0 || KIND_TYPES[kind][3] == BF ||
+                                       kind == 0);
+                    for (int flags = 0; flags < 32; flags++) {
+                        const int some = flags == 0 || flags == 3 || flags == 12 || flags == 31;
+                        const int run = older ? (s < 2 || some)
+                                              : (s == 0 || (s == 1 && some) ||
+                                                 (threads == 2 && flags == 31));
+                        if (run)
+                            check(kind, rounding, flags, sizes[s]);
+                    }
                 }
     }
     check_errors();

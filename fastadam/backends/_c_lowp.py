@@ -37,7 +37,9 @@ def step_rows(
     keys: np.ndarray | None,
     rounding: int,
 ) -> None:
-    """One library call over every tensor of ``rows`` (see fastadam._lowp.step_rows)."""
+    """One library call over every tensor of ``rows`` (see fastadam._lowp.step_rows);
+    ``rounding``'s bits are fastadam_lowp.h's ``FA_LOWP_STOCHASTIC`` (1) and
+    ``FA_LOWP_STOCHASTIC_STATE`` (2)."""
     count = len(rows)
     pointers = np.zeros((6, count), np.uintp)
     sizes = np.empty(count, np.int64)

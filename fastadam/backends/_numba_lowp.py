@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .._lowp import FLOAT32, KINDS, PARAM_STOCHASTIC
+from .._lowp import FLOAT32, KINDS, PARAM_STOCHASTIC, STATE_STOCHASTIC
 from .._scalars import AdamScalars
 from ._numba_intrinsics import _bits_f32, _f32_bits
 
@@ -101,6 +101,40 @@ def _nearest16(x, t):
 
 
 @njit(inline="always")
+def _stochastic_f16(x, r):
+    """fastadam._lowp.round_f16_stochastic_bits of one value (r: 32 random bits)."""
+    u = _U(_f32_bits(x))
+    sign = (u >> _U(16)) & _U(0x8000)
+    a = u & _U(0x7FFFFFFF)
+    if a > _U(0x7F800000):
+        h = _U(0x7E00) | ((a >> _U(13)) & _U(0x3FF))
+    elif a >= _U(0x47800000):
+        h = _U(0x7C00)
+    elif a >= _U(0x38800000):
+        h = (a - _U(0x38000000) + (r & _U(0x1FFF))) >> _U(13)
+    else:
+        e = a >> _U(23)
+        if e < _U(95):
+            h = _U(0)
+        else:
+            s = _U(126) - e
+            m = (a & _U(0x7FFFFF)) | _U(0x800000)
+            mask = (_U(1) << s) - _U(1)
+            h = (m >> s) + (((m & mask) + (r & mask)) >> s)
+    return sign | h
+
+
+@njit(inline="always")
+def _bits16(x, t, sr, r):
+    """x rounded to t (bfloat16/float16): nearest-even, or stochastically with r."""
+    if not sr:
+        return _nearest16(x, t)
+    if t == _BF16:
+        return _round_bf16(_U(_f32_bits(x)), r & _M16)
+    return _stochastic_f16(x, r)
+
+
+@njit(inline="always")
 def _load(a, i, t):
     if t == _F32:
         return np.float32(a[i])
@@ -115,8 +149,16 @@ def _store(a, i, t, x):
         a[i] = _nearest16(x, t)
 
 
+@njit(inline="always")
+def _store_sr(a, i, t, x, sr, r):
+    if t == _F32:
+        a[i] = x
+    else:
+        a[i] = _bits16(x, t, sr, r)
+
+
 @njit(parallel=True, cache=True)
-def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, stochastic, key,
+def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, psr, ssr, key,
           step_size, bc2, eps, omb1, beta2, omb2, wd, decay, grad_scale,
           unscale, maximize, amsgrad):  # fmt: skip
     l2 = wd != 0.0  # on the float64 value, as the C dispatcher's flag
@@ -154,29 +196,27 @@ def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, stochastic, key,
             pi = pi * decay
             mi = m_old + (gi - m_old) * omb1
             vi = v_old * beta2 + omb2 * gi * gi
-        _store(m, i, st, mi)
-        _store(v, i, st, vi)
+        r = _U(0)
+        r2 = _U(0)
+        if psr or ssr:
+            idx = _U(i)
+            r = _mix32((idx & _M32) ^ _mix32(key ^ (idx >> _U(32))))
+            r2 = _mix32(r)
+        _store_sr(m, i, st, mi, ssr, r2)
+        _store_sr(v, i, st, vi, ssr, r2 >> _U(16))
         second = vi
         if amsgrad:
             old = _load(vmax, i, st)
             if old > vi or old != old:
                 second = old
-            _store(vmax, i, st, second)
+            _store_sr(vmax, i, st, second, ssr, r2 >> _U(16))
         denom = np.sqrt(second) / bc2 + eps
         pi = pi - step_size * mi / denom
-        if stochastic:
-            idx = _U(i)
-            r = _mix32((idx & _M32) ^ _mix32(key ^ (idx >> _U(32))))
-            bits = _round_bf16(_U(_f32_bits(pi)), r & _M16)
-            if ct >= 0:
-                p[i] = pi
-                copy[i] = bits
-            else:
-                p[i] = bits
+        if ct >= 0:
+            p[i] = pi
+            copy[i] = _bits16(pi, ct, psr, r)
         else:
-            _store(p, i, pt, pi)
-            if ct >= 0:
-                copy[i] = _nearest16(pi, ct)
+            _store_sr(p, i, pt, pi, psr, r)
 
 
 _EMPTY16 = np.zeros(1, np.uint16)
@@ -207,7 +247,8 @@ def step_rows(
     """Every tensor of ``rows`` stepped in turn (see fastadam._lowp.step_rows)."""
     info = KINDS[kind]
     pt, gt, st, ct = _code(info.param), _code(info.grad), _code(info.state), _code(info.copy)
-    stochastic = rounding == PARAM_STOCHASTIC
+    psr = (rounding & PARAM_STOCHASTIC) != 0
+    ssr = (rounding & STATE_STOCHASTIC) != 0
     for i, row in enumerate(rows):
         n = row[0].size
         if n == 0:
@@ -217,7 +258,7 @@ def step_rows(
         _loop(
             _arg(row[0], info.param), _arg(row[1], info.grad), _arg(row[2], info.state),
             _arg(row[3], info.state), _arg(row[4] if sc.amsgrad else None, info.state),
-            _arg(row[5], info.copy), n, pt, gt, st, ct, stochastic, key,
+            _arg(row[5], info.copy), n, pt, gt, st, ct, psr, ssr, key,
             sc.step_size, sc.bias_correction2_sqrt, sc.eps, sc.one_minus_beta1, sc.beta2,
             sc.one_minus_beta2, sc.weight_decay, sc.decay, sc.grad_scale, sc.unscale,
             sc.maximize, sc.amsgrad,
