@@ -323,7 +323,7 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
         eps_hat: bool = False,
         grad_scale: float | None = None,
         found_inf: bool = False,
-        state_rounding: str = "stochastic",
+        state_rounding: str | None = "stochastic",
         seeds: int | Sequence[int] | np.ndarray | None = None,
         grads: Sequence[np.ndarray] | None = None,
     ) -> None:
@@ -378,7 +378,7 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
         eps_hat: bool = False,
         grad_scale: float | None = None,
         found_inf: bool = False,
-        state_rounding: str = "stochastic",
+        state_rounding: str | None = "stochastic",
         seeds: int | Sequence[int] | np.ndarray | None = None,
         grads: Sequence[np.ndarray] | None = None,
     ) -> Callable[[], None]:

@@ -134,31 +134,35 @@ def _bits16(x, t, sr, r):
     return _stochastic_f16(x, r)
 
 
-@njit(inline="always")
-def _load(a, i, t):
-    if t == _F32:
-        return np.float32(a[i])
-    return _widen16(a[i], t)
+# Each array comes as two, a32 (float32) and a16 (uint16 bits), one of them a
+# stand-in; its storage type t says which is read and written.
 
 
 @njit(inline="always")
-def _store(a, i, t, x):
+def _load(a32, a16, i, t):
     if t == _F32:
-        a[i] = x
+        return a32[i]
+    return _widen16(a16[i], t)
+
+
+@njit(inline="always")
+def _store(a32, a16, i, t, x):
+    if t == _F32:
+        a32[i] = x
     else:
-        a[i] = _nearest16(x, t)
+        a16[i] = _nearest16(x, t)
 
 
 @njit(inline="always")
-def _store_sr(a, i, t, x, sr, r):
+def _store_sr(a32, a16, i, t, x, sr, r):
     if t == _F32:
-        a[i] = x
+        a32[i] = x
     else:
-        a[i] = _bits16(x, t, sr, r)
+        a16[i] = _bits16(x, t, sr, r)
 
 
 @njit(parallel=True, cache=True)
-def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, psr, ssr, key,
+def _loop(p32, p16, g32, g16, m32, m16, v32, v16, x32, x16, c16, n, pt, gt, st, ct, psr, ssr, key,
           step_size, bc2, eps, omb1, beta2, omb2, wd, decay, grad_scale,
           unscale, maximize, amsgrad):  # fmt: skip
     l2 = wd != 0.0  # on the float64 value, as the C dispatcher's flag
@@ -175,15 +179,15 @@ def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, psr, ssr, key,
     small = omb1 < np.float32(0.5)
     coeff = omb1 if small else omb1 - np.float32(1.0)
     for i in prange(n):
-        gi = _load(g, i, gt)
+        gi = _load(g32, g16, i, gt)
         if unscale:
             gi = gi / grad_scale
-            _store(g, i, gt, gi)
+            _store(g32, g16, i, gt, gi)
         if maximize:
             gi = -gi
-        pi = _load(p, i, pt)
-        m_old = _load(m, i, st)
-        v_old = _load(v, i, st)
+        pi = _load(p32, p16, i, pt)
+        m_old = _load(m32, m16, i, st)
+        v_old = _load(v32, v16, i, st)
         if ct < 0:
             if l2:
                 gi = _fma32(pi, wd, gi)
@@ -202,32 +206,36 @@ def _loop(p, g, m, v, vmax, copy, n, pt, gt, st, ct, psr, ssr, key,
             idx = _U(i)
             r = _mix32((idx & _M32) ^ _mix32(key ^ (idx >> _U(32))))
             r2 = _mix32(r)
-        _store_sr(m, i, st, mi, ssr, r2)
-        _store_sr(v, i, st, vi, ssr, r2 >> _U(16))
+        _store_sr(m32, m16, i, st, mi, ssr, r2)
+        _store_sr(v32, v16, i, st, vi, ssr, r2 >> _U(16))
         second = vi
         if amsgrad:
-            old = _load(vmax, i, st)
+            old = _load(x32, x16, i, st)
             if old > vi or old != old:
                 second = old
-            _store_sr(vmax, i, st, second, ssr, r2 >> _U(16))
+            _store_sr(x32, x16, i, st, second, ssr, r2 >> _U(16))
         denom = np.sqrt(second) / bc2 + eps
         pi = pi - step_size * mi / denom
         if ct >= 0:
-            p[i] = pi
-            copy[i] = _bits16(pi, ct, psr, r)
+            p32[i] = pi
+            c16[i] = _bits16(pi, ct, psr, r)
         else:
-            _store_sr(p, i, pt, pi, psr, r)
+            _store_sr(p32, p16, i, pt, pi, psr, r)
 
 
-_EMPTY16 = np.zeros(1, np.uint16)
 _EMPTY32 = np.zeros(1, np.float32)
+_EMPTY16 = np.zeros(1, np.uint16)
 
 
-def _arg(a: Any, dt: Any) -> np.ndarray:
+def _args(a: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` (contiguous, checked) as the pair (float32 view, uint16 view) with
+    a one-element stand-in for the view it does not have: every kind of step
+    then calls one compiled ``_loop``, the storage types being values, not
+    types (one compile, not one per kind's combination of dtypes)."""
     if a is None:
-        return _EMPTY32 if dt == FLOAT32 else _EMPTY16
+        return _EMPTY32, _EMPTY16
     a = a.reshape(-1)
-    return a if a.dtype == FLOAT32 else a.view(np.uint16)
+    return (a, _EMPTY16) if a.dtype == FLOAT32 else (_EMPTY32, a.view(np.uint16))
 
 
 def _code(dt: Any) -> int:
@@ -256,9 +264,9 @@ def step_rows(
         sc = scalars[0 if index is None else int(index[i])]
         key = 0 if keys is None else int(keys[i])
         _loop(
-            _arg(row[0], info.param), _arg(row[1], info.grad), _arg(row[2], info.state),
-            _arg(row[3], info.state), _arg(row[4] if sc.amsgrad else None, info.state),
-            _arg(row[5], info.copy), n, pt, gt, st, ct, psr, ssr, key,
+            *_args(row[0]), *_args(row[1]), *_args(row[2]), *_args(row[3]),
+            *_args(row[4] if sc.amsgrad else None), _args(row[5])[1],
+            n, pt, gt, st, ct, psr, ssr, key,
             sc.step_size, sc.bias_correction2_sqrt, sc.eps, sc.one_minus_beta1, sc.beta2,
             sc.one_minus_beta2, sc.weight_decay, sc.decay, sc.grad_scale, sc.unscale,
             sc.maximize, sc.amsgrad,
