@@ -47,18 +47,41 @@
  * Zen 1/2 at half width), and this divide costs three FMA-port operations
  * and a blend instead (BENCHMARKS.md, "AVX2 and ARM").
  */
+#ifdef FA_FMA
+/* The reciprocal path alone, for loops that choose it outside the loop (a
+ * large loop body is not unswitched on div_bc2's test: GCC then leaves it
+ * unvectorized, "control flow in loop"). Needs bias_correction2_rcp != 0. */
+static inline __attribute__((always_inline)) FA_T FA_FN(div_rcp)(
+    FA_T a, const FA_CAT(fa_scalars, FA_SUFFIX) c)
+{
+    const FA_T q0 = a * c.bias_correction2_rcp;
+    const FA_T r = FA_FMA(-q0, c.bias_correction2_sqrt, a);
+    const FA_T q = FA_FMA(r, c.bias_correction2_rcp, q0);
+    return q0 < (FA_T)INFINITY ? q : q0;
+}
+#endif
+
 static inline __attribute__((always_inline)) FA_T FA_FN(div_bc2)(
     FA_T a, const FA_CAT(fa_scalars, FA_SUFFIX) c)
 {
 #ifdef FA_FMA
-    /* loop-invariant: GCC unswitches the loop on it (two vector loops) */
-    if (c.bias_correction2_rcp != 0) {
-        const FA_T q0 = a * c.bias_correction2_rcp;
-        const FA_T r = FA_FMA(-q0, c.bias_correction2_sqrt, a);
-        const FA_T q = FA_FMA(r, c.bias_correction2_rcp, q0);
-        return q0 < (FA_T)INFINITY ? q : q0;
-    }
+    /* loop-invariant: GCC unswitches a small loop on it (two vector loops) */
+    if (c.bias_correction2_rcp != 0)
+        return FA_FN(div_rcp)(a, c);
 #endif
+    return a / c.bias_correction2_sqrt;
+}
+
+/* div_bc2 with the choice made by the caller, outside its loop: rcp, a
+ * compile-time constant, says bias_correction2_rcp != 0 (ignored without FMA). */
+static inline __attribute__((always_inline)) FA_T FA_FN(div_bc2_by)(
+    FA_T a, const FA_CAT(fa_scalars, FA_SUFFIX) c, const int rcp)
+{
+#ifdef FA_FMA
+    if (rcp)
+        return FA_FN(div_rcp)(a, c);
+#endif
+    (void)rcp;
     return a / c.bias_correction2_sqrt;
 }
 
@@ -73,7 +96,7 @@ static inline __attribute__((always_inline)) void FA_FN(adam_element)(
     FA_T *restrict param, FA_T *restrict grad, FA_T *restrict exp_avg,
     FA_T *restrict exp_avg_sq, FA_T *restrict max_exp_avg_sq, int64_t i,
     const FA_CAT(fa_scalars, FA_SUFFIX) c, const int l2, const int ams, const int unscale,
-    const int maximize)
+    const int maximize, const int rcp)
 {
     FA_T g = grad[i];
     if (unscale) {
@@ -102,7 +125,7 @@ static inline __attribute__((always_inline)) void FA_FN(adam_element)(
         second = (old > v || old != old) ? old : v;
         max_exp_avg_sq[i] = second;
     }
-    const FA_T denom = FA_FN(div_bc2)(FA_SQRT(second), c) + c.eps;
+    const FA_T denom = FA_FN(div_bc2_by)(FA_SQRT(second), c, rcp) + c.eps;
     param[i] = p - c.step_size * m / denom;
 }
 
@@ -116,7 +139,7 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
     FA_T *restrict param, FA_T *restrict grad, FA_T *restrict exp_avg,
     FA_T *restrict exp_avg_sq, FA_T *restrict max_exp_avg_sq, int64_t n,
     const FA_CAT(fa_scalars, FA_SUFFIX) *s,
-    const int l2, const int ams, const int unscale, const int maximize)
+    const int l2, const int ams, const int unscale, const int maximize, const int rcp)
 {
     enum { BLOCK = 32, LINE = 64 / sizeof(FA_T), AHEAD = FA_PREFETCH_BYTES / sizeof(FA_T) };
     const FA_CAT(fa_scalars, FA_SUFFIX) c = *s;
@@ -138,11 +161,31 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
 #endif
         for (int64_t i = j; i < j + BLOCK; i++)
             FA_FN(adam_element)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, c, l2, ams,
-                                unscale, maximize);
+                                unscale, maximize, rcp);
     }
     for (; j < n; j++)
         FA_FN(adam_element)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, c, l2, ams,
-                            unscale, maximize);
+                            unscale, maximize, rcp);
+}
+
+/* The division's two ways (div_bc2) as two loops, chosen here: GCC does not
+ * unswitch the larger bodies (amsgrad's) on the test, and leaves a loop with
+ * that control flow in it unvectorized. */
+static inline __attribute__((always_inline)) void FA_FN(adam_loops)(
+    FA_T *restrict param, FA_T *restrict grad, FA_T *restrict exp_avg,
+    FA_T *restrict exp_avg_sq, FA_T *restrict max_exp_avg_sq, int64_t n,
+    const FA_CAT(fa_scalars, FA_SUFFIX) *s,
+    const int l2, const int ams, const int unscale, const int maximize)
+{
+#ifdef FA_FMA
+    if (s->bias_correction2_rcp != 0) {
+        FA_FN(adam_body)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, s, l2, ams,
+                         unscale, maximize, 1);
+        return;
+    }
+#endif
+    FA_FN(adam_body)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, s, l2, ams, unscale,
+                     maximize, 0);
 }
 
 /* One out-of-line function per flag combination (the bit values are the
@@ -152,7 +195,7 @@ static inline __attribute__((always_inline)) void FA_FN(adam_body)(
                                    FA_T *exp_avg_sq, FA_T *max_exp_avg_sq, int64_t n,      \
                                    const FA_CAT(fa_scalars, FA_SUFFIX) *s)                 \
     {                                                                                      \
-        FA_FN(adam_body)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, s,           \
+        FA_FN(adam_loops)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, s,          \
                          ((bits) & FA_F_L2) != 0, ((bits) & FA_F_AMSGRAD) != 0,            \
                          ((bits) & FA_F_UNSCALE) != 0, ((bits) & FA_F_MAXIMIZE) != 0);     \
     }

@@ -144,10 +144,24 @@ static inline __attribute__((always_inline)) void fa_lp_store_sr(void *a, int64_
         ((uint16_t *)a)[i] = (uint16_t)fa_lp_bits(x, t, sr, r);
 }
 
+/* sqrt(v) / bias_correction2_sqrt, correctly rounded: through the reciprocal
+ * where the variant has FMA and rcp (a compile-time constant, chosen outside
+ * the loop by fa_lp_body) says the dispatcher found it exact; else divided. */
+static inline __attribute__((always_inline)) float fa_lp_div_bc2(float a, const fa_scalars_f32 c,
+                                                                 const int rcp)
+{
+#ifdef FA_HAS_FMA
+    if (rcp)
+        return div_rcp_f32(a, c);
+#endif
+    (void)rcp;
+    return a / c.bias_correction2_sqrt;
+}
+
 static inline __attribute__((always_inline)) void fa_lp_element(
     const fa_lowp_piece *restrict pc, int64_t i, const fa_scalars_f32 c, const int pt,
     const int gt, const int st, const int ct, const int psr, const int ssr, const int l2,
-    const int ams, const int unscale, const int maximize)
+    const int ams, const int unscale, const int maximize, const int rcp)
 {
     float g = fa_lp_load(pc->grad, i, gt);
     if (unscale) {
@@ -169,7 +183,11 @@ static inline __attribute__((always_inline)) void fa_lp_element(
             g = fmaf(p, c.weight_decay, g);
         p = p * c.decay;
         const int small = c.one_minus_beta1 < 0.5f;
-        m = fmaf(small ? c.one_minus_beta1 : c.one_minus_beta1 - 1.0f, g - m_old,
+        /* computed whichever way small goes: GCC does not if-convert (so does
+         * not vectorize, on AVX2) a loop with a float operation under a
+         * condition, as it could trap */
+        const float w = c.one_minus_beta1 - 1.0f;
+        m = fmaf(small ? c.one_minus_beta1 : w, g - m_old,
                  small ? m_old : g);
         v = fmaf(c.one_minus_beta2 * g, g, v_old * c.beta2);
     } else {
@@ -198,7 +216,7 @@ static inline __attribute__((always_inline)) void fa_lp_element(
     /* the division by bias_correction2_sqrt through its reciprocal, bit for
      * bit the division (fastadam_kernel_impl.h's div_bc2): on CPUs with a slow
      * divider (AVX2) two divides per element bound the loop */
-    const float denom = div_bc2_f32(sqrtf(second), c) + c.eps;
+    const float denom = fa_lp_div_bc2(sqrtf(second), c, rcp) + c.eps;
     p = p - c.step_size * m / denom;
     /* the rounded parameter: the copy's (master weights), or the parameter's own */
     if (ct >= 0) {
@@ -217,11 +235,22 @@ static inline __attribute__((always_inline)) void fa_lp_body(
     const fa_scalars_f32 c = *s;
     const fa_lowp_piece q = *pc;
     const int64_t n = q.n;
+#ifdef FA_HAS_FMA
+    /* two loops, chosen here: GCC does not unswitch a body this large */
+    if (c.bias_correction2_rcp != 0) {
+#if !defined(__clang__)
+#pragma GCC ivdep
+#endif
+        for (int64_t i = 0; i < n; i++)
+            fa_lp_element(&q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, 1);
+        return;
+    }
+#endif
 #if !defined(__clang__)
 #pragma GCC ivdep
 #endif
     for (int64_t i = 0; i < n; i++)
-        fa_lp_element(&q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize);
+        fa_lp_element(&q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, 0);
 }
 
 /* One function per (kind, roundings): the common flag-free case as its own

@@ -10,10 +10,12 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import textwrap
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,3 +315,36 @@ def torch_digits_accuracy(*args: str) -> float:
     last = out.getvalue().strip().splitlines()[-1]
     assert last.startswith("test accuracy: "), last
     return float(last.split(": ")[1])
+
+
+# -- GCC vectorization reports (-fdump-tree-vect-optimized=FILE) ----------------
+
+_VECTORIZED = re.compile(
+    r"([\w.+-]+):(\d+):\d+: optimized: loop vectorized using (\d+) byte vectors"
+)
+
+
+def vectorized_loops(report: Path) -> dict[str, set[tuple[str, int, int]]]:
+    """function -> {(file name, line, vector bytes)} of the loops the report says
+    it vectorized. Clones (name.constprop.0, ...) count as their function."""
+    out: dict[str, set[tuple[str, int, int]]] = defaultdict(set)
+    function = None
+    with open(report, errors="replace") as f:
+        for line in f:
+            if line.startswith(";; Function "):
+                function = line.split()[2].split(".")[0]
+            elif "optimized: loop vectorized" in line:
+                m = _VECTORIZED.search(line)
+                assert m and function, line
+                out[function].add((Path(m[1]).name, int(m[2]), int(m[3])))
+    return out
+
+
+def loop_lines(path: Path, after: str, count: int) -> list[int]:
+    """Line numbers (1-based) of the first ``count`` ``for`` loops after the first
+    line that contains ``after``."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    found = [i + 1 for i in range(start, len(lines)) if lines[i].lstrip().startswith("for (")]
+    assert len(found) >= count, f"{path.name}: fewer than {count} loops after {after!r}"
+    return found[:count]

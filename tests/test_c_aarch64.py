@@ -30,15 +30,14 @@ emulation. Marker ``cross``, so ``-m "not cross"`` leaves it out.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import loop_lines, vectorized_loops
 
 pytestmark = [
     pytest.mark.cross,
@@ -61,11 +60,6 @@ CFLAGS = [
 # Static: the binary runs under qemu without a path to the aarch64 C library.
 LDFLAGS = ["-static", "-fopenmp"]
 VECTOR_BYTES = 16  # a NEON q register
-
-_VECTORIZED = re.compile(
-    r"([\w.+-]+):(\d+):\d+: optimized: loop vectorized using (\d+) byte vectors"
-)
-
 
 def _run(args: list[str], cwd: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
@@ -124,38 +118,12 @@ def aarch64_build(tmp_path_factory) -> dict:
     return {"dir": tmp, "binary": tmp / "test_fastadam", "qemu": qemu, "report": report}
 
 
-def _loop_lines(path: Path, after: str, count: int) -> list[int]:
-    """Line numbers (1-based) of the first ``count`` ``for`` loops after the first
-    line that contains ``after``."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if after in line)
-    found = [i + 1 for i in range(start, len(lines)) if lines[i].lstrip().startswith("for (")]
-    assert len(found) >= count, f"{path.name}: fewer than {count} loops after {after!r}"
-    return found[:count]
-
-
-def _vectorized_by_function(report: Path) -> dict[str, set[tuple[str, int, int]]]:
-    """function -> {(file name, line, vector bytes)} of the loops the report says
-    it vectorized. Clones (name.constprop.0, ...) count as their function."""
-    out: dict[str, set[tuple[str, int, int]]] = defaultdict(set)
-    function = None
-    with open(report, errors="replace") as f:
-        for line in f:
-            if line.startswith(";; Function "):
-                function = line.split()[2].split(".")[0]
-            elif "optimized: loop vectorized" in line:
-                m = _VECTORIZED.search(line)
-                assert m and function, line
-                out[function].add((Path(m[1]).name, int(m[2]), int(m[3])))
-    return out
-
-
 def test_kernel_loops_vectorized_for_neon(aarch64_build):
     # The element loop of a float32/float64 kernel: the one under `#pragma GCC ivdep`.
-    (adam_loop,) = _loop_lines(IMPL, "#pragma GCC ivdep", 1)
-    (bf16_loop,) = _loop_lines(BF16, "#pragma GCC ivdep", 1)
-    unscale_loops = _loop_lines(IMPL, "FA_FN(unscale)(", 2)
-    vectorized = _vectorized_by_function(aarch64_build["report"])
+    (adam_loop,) = loop_lines(IMPL, "#pragma GCC ivdep", 1)
+    (bf16_loop,) = loop_lines(BF16, "#pragma GCC ivdep", 1)
+    unscale_loops = loop_lines(IMPL, "FA_FN(unscale)(", 2)
+    vectorized = vectorized_loops(aarch64_build["report"])
 
     expected: dict[str, set[tuple[str, int, int]]] = {}
     for bits in range(16):  # every flag combination (FA_F_*)
