@@ -61,6 +61,7 @@ CFLAGS = [
 LDFLAGS = ["-static", "-fopenmp"]
 VECTOR_BYTES = 16  # a NEON q register
 
+
 def _run(args: list[str], cwd: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
 
