@@ -93,9 +93,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--state-dtype",
         choices=("float32", "bfloat16", "8bit"),
-        default="float32",
-        help="dtype of fastadam's moment estimates (bfloat16: half the memory; the "
-        "torch.optim.Adam twin keeps float32, so the printed |dparam| then shows the difference)",
+        default=None,
+        help="dtype of fastadam's moment estimates (default: the weights' own, float32 with "
+        "master weights; bfloat16: half the memory; the torch.optim.Adam twin keeps float32, so "
+        "the printed |dparam| then shows the difference)",
     )
     ap.add_argument(
         "--param-dtype",
@@ -112,7 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--param-rounding",
         choices=("nearest", "stochastic"),
         default="nearest",
-        help="how low-precision weights are rounded (stochastic: bfloat16 only)",
+        help="how low-precision weights are rounded (stochastic: unbiased, from a counter hash)",
     )
     ap.add_argument(
         "--torch-threads",
@@ -136,10 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lowp = args.param_dtype != "float32"
     dtype = getattr(torch, args.param_dtype)
     model.to(dtype)
-    state_dtype: Any = args.state_dtype  # "8bit", or a torch dtype's name
-    if lowp:  # float32 moments with master weights, else the weights' own dtype
-        state_dtype = None
-    elif state_dtype != "8bit":
+    state_dtype: Any = args.state_dtype  # None, "8bit", or a torch dtype's name
+    if state_dtype not in (None, "8bit"):
         state_dtype = getattr(torch, state_dtype)
     opt = fastadam.torch.Adam(
         model.parameters(),
