@@ -227,6 +227,49 @@ static inline __attribute__((always_inline)) void fa_lp_element(
     }
 }
 
+/* Blocks of FA_LP_BLOCK elements, prefetching FA_PREFETCH_BYTES of the
+ * float32 arrays ahead (the same element distance in the 16-bit ones), as
+ * fastadam_kernel_impl.h's loop does and for its reasons (fastadam_internal.h):
+ * without it the master-weights step ran at 75% of its roofline where the
+ * float32 step ran at 95%. */
+enum { FA_LP_BLOCK = 32, FA_LP_AHEAD = FA_PREFETCH_BYTES / 4 };
+
+static inline __attribute__((always_inline)) void fa_lp_prefetch(const void *a, int64_t i,
+                                                                 const int t)
+{
+    const uintptr_t size = t == FA_LP_F32 ? 4u : 2u;
+    __builtin_prefetch((const void *)((uintptr_t)a + (uintptr_t)i * size), 0, 3);
+}
+
+static inline __attribute__((always_inline)) void fa_lp_loop(
+    const fa_lowp_piece *restrict q, const fa_scalars_f32 c, const int pt, const int gt,
+    const int st, const int ct, const int psr, const int ssr, const int l2, const int ams,
+    const int unscale, const int maximize, const int rcp)
+{
+    const int64_t n = q->n;
+    int64_t j = 0;
+    for (; j + FA_LP_BLOCK <= n; j += FA_LP_BLOCK) {
+        if (j + FA_LP_AHEAD < n) /* not into the next thread's share */
+            for (int k = 0; k < FA_LP_BLOCK; k += 16) {
+                const int64_t at = j + k + FA_LP_AHEAD;
+                fa_lp_prefetch(q->param, at, pt);
+                fa_lp_prefetch(q->grad, at, gt);
+                fa_lp_prefetch(q->exp_avg, at, st);
+                fa_lp_prefetch(q->exp_avg_sq, at, st);
+                if (ams)
+                    fa_lp_prefetch(q->max_exp_avg_sq, at, st);
+            }
+        /* the element loop (tests/test_c_vectorized.py finds it by this comment) */
+#if !defined(__clang__)
+#pragma GCC ivdep
+#endif
+        for (int64_t i = j; i < j + FA_LP_BLOCK; i++)
+            fa_lp_element(q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, rcp);
+    }
+    for (; j < n; j++)
+        fa_lp_element(q, j, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, rcp);
+}
+
 static inline __attribute__((always_inline)) void fa_lp_body(
     const fa_lowp_piece *restrict pc, const fa_scalars_f32 *s, const int pt, const int gt,
     const int st, const int ct, const int psr, const int ssr, const int l2, const int ams,
@@ -234,23 +277,14 @@ static inline __attribute__((always_inline)) void fa_lp_body(
 {
     const fa_scalars_f32 c = *s;
     const fa_lowp_piece q = *pc;
-    const int64_t n = q.n;
 #ifdef FA_HAS_FMA
     /* two loops, chosen here: GCC does not unswitch a body this large */
     if (c.bias_correction2_rcp != 0) {
-#if !defined(__clang__)
-#pragma GCC ivdep
-#endif
-        for (int64_t i = 0; i < n; i++)
-            fa_lp_element(&q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, 1);
+        fa_lp_loop(&q, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, 1);
         return;
     }
 #endif
-#if !defined(__clang__)
-#pragma GCC ivdep
-#endif
-    for (int64_t i = 0; i < n; i++)
-        fa_lp_element(&q, i, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, 0);
+    fa_lp_loop(&q, c, pt, gt, st, ct, psr, ssr, l2, ams, unscale, maximize, 0);
 }
 
 /* One function per (kind, roundings): the common flag-free case as its own
