@@ -22,8 +22,8 @@ import fastadam  # noqa: E402
 #: its module-scoped fixtures once) in collection order: these go first, so
 #: that the short ones fill the other workers' time meanwhile instead of one
 #: long module running alone at the end.
-_FIRST = ("test_wheel", "test_c_sanitizers", "test_lowp", "test_c_aarch64", "test_docs",
-          "test_bf16", "test_multi", "test_backends", "test_c_no_openmp")  # fmt: skip
+_FIRST = ("test_wheel", "test_c_sanitizers", "test_lowp", "test_c_vectorized", "test_c_aarch64",
+          "test_docs", "test_bf16", "test_multi", "test_backends", "test_c_no_openmp")  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)
