@@ -470,22 +470,9 @@ def step_rows(
     fastadam._table (None: ``scalars[0]``; no stochastic rounding); ``rounding``:
     the bits :data:`PARAM_STOCHASTIC` | :data:`STATE_STOCHASTIC` (:func:`rounding_of`;
     the second only for kinds with bfloat16 moments)."""
-    name = backends.get(backend).NAME if backend != "auto" else _auto_name()
-    if name == "c":
-        from .backends import _c_lowp
-
-        _c_lowp.step_rows(kind, rows, scalars, index, keys, rounding)
-    elif name == "numba":
-        from .backends import _numba_lowp
-
-        _numba_lowp.step_rows(kind, rows, scalars, index, keys, rounding)
-    else:
-        _reference_multi(kind, rows, scalars, index, keys, rounding)
-
-
-def _auto_name() -> str:
-    """What "auto" runs for low-precision steps: the float32 steps' choice."""
-    return backends.auto_backend()
+    module = backends.family(backend, "lowp")
+    run = _reference_multi if module is None else module.step_rows
+    run(kind, rows, scalars, index, keys, rounding)
 
 
 def scalars_of(step: int, hp: Any, flags: tuple[bool, bool, bool, bool]) -> AdamScalars:

@@ -298,17 +298,8 @@ def kernel(backend: str) -> Any:
     """
     from . import backends
 
-    name = backends.get(backend, "float32").NAME
-    if name == "numpy":
-        return _Reference
-    if name == "numba":
-        from .backends import _numba_q8
-
-        return _numba_q8
-    backends.get("c")  # raises if the C library cannot load
-    from .backends import _c_q8
-
-    return _c_q8
+    module = backends.family(backend, "q8")
+    return _Reference if module is None else module
 
 
 class _Reference:

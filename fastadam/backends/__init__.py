@@ -151,6 +151,24 @@ def get(name: str, kind: str = KIND_F32) -> ModuleType:
     return mod
 
 
+#: Families of steps whose kernels a backend keeps in a module of their own, loaded
+#: on first use (so that a backend loads without them): family -> backend -> module
+#: in this package. The NumPy reference has none: each family's definition (its
+#: module beside the validation) is its reference kernel.
+_FAMILIES: dict[str, dict[str, str]] = {
+    "q8": {"c": "_c_q8", "numba": "_numba_q8"},  # 8-bit states (fastadam._q8)
+    "lowp": {"c": "_c_lowp", "numba": "_numba_lowp"},  # bf16/fp16 params (fastadam._lowp)
+}
+
+
+def family(name: str, which: str) -> ModuleType | None:
+    """The module of backend ``name``'s kernels for the ``which`` family of steps
+    (``"q8"``, ``"lowp"``; see ``_FAMILIES``), or None for the NumPy reference;
+    ``"auto"`` follows the float32 steps' choice. Raises as :func:`get` does."""
+    module = _FAMILIES[which].get(get(name, KIND_F32).NAME)
+    return None if module is None else importlib.import_module(f".{module}", __name__)
+
+
 def _isa_class() -> str:
     """The key of _AUTO_RULE for this process: the C library's variant, or the
     baseline rule when C does not load (then only the order of _BACKENDS matters)."""
