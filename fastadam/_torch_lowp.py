@@ -47,24 +47,11 @@ def _where(gi: int, pi: int) -> str:
 
 def _numpy(t: torch.Tensor, what: str) -> np.ndarray:
     """Zero-copy NumPy view of a dense contiguous CPU tensor (bfloat16 through its bits)."""
+    from .torch import _check_layout  # fastadam.torch imports this module
+
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
-    if t.layout is not torch.strided:
-        if what.startswith("the grad"):
-            raise RuntimeError(
-                f"{what} is a sparse tensor ({t.layout}): fastadam.torch.Adam does not support "
-                "sparse gradients, like torch.optim.Adam; consider torch.optim.SparseAdam"
-            )
-        raise ValueError(
-            f"{what} has layout {t.layout}; only dense (strided) tensors are supported"
-        )
-    if not t.is_cpu:
-        raise ValueError(f"{what} is on device {t.device}: fastadam.torch updates CPU tensors only")
-    if not t.is_contiguous():
-        raise ValueError(
-            f"{what} is not contiguous (strides {t.stride()} for shape {tuple(t.shape)}): "
-            "fastadam.torch updates tensors in place and cannot do so through a copy"
-        )
+    _check_layout(what, t, is_grad=what.startswith("the grad"))
     d = t.detach()
     if d.dtype == torch.bfloat16:
         return d.view(torch.int16).numpy().view(BFLOAT16)

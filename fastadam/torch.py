@@ -134,20 +134,7 @@ def _check_tensor(
 
     ``dtype``/``shape`` are the parameter's (None when ``t`` is the parameter).
     """
-    if t.layout is not torch.strided:
-        if is_grad:  # torch.optim.Adam raises RuntimeError here too
-            raise RuntimeError(
-                f"{what} is a sparse tensor ({t.layout}): fastadam.torch.Adam does not support "
-                "sparse gradients, like torch.optim.Adam; consider torch.optim.SparseAdam"
-            )
-        raise ValueError(
-            f"{what} has layout {t.layout}; only dense (strided) tensors are supported"
-        )
-    if not t.is_cpu:
-        raise ValueError(
-            f"{what} is on device {t.device}: fastadam.torch updates CPU tensors only "
-            "(use torch.optim.Adam(fused=True) on accelerators)"
-        )
+    _check_layout(what, t, is_grad=is_grad)
     if dtype is None:
         if t.dtype not in _DTYPES:
             if t.is_complex():
@@ -166,6 +153,26 @@ def _check_tensor(
     if shape is not None and t.shape != shape:
         raise ValueError(
             f"{what} has shape {tuple(t.shape)} but its parameter has shape {tuple(shape)}"
+        )
+
+
+def _check_layout(what: str, t: torch.Tensor, *, is_grad: bool = False) -> None:
+    """Raise an error naming the problem unless ``t`` is a dense, contiguous CPU tensor
+    (what a zero-copy NumPy view, updated in place, needs). ``is_grad``: ``t`` is a
+    gradient (a sparse one gets torch.optim.Adam's RuntimeError)."""
+    if t.layout is not torch.strided:
+        if is_grad:  # torch.optim.Adam raises RuntimeError here too
+            raise RuntimeError(
+                f"{what} is a sparse tensor ({t.layout}): fastadam.torch.Adam does not support "
+                "sparse gradients, like torch.optim.Adam; consider torch.optim.SparseAdam"
+            )
+        raise ValueError(
+            f"{what} has layout {t.layout}; only dense (strided) tensors are supported"
+        )
+    if not t.is_cpu:
+        raise ValueError(
+            f"{what} is on device {t.device}: fastadam.torch updates CPU tensors only "
+            "(use torch.optim.Adam(fused=True) on accelerators)"
         )
     if not t.is_contiguous():
         # A contiguous copy would be updated and then thrown away: the update
