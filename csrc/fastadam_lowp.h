@@ -12,7 +12,7 @@
  * pass. The rounded parameter (the copy, or a bfloat16/float16 parameter's
  * own value) is rounded to nearest-even or stochastically (32 random bits r,
  * the same counter hash as fastadam.h's bfloat16 states: bfloat16 takes
- * r & 0xFFFF, float16 the rule of fastadam._lowp.round_f16_stochastic).
+ * r & 0xFFFF, float16 the rule of fastadam._lowp._round_f16).
  * Low-precision parameters may keep float32, bfloat16 or float16 moments
  * (the kinds below); bfloat16 moments may be rounded stochastically too,
  * with r2 = mix32(r): exp_avg r2 & 0xFFFF, exp_avg_sq and max_exp_avg_sq

@@ -25,55 +25,37 @@ static inline float fa_lp_widen_f16(uint32_t h)
     return fa_bits_f32(sign | bits);
 }
 
-/* float32 -> float16 bits, rounded to nearest-even (overflow to Inf; NaN
- * quiet, sign and high payload kept). */
-static inline uint32_t fa_lp_round_f16(float x)
+/*
+ * float32 -> float16 bits: to nearest-even (sr = 0), or stochastically with
+ * 32 random bits r (fastadam._lowp._round_f16 is the definition). Both
+ * add an increment below the bits kept and truncate: nearest adds half an
+ * ulp less one, plus the kept lowest bit (ties to even); stochastic adds the
+ * low bits of r, so it rounds up with probability equal to the discarded
+ * fraction of the gap and the expected result is x. a = |x| bits. NaN: quiet,
+ * sign and high payload kept. a >= 0x47800000 (|x| >= 65536, Inf included):
+ * Inf. Normal results (a >= 0x38800000, |x| >= 2^-14): h = (a - 0x38000000 +
+ * inc) >> 13, inc = 0x0FFF + lsb or r & 0x1FFF (a carry past 65504 gives Inf,
+ * 0x7C00). Subnormal results: e = a >> 23, s = 126 - e in [14, 31], m the
+ * 24-bit significand, h = (m >> s) + (((m & (2^s-1)) + inc) >> s) with inc =
+ * (2^(s-1) - 1) + lsb or r & (2^s-1) (a carry out of 0x3FF gives 0x400, the
+ * smallest normal); e < 95 (|x| < 2^-32) gives a signed zero both ways
+ * (stochastic: a bias below 2^-32 in magnitude).
+ */
+static inline uint32_t fa_lp_round_f16(float x, int sr, uint32_t r)
 {
     const uint32_t u = fa_f32_bits(x);
     const uint32_t sign = (u >> 16) & 0x8000u;
     const uint32_t a = u & 0x7FFFFFFFu;
-    const uint32_t nrm = (a - 0x38000000u + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
+    const uint32_t nrm = (a - 0x38000000u + (sr ? r & 0x1FFFu : 0x0FFFu + ((a >> 13) & 1u))) >> 13;
     const uint32_t e = a >> 23;
     /* subnormal results: e <= 112, s in [14, 31]; clamped for the other lanes too
      * (their sub is discarded, but a shift by 32 or more is undefined) */
     const uint32_t s = e < 95u ? 31u : e > 112u ? 14u : 126u - e;
     const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
-    const uint32_t q = m >> s;
-    const uint32_t rem = m & ((1u << s) - 1u);
-    const uint32_t half = 1u << (s - 1u);
-    const uint32_t sub = q + ((rem > half) | ((rem == half) & (q & 1u)));
-    const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
-    const uint32_t h = a > 0x7F800000u  ? nan
-                       : a >= 0x477FF000u ? 0x7C00u
-                       : a >= 0x38800000u ? nrm
-                                          : sub;
-    return sign | h;
-}
-
-/*
- * float32 -> float16 bits, rounded stochastically with 32 random bits r
- * (fastadam._lowp.round_f16_stochastic is the definition): up with
- * probability equal to the discarded fraction of the gap, so the result's
- * expectation is x. a = |x| bits. NaN: as nearest. a >= 0x47800000 (|x| >=
- * 65536, Inf included): Inf. Normal results (a >= 0x38800000, |x| >= 2^-14):
- * h = (a - 0x38000000 + (r & 0x1FFF)) >> 13 (a carry past 65504 gives Inf,
- * 0x7C00). Subnormal results: e = a >> 23; e < 95 (|x| < 2^-32) gives a
- * signed zero (a bias below 2^-32 in magnitude); else s = 126 - e in [14, 31],
- * m = the 24-bit significand, h = (m >> s) + (((m & (2^s-1)) + (r & (2^s-1))) >> s)
- * (a carry out of 0x3FF gives 0x400, the smallest normal, as it should).
- */
-static inline uint32_t fa_lp_round_f16_sr(float x, uint32_t r)
-{
-    const uint32_t u = fa_f32_bits(x);
-    const uint32_t sign = (u >> 16) & 0x8000u;
-    const uint32_t a = u & 0x7FFFFFFFu;
-    const uint32_t nrm = (a - 0x38000000u + (r & 0x1FFFu)) >> 13;
-    const uint32_t e = a >> 23;
-    /* clamped for the other lanes too (a shift by 32 or more is undefined) */
-    const uint32_t s = e < 95u ? 31u : e > 112u ? 14u : 126u - e;
-    const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
     const uint32_t mask = (1u << s) - 1u;
-    const uint32_t sub = e < 95u ? 0u : (m >> s) + (((m & mask) + (r & mask)) >> s);
+    const uint32_t q = m >> s;
+    const uint32_t inc = sr ? (e < 95u ? 0u : r & mask) : (mask >> 1) + (q & 1u);
+    const uint32_t sub = q + (((m & mask) + inc) >> s);
     const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
     const uint32_t h = a > 0x7F800000u  ? nan
                        : a >= 0x47800000u ? 0x7C00u
@@ -91,21 +73,25 @@ static inline __attribute__((always_inline)) float fa_lp_load(const void *a, int
     return fa_lp_widen_f16(((const uint16_t *)a)[i]);
 }
 
-static inline __attribute__((always_inline)) uint32_t fa_lp_nearest_bits(float x, int t)
+/* x rounded to t (bfloat16/float16): nearest-even, or stochastically with the
+ * 32 random bits r (bfloat16 takes r & 0xFFFF) */
+static inline __attribute__((always_inline)) uint32_t fa_lp_bits(float x, int t, int sr,
+                                                                 uint32_t r)
 {
     if (t == FA_LP_BF16) {
         const uint32_t u = fa_f32_bits(x);
-        return fa_round_bf16(u, 0x7FFFu + ((u >> 16) & 1u));
+        return fa_round_bf16(u, sr ? r & 0xFFFFu : 0x7FFFu + ((u >> 16) & 1u));
     }
-    return fa_lp_round_f16(x);
+    return fa_lp_round_f16(x, sr, r);
 }
 
-static inline __attribute__((always_inline)) void fa_lp_store(void *a, int64_t i, int t, float x)
+static inline __attribute__((always_inline)) void fa_lp_store(void *a, int64_t i, int t, float x,
+                                                              int sr, uint32_t r)
 {
     if (t == FA_LP_F32)
         ((float *)a)[i] = x;
     else
-        ((uint16_t *)a)[i] = (uint16_t)fa_lp_nearest_bits(x, t);
+        ((uint16_t *)a)[i] = (uint16_t)fa_lp_bits(x, t, sr, r);
 }
 
 /*
@@ -119,45 +105,12 @@ static inline __attribute__((always_inline)) void fa_lp_store(void *a, int64_t i
  *
  * psr: the rounded parameter (the copy's, or a low-precision parameter's own)
  * is rounded stochastically with r, the element's 32 random bits (bfloat16:
- * r & 0xFFFF; float16: fa_lp_round_f16_sr). ssr (bfloat16 moments only): the
+ * r & 0xFFFF; float16: fa_lp_round_f16). ssr (bfloat16 moments only): the
  * moments are rounded stochastically with r2 = mix32(r): exp_avg with
  * r2 & 0xFFFF, exp_avg_sq and max_exp_avg_sq with r2 >> 16 (so a max that is
  * v stores what exp_avg_sq stores, as the float32-parameter bfloat16 kernel's
  * does; a max that is the old value is a bfloat16 value, stored exactly).
  */
-static inline __attribute__((always_inline)) uint32_t fa_lp_bits(float x, int t, int sr,
-                                                                 uint32_t r)
-{
-    if (!sr)
-        return fa_lp_nearest_bits(x, t);
-    if (t == FA_LP_BF16)
-        return fa_round_bf16(fa_f32_bits(x), r & 0xFFFFu);
-    return fa_lp_round_f16_sr(x, r);
-}
-
-static inline __attribute__((always_inline)) void fa_lp_store_sr(void *a, int64_t i, int t,
-                                                                 float x, int sr, uint32_t r)
-{
-    if (t == FA_LP_F32)
-        ((float *)a)[i] = x;
-    else
-        ((uint16_t *)a)[i] = (uint16_t)fa_lp_bits(x, t, sr, r);
-}
-
-/* sqrt(v) / bias_correction2_sqrt, correctly rounded: through the reciprocal
- * where the variant has FMA and rcp (a compile-time constant, chosen outside
- * the loop by fa_lp_body) says the dispatcher found it exact; else divided. */
-static inline __attribute__((always_inline)) float fa_lp_div_bc2(float a, const fa_scalars_f32 c,
-                                                                 const int rcp)
-{
-#ifdef FA_HAS_FMA
-    if (rcp)
-        return div_rcp_f32(a, c);
-#endif
-    (void)rcp;
-    return a / c.bias_correction2_sqrt;
-}
-
 static inline __attribute__((always_inline)) void fa_lp_element(
     const fa_lowp_piece *restrict pc, int64_t i, const fa_scalars_f32 c, const int pt,
     const int gt, const int st, const int ct, const int psr, const int ssr, const int l2,
@@ -166,7 +119,7 @@ static inline __attribute__((always_inline)) void fa_lp_element(
     float g = fa_lp_load(pc->grad, i, gt);
     if (unscale) {
         g = g / c.grad_scale;
-        fa_lp_store(pc->grad, i, gt, g);
+        fa_lp_store(pc->grad, i, gt, g, 0, 0);
     }
     if (maximize)
         g = -g;
@@ -205,25 +158,25 @@ static inline __attribute__((always_inline)) void fa_lp_element(
         if (ssr)
             r2 = fa_mix32(r);
     }
-    fa_lp_store_sr(pc->exp_avg, i, st, m, ssr, r2);
-    fa_lp_store_sr(pc->exp_avg_sq, i, st, v, ssr, r2 >> 16);
+    fa_lp_store(pc->exp_avg, i, st, m, ssr, r2);
+    fa_lp_store(pc->exp_avg_sq, i, st, v, ssr, r2 >> 16);
     float second = v;
     if (ams) {
         const float old = fa_lp_load(pc->max_exp_avg_sq, i, st);
         second = (old > v || old != old) ? old : v;
-        fa_lp_store_sr(pc->max_exp_avg_sq, i, st, second, ssr, r2 >> 16);
+        fa_lp_store(pc->max_exp_avg_sq, i, st, second, ssr, r2 >> 16);
     }
     /* the division by bias_correction2_sqrt through its reciprocal, bit for
      * bit the division (fastadam_kernel_impl.h's div_bc2): on CPUs with a slow
      * divider (AVX2) two divides per element bound the loop */
-    const float denom = fa_lp_div_bc2(sqrtf(second), c, rcp) + c.eps;
+    const float denom = div_bc2_by_f32(sqrtf(second), c, rcp) + c.eps;
     p = p - c.step_size * m / denom;
     /* the rounded parameter: the copy's (master weights), or the parameter's own */
     if (ct >= 0) {
-        fa_lp_store(pc->param, i, pt, p);
+        fa_lp_store(pc->param, i, pt, p, 0, 0);
         ((uint16_t *)pc->copy)[i] = (uint16_t)fa_lp_bits(p, ct, psr, r);
     } else {
-        fa_lp_store_sr(pc->param, i, pt, p, psr, r);
+        fa_lp_store(pc->param, i, pt, p, psr, r);
     }
 }
 

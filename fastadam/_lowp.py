@@ -25,7 +25,7 @@ Stochastic rounding uses the counter hash of the bfloat16 states
 (:class:`fastadam._scalars.AdamScalars`): the 32 bits ``r`` of element ``i``
 under the key ``rounding_key(seed, step)``. The rounded parameter takes
 ``r``: bfloat16 ``r & 0xFFFF`` (:func:`fastadam.backends.reference.round_to_bf16`),
-float16 :func:`round_f16_stochastic`. Stochastically rounded bfloat16 moments
+float16 :func:`round_f16_stochastic_bits`. Stochastically rounded bfloat16 moments
 take ``r2 = mix32(r)``: ``exp_avg`` ``r2 & 0xFFFF``, ``exp_avg_sq`` and
 ``max_exp_avg_sq`` ``r2 >> 16`` (the max stores ``max(old, v)`` with v's bits:
 when v wins it stores what ``exp_avg_sq`` stores, as the float32-parameter
@@ -261,56 +261,58 @@ def widen(a: np.ndarray) -> np.ndarray:
 def round_f16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> float16 bits (uint16), nearest-even; overflow to Inf; NaN quiet,
     sign and high payload kept. Equal to ``x.astype(np.float16)`` but for NaN payloads."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    sign = (u >> _U32(16)) & _U32(0x8000)
-    a = u & _U32(0x7FFFFFFF)
-    nrm = (a - _U32(0x38000000) + _U32(0x0FFF) + ((a >> _U32(13)) & _U32(1))) >> _U32(13)
-    e = a >> _U32(23)
-    s = np.where(e < 95, _U32(31), np.where(e > 112, _U32(14), _U32(126) - e))
-    m = (a & _U32(0x7FFFFF)) | _U32(0x800000)
-    q = m >> s
-    rem = m & ((_U32(1) << s) - _U32(1))
-    half = _U32(1) << (s - _U32(1))
-    sub = q + ((rem > half) | ((rem == half) & (q & _U32(1)).astype(bool))).astype(np.uint32)
-    nan = _U32(0x7E00) | ((a >> _U32(13)) & _U32(0x3FF))
-    h = np.where(
-        a > 0x7F800000, nan,
-        np.where(a >= 0x477FF000, _U32(0x7C00), np.where(a >= 0x38800000, nrm, sub)),
-    )  # fmt: skip
-    return (sign | h).astype(np.uint16)
+    return _round_f16(x, None)
 
 
 def round_f16_stochastic_bits(x: np.ndarray, r: np.ndarray) -> np.ndarray:
     """float32 -> float16 bits (uint16), rounded stochastically with the 32 random
-    bits ``r`` (uint32, shaped like ``x``): the definition.
+    bits ``r`` (uint32, shaped like ``x``): the definition (see :func:`_round_f16`).
 
     Up with probability equal to the discarded fraction of the gap between the
     two float16 neighbours, so ``E[result] = x`` for every ``|x| < 65504`` (the
-    largest finite float16) and ``|x| >= 2**-32``. With ``a`` the bits of ``|x|``:
+    largest finite float16) and ``|x| >= 2**-32``; values below ``2**-32`` in
+    magnitude give a signed zero (a bias of less than ``2**-32``: 32 random bits
+    cannot resolve a smaller fraction of the float16 step ``2**-24``). NaN as
+    nearest; values in (65504, 65536) round to 65504 or Inf.
+    """
+    return _round_f16(x, np.asarray(r, np.uint32))
 
-    * NaN (``a > 0x7F800000``): as nearest (quiet, sign and high payload kept);
+
+def _round_f16(x: np.ndarray, r: np.ndarray | None) -> np.ndarray:
+    """float32 -> float16 bits: nearest-even (``r`` None) or stochastic with the
+    32 random bits ``r``. Both add an increment below the bits kept and
+    truncate. With ``a`` the bits of ``|x|``:
+
+    * NaN (``a > 0x7F800000``): quiet, sign and high payload kept;
     * ``a >= 0x47800000`` (``|x| >= 65536``, Inf included): Inf;
     * normal results (``a >= 0x38800000``, ``|x| >= 2**-14``):
-      ``h = (a - 0x38000000 + (r & 0x1FFF)) >> 13`` (a carry past 65504 gives
-      Inf, 0x7C00: values in (65504, 65536) round to 65504 or Inf);
-    * subnormal results: ``e = a >> 23``; ``e < 95`` (``|x| < 2**-32``) gives a
-      signed zero (a bias of less than ``2**-32`` in magnitude: 32 random bits
-      cannot resolve a smaller fraction of the float16 step ``2**-24``); else
-      ``s = 126 - e`` (14..31), ``m = (a & 0x7FFFFF) | 0x800000``,
-      ``h = (m >> s) + (((m & (2**s-1)) + (r & (2**s-1))) >> s)``.
+      ``h = (a - 0x38000000 + inc) >> 13`` with ``inc = 0x0FFF + lsb`` (nearest,
+      ties to even; ``lsb = (a >> 13) & 1``) or ``r & 0x1FFF`` (a carry past 65504
+      gives Inf, 0x7C00);
+    * subnormal results: ``e = a >> 23``, ``s = 126 - e`` (14..31; clamped to 31
+      below and 14 above), ``m = (a & 0x7FFFFF) | 0x800000``, ``q = m >> s``,
+      ``h = q + (((m & (2**s-1)) + inc) >> s)`` with ``inc = 2**(s-1) - 1 + (q & 1)``
+      (nearest) or ``r & (2**s-1)``, and 0 for ``e < 95`` (``|x| < 2**-32``:
+      a signed zero both ways).
 
-    The sign is ``x``'s, as in nearest rounding.
+    The sign is ``x``'s.
     """
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    r = np.asarray(r, np.uint32)
     sign = (u >> _U32(16)) & _U32(0x8000)
     a = u & _U32(0x7FFFFFFF)
-    nrm = (a - _U32(0x38000000) + (r & _U32(0x1FFF))) >> _U32(13)
     e = a >> _U32(23)
     s = np.where(e < 95, _U32(31), np.where(e > 112, _U32(14), _U32(126) - e))
     m = (a & _U32(0x7FFFFF)) | _U32(0x800000)
     mask = (_U32(1) << s) - _U32(1)
-    sub = np.where(e < 95, _U32(0), (m >> s) + (((m & mask) + (r & mask)) >> s))
+    q = m >> s
+    if r is None:
+        inc_n = _U32(0x0FFF) + ((a >> _U32(13)) & _U32(1))
+        inc_s = (mask >> _U32(1)) + (q & _U32(1))
+    else:
+        inc_n = r & _U32(0x1FFF)
+        inc_s = np.where(e < 95, _U32(0), r & mask)
+    nrm = (a - _U32(0x38000000) + inc_n) >> _U32(13)
+    sub = q + (((m & mask) + inc_s) >> s)
     nan = _U32(0x7E00) | ((a >> _U32(13)) & _U32(0x3FF))
     h = np.where(
         a > 0x7F800000, nan,
