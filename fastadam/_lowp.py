@@ -135,6 +135,13 @@ def rounding_of(kind: str, param_rounding: int, state_rounding: object) -> int:
     return param_rounding | (STATE_STOCHASTIC if state else 0)
 
 
+def optimizer_state_rounding(state_dtype: object, state_rounding: str) -> str:
+    """The moments' rounding an optimizer asks of its low-precision parameters'
+    steps: with ``state_dtype`` None (the moments keep the parameter's dtype)
+    "nearest", torch's; with ``state_dtype`` set, its ``state_rounding``."""
+    return "nearest" if state_dtype is None else state_rounding
+
+
 def validate_lowp(
     param: Any,
     grad: Any,

@@ -183,9 +183,7 @@ def prepare_group(
             step_tensors.append(t)
         params.append(p)
         grads.append(g)
-    # moments of the parameter's own dtype are rounded to nearest (torch's);
-    # state_dtype="bfloat16" ones as state_rounding says
-    state_rounding = "nearest" if opt.state_dtype is None else opt.state_rounding
+    state_rounding = _lowp.optimizer_state_rounding(opt.state_dtype, opt.state_rounding)
     calls = []
     for kind, krows in rows.items():
         steps = np.array(row_steps[kind], np.uint64)

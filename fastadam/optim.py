@@ -468,7 +468,7 @@ class Adam:
             max_exp_avg_sqs=[a["max_exp_avg_sq"] for a in arrays] if amsgrad else None,
             maximize=group["maximize"], eps_hat=group["eps_hat"], grad_scale=grad_scale,
             found_inf=found_inf,
-            state_rounding="nearest" if self.state_dtype is None else self.state_rounding,
+            state_rounding=_lowp.optimizer_state_rounding(self.state_dtype, self.state_rounding),
             seeds=[(self.seed + i) % 2**64 for i in active], backend=self.backend,
             param_copies=None if not self.master_weights else
             [None if m is None else params[i] for i, m in zip(active, masters)],
