@@ -75,9 +75,34 @@ def _round_bf16(u, add):
 
 
 @njit(inline="always")
-def _round_f16(x, sr, r):
-    """fastadam._lowp._round_f16 of one value: nearest-even, or stochastically
-    with the 32 random bits r (an increment below the kept bits, then truncated)."""
+def _nearest16(x, t):
+    u = _U(_f32_bits(x))
+    if t == _BF16:
+        return _round_bf16(u, _U(0x7FFF) + ((u >> _U(16)) & _U(1)))
+    sign = (u >> _U(16)) & _U(0x8000)
+    a = u & _U(0x7FFFFFFF)
+    if a > _U(0x7F800000):
+        h = _U(0x7E00) | ((a >> _U(13)) & _U(0x3FF))
+    elif a >= _U(0x477FF000):
+        h = _U(0x7C00)
+    elif a >= _U(0x38800000):
+        h = (a - _U(0x38000000) + _U(0x0FFF) + ((a >> _U(13)) & _U(1))) >> _U(13)
+    else:
+        e = a >> _U(23)
+        s = _U(31) if e < _U(95) else _U(126) - e
+        m = (a & _U(0x7FFFFF)) | _U(0x800000)
+        q = m >> s
+        rem = m & ((_U(1) << s) - _U(1))
+        half = _U(1) << (s - _U(1))
+        if rem > half or (rem == half and (q & _U(1)) == _U(1)):
+            q = q + _U(1)
+        h = q
+    return sign | h
+
+
+@njit(inline="always")
+def _stochastic_f16(x, r):
+    """fastadam._lowp.round_f16_stochastic_bits of one value (r: 32 random bits)."""
     u = _U(_f32_bits(x))
     sign = (u >> _U(16)) & _U(0x8000)
     a = u & _U(0x7FFFFFFF)
@@ -86,29 +111,27 @@ def _round_f16(x, sr, r):
     elif a >= _U(0x47800000):
         h = _U(0x7C00)
     elif a >= _U(0x38800000):
-        inc = (r & _U(0x1FFF)) if sr else _U(0x0FFF) + ((a >> _U(13)) & _U(1))
-        h = (a - _U(0x38000000) + inc) >> _U(13)
+        h = (a - _U(0x38000000) + (r & _U(0x1FFF))) >> _U(13)
     else:
         e = a >> _U(23)
-        s = _U(31) if e < _U(95) else _U(126) - e
-        m = (a & _U(0x7FFFFF)) | _U(0x800000)
-        mask = (_U(1) << s) - _U(1)
-        q = m >> s
-        if sr:
-            inc = _U(0) if e < _U(95) else r & mask
+        if e < _U(95):
+            h = _U(0)
         else:
-            inc = (mask >> _U(1)) + (q & _U(1))
-        h = q + (((m & mask) + inc) >> s)
+            s = _U(126) - e
+            m = (a & _U(0x7FFFFF)) | _U(0x800000)
+            mask = (_U(1) << s) - _U(1)
+            h = (m >> s) + (((m & mask) + (r & mask)) >> s)
     return sign | h
 
 
 @njit(inline="always")
 def _bits16(x, t, sr, r):
     """x rounded to t (bfloat16/float16): nearest-even, or stochastically with r."""
+    if not sr:
+        return _nearest16(x, t)
     if t == _BF16:
-        u = _U(_f32_bits(x))
-        return _round_bf16(u, (r & _M16) if sr else _U(0x7FFF) + ((u >> _U(16)) & _U(1)))
-    return _round_f16(x, sr, r)
+        return _round_bf16(_U(_f32_bits(x)), r & _M16)
+    return _stochastic_f16(x, r)
 
 
 # Each array comes as two, a32 (float32) and a16 (uint16 bits), one of them a
@@ -123,7 +146,15 @@ def _load(a32, a16, i, t):
 
 
 @njit(inline="always")
-def _store(a32, a16, i, t, x, sr, r):
+def _store(a32, a16, i, t, x):
+    if t == _F32:
+        a32[i] = x
+    else:
+        a16[i] = _nearest16(x, t)
+
+
+@njit(inline="always")
+def _store_sr(a32, a16, i, t, x, sr, r):
     if t == _F32:
         a32[i] = x
     else:
@@ -151,7 +182,7 @@ def _loop(p32, p16, g32, g16, m32, m16, v32, v16, x32, x16, c16, n, pt, gt, st, 
         gi = _load(g32, g16, i, gt)
         if unscale:
             gi = gi / grad_scale
-            _store(g32, g16, i, gt, gi, False, _U(0))
+            _store(g32, g16, i, gt, gi)
         if maximize:
             gi = -gi
         pi = _load(p32, p16, i, pt)
@@ -175,21 +206,21 @@ def _loop(p32, p16, g32, g16, m32, m16, v32, v16, x32, x16, c16, n, pt, gt, st, 
             idx = _U(i)
             r = _mix32((idx & _M32) ^ _mix32(key ^ (idx >> _U(32))))
             r2 = _mix32(r)
-        _store(m32, m16, i, st, mi, ssr, r2)
-        _store(v32, v16, i, st, vi, ssr, r2 >> _U(16))
+        _store_sr(m32, m16, i, st, mi, ssr, r2)
+        _store_sr(v32, v16, i, st, vi, ssr, r2 >> _U(16))
         second = vi
         if amsgrad:
             old = _load(x32, x16, i, st)
             if old > vi or old != old:
                 second = old
-            _store(x32, x16, i, st, second, ssr, r2 >> _U(16))
+            _store_sr(x32, x16, i, st, second, ssr, r2 >> _U(16))
         denom = np.sqrt(second) / bc2 + eps
         pi = pi - step_size * mi / denom
         if ct >= 0:
             p32[i] = pi
             c16[i] = _bits16(pi, ct, psr, r)
         else:
-            _store(p32, p16, i, pt, pi, psr, r)
+            _store_sr(p32, p16, i, pt, pi, psr, r)
 
 
 _EMPTY32 = np.zeros(1, np.float32)
