@@ -217,16 +217,16 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx512(
 #if defined(__AVX2__) && !defined(FA_Q8_HAVE_BLOCK_SIMD)
 #include <immintrin.h>
 /*
- * The codes of 8 elements of each moment, m's (in [0, 255]) in the low 8
- * bytes and v's (>= 0; above 255 the packs saturate to 255) in the high 8, in
- * three operations for both.
+ * The codes of 16 elements of each moment (m's in [0, 255] in tm0, tm1; v's
+ * >= 0 in tv0, tv1, where the packs saturate those above 255 to 255): m's 16
+ * bytes in the low half, v's in the high half, in four operations for all.
  */
-static inline __m128i fa_q8_bytes_avx2(__m256i tm, __m256i tv)
+static inline __m256i fa_q8_bytes_avx2(__m256i tm0, __m256i tm1, __m256i tv0, __m256i tv1)
 {
-    /* bytes per 128-bit lane: m0-3 v0-3 0 0 | m4-7 v4-7 0 0 */
-    const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(tm, tv), _mm256_setzero_si256());
-    return _mm256_castsi256_si128(
-        _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5)));
+    /* dwords of 4 bytes, per 128-bit lane: m0-3 m8-11 v0-3 v8-11 | m4-7 m12-15 v4-7 v12-15 */
+    const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(tm0, tm1),
+                                          _mm256_packus_epi32(tv0, tv1));
+    return _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 /* fa_q8_block for a full block on AVX2: the AVX-512 version's operations on 8 lanes. */
@@ -306,24 +306,31 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx2(
     const __m256 rv = _mm256_set1_ps(vmax != 0 ? 1.0f / av1 : 0.0f);
     const __m256i one = _mm256_set1_epi32(1), k127 = _mm256_set1_epi32(127);
     const __m256i round_m = _mm256_sub_epi32(half, base_m), round_v = _mm256_sub_epi32(half, base_v);
-    for (int i = 0; i < FA_Q8_BLOCK; i += 8) {
-        const __m256i mbits = _mm256_castps_si256(_mm256_load_ps(mb + i));
-        const __m256i vbits = _mm256_castps_si256(_mm256_load_ps(vb + i));
-        const __m256i um = _mm256_and_si256(
-            _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(mbits, mag)), rm)),
-            mag);
-        const __m256i uv = _mm256_and_si256(
-            _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vbits, mag)), rv)),
-            mag);
-        /* (u - base + half) >> 20 in one add: neither form overflows int32 */
-        __m256i tm = _mm256_srai_epi32(_mm256_add_epi32(um, round_m), 20);
-        __m256i tv = _mm256_srai_epi32(_mm256_add_epi32(uv, round_v), 20);
-        tm = _mm256_min_epi32(_mm256_max_epi32(tm, zero), k127);
-        tm = _mm256_or_si256(tm, _mm256_and_si256(_mm256_srli_epi32(mbits, 24), sign8));
-        tv = _mm256_max_epi32(tv, _mm256_min_epu32(vbits, one)); /* >= 0; the packs saturate at 255 */
-        const __m128i codes = fa_q8_bytes_avx2(tm, tv);
-        _mm_storel_epi64((__m128i *)(cm + i), codes);
-        _mm_storeh_pd((double *)(cv + i), _mm_castsi128_pd(codes));
+    for (int i = 0; i < FA_Q8_BLOCK; i += 16) {
+        __m256i tm[2], tv[2];
+        for (int h = 0; h < 2; h++) {
+            const __m256i mbits = _mm256_castps_si256(_mm256_load_ps(mb + i + 8 * h));
+            const __m256i vbits = _mm256_castps_si256(_mm256_load_ps(vb + i + 8 * h));
+            const __m256i um = _mm256_and_si256(
+                _mm256_castps_si256(
+                    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(mbits, mag)), rm)),
+                mag);
+            const __m256i uv = _mm256_and_si256(
+                _mm256_castps_si256(
+                    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vbits, mag)), rv)),
+                mag);
+            /* (u - base + half) >> 20 in one add: neither form overflows int32 */
+            tm[h] = _mm256_srai_epi32(_mm256_add_epi32(um, round_m), 20);
+            tv[h] = _mm256_srai_epi32(_mm256_add_epi32(uv, round_v), 20);
+            tm[h] = _mm256_min_epi32(_mm256_max_epi32(tm[h], zero), k127);
+            tm[h] = _mm256_or_si256(tm[h],
+                                    _mm256_and_si256(_mm256_srli_epi32(mbits, 24), sign8));
+            /* >= 0; the packs saturate at 255 */
+            tv[h] = _mm256_max_epi32(tv[h], _mm256_min_epu32(vbits, one));
+        }
+        const __m256i codes = fa_q8_bytes_avx2(tm[0], tm[1], tv[0], tv[1]);
+        _mm_storeu_si128((__m128i *)(cm + i), _mm256_castsi256_si128(codes));
+        _mm_storeu_si128((__m128i *)(cv + i), _mm256_extracti128_si256(codes, 1));
     }
     *am = am1;
     *av = av1;
