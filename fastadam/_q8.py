@@ -362,9 +362,9 @@ class Q8Plan:
     """
 
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
-                 exp_avg_sq_absmaxes, *, backend: str = "auto") -> None:  # fmt: skip
+                 exp_avg_sq_absmaxes, *, backend: str = "auto",
+                 _private_views: bool = False) -> None:  # fmt: skip
         from ._table import KIND_Q8, address, make_table
-        from ._validation import check_disjoint
         from .multi import _as_list
 
         lists = [_as_list("params", params, None)]
@@ -379,16 +379,28 @@ class Q8Plan:
         self.backend = backend
         self.count = count
         self._lists = lists
-        starts = np.array([[address(a) for a in lst] for lst in lists], np.uintp).reshape(6, count)
-        nbytes = np.array([[a.nbytes for a in lst] for lst in lists], np.uint64).reshape(6, count)
-        check_disjoint(starts.reshape(-1), nbytes.reshape(-1),
-                       lambda k: f"{_LISTS[k // count]}[{k % count}]")  # fmt: skip
+        # every array, for the per-step writeable check; none where the arrays
+        # are views only the caller sees (fastadam.torch), as in MultiTensorPlan
+        self._arrays = [] if _private_views else [a for lst in lists for a in lst]
+        # byte ranges (rows: _LISTS), for the overlap checks
+        self._starts = np.array([[address(a) for a in lst] for lst in lists], np.uintp)
+        self._starts = self._starts.reshape(6, count)
+        self._nbytes = np.array([[a.nbytes for a in lst] for lst in lists], np.uint64)
+        self._nbytes = self._nbytes.reshape(6, count)
+        self._check_disjoint()
         sizes = np.array([a.size for a in lists[0]], np.int64)
-        self._table = make_table(KIND_Q8, starts, sizes, [lists])
+        self._table = make_table(KIND_Q8, self._starts, sizes, [self._lists])
+
+    def _check_disjoint(self) -> None:
+        from ._validation import check_disjoint
+
+        count = self.count
+        check_disjoint(self._starts.reshape(-1), self._nbytes.reshape(-1),
+                       lambda k: f"{_LISTS[k // count]}[{k % count}]")  # fmt: skip
 
     def set_grads(self, grads) -> None:
         """Step these gradients from now on (checked first; nothing changes on an error)."""
-        from ._table import GRAD, address
+        from ._table import address
         from ._validation import check_array
         from .multi import _as_list
 
@@ -397,11 +409,27 @@ class Q8Plan:
         for i, g in enumerate(grads):
             if g is not self._lists[1][i]:
                 check_array(f"grads[{i}]", g, params[i].dtype, params[i].shape, f"params[{i}]")
-        own = {id(a) for r, lst in enumerate(self._lists) if r != 1 for a in lst}
-        if any(id(g) in own for g in grads):
-            raise ValueError("grads must not be one of the plan's other arrays")
-        self._lists[1] = grads
-        self._table.pointers[GRAD] = [address(g) for g in grads]
+        self._rebind_grads(grads, np.array([address(g) for g in grads], np.uintp))
+
+    def _rebind_grads(self, grads: list, addresses: np.ndarray) -> None:
+        """Use ``grads`` (kept alive by the plan) at ``addresses``; the caller has
+        checked each one's dtype, shape and layout. This checks that none overlaps
+        another array of the plan (only when an address changed); on an error
+        nothing changes."""
+        from ._table import GRAD
+
+        if not np.array_equal(addresses, self._starts[GRAD]):
+            old = self._starts[GRAD].copy()
+            self._starts[GRAD] = addresses
+            try:
+                self._check_disjoint()
+            except ValueError:
+                self._starts[GRAD] = old
+                raise
+        self._lists[GRAD] = grads
+        if self._arrays:
+            self._arrays = [a for lst in self._lists for a in lst]
+        self._table.pointers[GRAD] = addresses
 
     def prepare(self, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                 decoupled_weight_decay=False, amsgrad=False, maximize=False, eps_hat=False,
@@ -409,14 +437,17 @@ class Q8Plan:
         """Check a step and return the function that runs it (see MultiTensorPlan.prepare)."""
         from ._scalars import STATE_SAME_DTYPE
         from ._validation import check_hyper, check_step
-        from .multi import _nothing, _scalars
+        from .multi import _first_readonly, _nothing, _scalars
 
         if grads is not None:
             self.set_grads(grads)
-        for lst in self._lists:
-            for i, a in enumerate(lst):
-                if not a.flags.writeable:
-                    raise ValueError(f"array {i} of the plan must be writeable")
+        if _first_readonly is None or _first_readonly(self._arrays) >= 0:
+            for r, lst in enumerate(self._lists if self._arrays else ()):
+                for i, a in enumerate(lst):
+                    if not a.flags.writeable:
+                        raise ValueError(
+                            f"{_LISTS[r]}[{i}] must be writeable: it is updated in place"
+                        )
         hp = check_hyper(lr, beta1, beta2, eps, weight_decay, grad_scale, "nearest")
         if amsgrad:
             raise ValueError("amsgrad=True is not supported with 8-bit states")

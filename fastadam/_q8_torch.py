@@ -11,6 +11,7 @@ NumPy views: one call for the float32 tensors, one for the 8-bit ones.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,26 +22,54 @@ import fastadam
 from . import _q8
 
 
-class _Steps:
-    """``steps_np += 1`` of fastadam.torch's step loop, over the group's step tensors."""
+@dataclass(eq=False)
+class _GroupPlan:
+    """One group's 8-bit step, built over its tensors and kept while they stay
+    the same, as fastadam.torch's float32 ``_GroupPlan``: a later step checks
+    the identities and the new gradients, and rebinds the gradients' addresses.
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
+    The group's step counts are one tensor, seen through ``steps_np``; each
+    parameter's ``state["step"]`` is a 0-d view into it (torch's layout: one
+    0-d float32 tensor each), so a step reads and advances them together.
+    """
 
-    def __iadd__(self, k: int) -> _Steps:
-        for t in self.tensors:
-            t += k
-        return self
+    params: list[torch.Tensor]
+    # per parameter: (param, its data address, its state, and the state's tensors,
+    # step included) - what must not have changed for the plan to hold
+    identity: list[tuple[Any, ...]]
+    parts: list[tuple[Any, np.ndarray]]  # (plan, positions in params): float32, 8-bit
+    steps_np: np.ndarray  # view of the counts' tensor (which it keeps alive)
+    numels: list[int]
+    min_8bit_size: int
+    backend: str
+
+    def next_steps(self) -> int | list[int]:
+        """This step's counts: one int when they are equal (the usual case)."""
+        steps = self.steps_np
+        first = float(steps[0])
+        if (steps == first).all():
+            return int(first) + 1
+        return [int(s) + 1 for s in steps.tolist()]
+
+    def still_valid(self, opt: Any, params: list[torch.Tensor]) -> bool:
+        if (len(params) != len(self.params) or opt.min_8bit_size != self.min_8bit_size
+                or opt.backend != self.backend):  # fmt: skip
+            return False
+        state = opt.state
+        for p, ident in zip(params, self.identity):
+            q, ptr, st, *tensors = ident
+            if p is not q or state.get(p) is not st or p.data_ptr() != ptr:
+                return False
+            if any(st.get(k) is not t for k, t in zip(_KEYS, tensors)):
+                return False
+        return True
 
 
-class _Plan:
-    def __init__(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
-        self.params = params
-        self.steps_np = _Steps(steps)
+_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "step")
 
 
 class _Prepared:
-    def __init__(self, plan: _Plan, run: Any, grads: list, pending: list) -> None:
+    def __init__(self, plan: _GroupPlan, run: Any, grads: list, pending: list) -> None:
         self.plan, self.run, self.grads, self.pending = plan, run, grads, pending
 
 
@@ -55,14 +84,49 @@ def prepare_group(opt: Any, gi: int, group: dict, grad_scale: float | None) -> A
     kwargs = opt._group_kwargs(group, gi, grad_scale)
     if kwargs.pop("amsgrad"):
         raise ValueError(f"param_groups[{gi}]: amsgrad=True is not supported with 8-bit states")
-    positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-    if not positions:
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
         return None
+    plans = opt._q8_plans
+    gp, pending = plans.get(gi), []
+    grads = [p.grad for p in params]
+    if gp is None or not gp.still_valid(opt, params) or not _grads_fit(grads, gp.numels):
+        gp = _build_plan(opt, gi, group, pending)  # checks every tensor; raises what is wrong
+    addresses = np.fromiter((g.data_ptr() for g in grads), np.uintp, len(grads))
+    step = gp.next_steps()
+    calls = []
+    for plan, pos in gp.parts:
+        plan._rebind_grads([grads[i] for i in pos], addresses[pos])
+        steps = step if isinstance(step, int) else [step[i] for i in pos]
+        calls.append(plan.prepare(step=steps, **kwargs))
+    plans[gi] = gp
+
+    def run() -> None:
+        for c in calls:
+            c()
+
+    return _Prepared(gp, run, grads, pending)
+
+
+def _grads_fit(grads: list[torch.Tensor], numels: list[int]) -> bool:
+    """The per-step check of new gradient tensors (torch keeps a grad's dtype,
+    device and shape equal to its parameter's; layout and memory order can differ)."""
+    return all(
+        g.dtype is torch.float32 and g.layout is torch.strided and g.is_contiguous()
+        and g.numel() == n
+        for g, n in zip(grads, numels)
+    )  # fmt: skip
+
+
+def _build_plan(opt: Any, gi: int, group: dict, pending: list) -> _GroupPlan:
+    """Check every tensor of group ``gi`` from scratch and build its plan; new
+    state (and re-homed step counts) goes to ``pending``."""
+    positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
     params = [group["params"][i] for i in positions]
-    pending: list = []
     lists: dict[bool, list] = {False: [[], [], [], [], [], []], True: [[], [], [], [], [], []]}
-    steps: dict[bool, list] = {False: [], True: []}
-    for pi, p in zip(positions, params):
+    where_of: dict[bool, list[int]] = {False: [], True: []}
+    identity, values, states = [], [], []
+    for k, (pi, p) in enumerate(zip(positions, params)):
         where = f"param_groups[{gi}]['params'][{pi}]"
         if p.dtype != torch.float32:
             raise TypeError(f"{where} has dtype {p.dtype}: state_dtype='8bit' needs float32")
@@ -83,36 +147,35 @@ def prepare_group(opt: Any, gi: int, group: dict, grad_scale: float | None) -> A
         big = "exp_avg_absmax" in st
         keys = ("exp_avg", "exp_avg_sq") + (("exp_avg_absmax", "exp_avg_sq_absmax") if big else ())
         arrays = [_np(p, where), _np(p.grad, f"the grad of {where}")]
-        arrays += [_np(st[k], f"state[{k!r}] of {where}") for k in keys]
+        arrays += [_np(st[key], f"state[{key!r}] of {where}") for key in keys]
         for r, a in enumerate(arrays):
             lists[big][r].append(a)
+        where_of[big].append(k)
         value = float(st["step"])
         if not (value >= 0 and value.is_integer()):
             raise ValueError(f"state['step'] of {where} must be a non-negative integer")
-        steps[big].append((int(value) + 1, st))
-    calls = []
+        values.append(value)
+        states.append(st)
+        identity.append([p, p.data_ptr(), st] + [st.get(key) for key in _KEYS[:4]])
+    parts = []
     for big in (False, True):
-        if not steps[big]:
+        if not where_of[big]:
             continue
         ls = lists[big]
-        counts = [s for s, _ in steps[big]]
-        step = counts[0] if counts.count(counts[0]) == len(counts) else counts
-        extra = {"exp_avg_absmaxes": ls[4], "exp_avg_sq_absmaxes": ls[5]} if big else {}
-        # check now (builds the plan); the run only calls the kernels
-        if big:
-            plan: Any = _q8.Q8Plan(*ls, backend=opt.backend)
-            calls.append(plan.prepare(step=step, **kwargs))
+        if big:  # checks every array now
+            plan: Any = _q8.Q8Plan(*ls, backend=opt.backend, _private_views=True)
         else:
-            fplan = fastadam.MultiTensorPlan(*ls[:4], backend=opt.backend)
-            calls.append(fplan.prepare(step=step, **kwargs, **extra))
-
-    def run() -> None:
-        for c in calls:
-            c()
-
-    step_tensors = [st["step"] for big in (False, True) for _, st in steps[big]]
-    # new state's step tensors are in pending; they are the ones counted
-    return _Prepared(_Plan(params, step_tensors), run, [p.grad for p in params], pending)
+            plan = fastadam.MultiTensorPlan(*ls[:4], backend=opt.backend, _private_views=True)
+        parts.append((plan, np.array(where_of[big], np.intp)))
+    # The group's step counts in one tensor; state["step"] become views of it.
+    steps = torch.tensor(values, dtype=torch.float32)
+    for st, ident, view in zip(states, identity, steps.unbind()):
+        pending.append((st, "step", view))
+        ident.append(view)  # the very view that will be attached
+    return _GroupPlan(
+        params, [tuple(i) for i in identity], parts, steps.numpy(),
+        [p.numel() for p in params], opt.min_8bit_size, opt.backend,
+    )  # fmt: skip
 
 
 def after_load(opt: Any) -> None:

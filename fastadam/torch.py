@@ -529,6 +529,7 @@ class Adam(torch.optim.Adam):
         }
         # group index -> the group's _GroupPlan (see _prepare_group)
         self._plans: dict[int, _GroupPlan] = {}
+        self._q8_plans: dict[int, Any] = {}  # the same with 8-bit states (_q8_torch)
         # torch.optim.Adam.__init__ is skipped on purpose: its checks are
         # check_optimizer_hyper's, and the rest configures torch's update.
         torch.optim.Optimizer.__init__(self, params, defaults)
@@ -574,6 +575,7 @@ class Adam(torch.optim.Adam):
         for key, default in _OPTIMIZER_SETTINGS.items():
             self.__dict__.setdefault(key, default)
         self._plans = {}  # rebuilt at the next step
+        self._q8_plans = {}
         # torch.optim.Adam's __setstate__ (above, by super()) has filled in its
         # group keys and made old-style numeric steps tensors; fill in ours.
         for group in self.param_groups:

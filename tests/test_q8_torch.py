@@ -99,6 +99,104 @@ def test_torch_float32_checkpoint_converts_both_ways():
     _train(model, f32, 4, 5)
 
 
+# -- the cached group plan (a steady step rebinds the gradients only) -------------------------
+
+
+def _uncached_twin(model, backend="auto", **kw):
+    """An optimizer over a copy of ``model`` that rebuilds its plan at every step."""
+    twin = copy.deepcopy(model)
+    opt = fat.AdamW(twin.parameters(), lr=1e-2, state_dtype="8bit", backend=backend, **kw)
+    step = opt.step
+
+    def fresh_step(closure=None):
+        opt._q8_plans.clear()
+        return step(closure)
+
+    opt.step = fresh_step
+    return twin, opt
+
+
+def _same_params(a, b):
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_plan_is_reused_and_steps_as_a_fresh_one(backend):
+    model = _net()
+    opt = fat.AdamW(model.parameters(), lr=1e-2, state_dtype="8bit", backend=backend)
+    twin, topt = _uncached_twin(model, backend)
+    _train(model, opt, 0, 1)
+    plan = opt._q8_plans[0]
+    _train(model, opt, 1, 5)  # zero_grad(set_to_none=True): new gradient tensors each step
+    assert opt._q8_plans[0] is plan
+    _train(twin, topt, 0, 5)
+    _same_params(model, twin)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for k, t in opt.state[p].items():
+            assert torch.equal(t, topt.state[q][k]), k
+    assert all(float(st["step"]) == 5 for st in opt.state.values())
+
+
+def test_plan_rebuilt_when_a_tensor_or_the_state_changes():
+    model = _net()
+    opt = fat.AdamW(model.parameters(), lr=1e-2, state_dtype="8bit")
+    twin, topt = _uncached_twin(model)
+    _train(model, opt, 0, 2)
+    _train(twin, topt, 0, 2)
+    plan = opt._q8_plans[0]
+    ps, qs = list(model.parameters()), list(twin.parameters())
+    for x in (ps[0], qs[0]):  # the parameter's storage replaced
+        x.data = x.data.clone()
+    _train(model, opt, 2, 3)
+    _train(twin, topt, 2, 3)
+    assert opt._q8_plans[0] is not plan
+    _same_params(model, twin)
+    plan = opt._q8_plans[0]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors
+    _train(model, opt, 3, 4)
+    _train(twin, topt, 3, 4)
+    assert opt._q8_plans[0] is not plan
+    _same_params(model, twin)
+    # a parameter without a gradient drops out of the step, and its state stays
+    plan = opt._q8_plans[0]
+    before = {k: t.clone() for k, t in opt.state[ps[2]].items()}
+    for t in range(4, 6):
+        for m, o in ((model, opt), (twin, topt)):
+            g = torch.Generator().manual_seed(t)
+            x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            list(m.parameters())[2].grad = None
+            o.step()
+    assert opt._q8_plans[0] is not plan
+    _same_params(model, twin)
+    for k, t in opt.state[ps[2]].items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_bad_grad_on_a_later_step_changes_nothing():
+    model = _net()
+    opt = fat.AdamW(model.parameters(), lr=1e-2, state_dtype="8bit")
+    _train(model, opt, 0, 2)
+    plan = opt._q8_plans[0]
+    ps = list(model.parameters())
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    params = [p.detach().clone() for p in ps]
+    states = [{k: t.clone() for k, t in opt.state[p].items()} for p in ps]
+    ps[0].grad = torch.randn(ps[0].shape[1], ps[0].shape[0]).t()  # right shape, not contiguous
+    with pytest.raises(ValueError, match=r"grad of param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    for p, before, st in zip(ps, params, states):
+        assert torch.equal(p, before)
+        for k, t in opt.state[p].items():
+            assert torch.equal(t, st[k]), k
+    ps[0].grad = ps[0].grad.contiguous()  # mended: the step goes on from where it was
+    opt.step()
+    assert all(float(opt.state[p]["step"]) == 3 for p in ps)
+    assert opt._q8_plans[0] is plan  # the refused step left the plan as it was
+
+
 def test_amsgrad_refused():
     with pytest.raises(ValueError, match="amsgrad"):
         fat.Adam(_net().parameters(), amsgrad=True, state_dtype="8bit")
