@@ -193,6 +193,68 @@ def test_unknown_backend_is_a_usage_error(capsys):
     assert "torch-fused" in err  # the message lists the valid names
 
 
+def _fake_bitsandbytes(monkeypatch):
+    """A stand-in ``bitsandbytes`` (torch's Adam as its Adam8bit): the bench's peer
+    wiring, tested without the 125 MB package (an optional extra, not a test one)."""
+    import importlib.machinery
+    import types
+
+    import torch
+
+    mod = types.ModuleType("bitsandbytes")
+    mod.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+    made = []
+
+    class Adam8bit(torch.optim.Adam):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+            made.append(self)
+
+    mod.optim = types.SimpleNamespace(Adam8bit=Adam8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", mod)
+    return made
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="bitsandbytes' peer row needs torch")
+def test_bitsandbytes_peer_row_beside_q8(monkeypatch, capsys, restore_threads):
+    made = _fake_bitsandbytes(monkeypatch)
+    backend = "c" if "c" in fastadam.available_backends() else "numpy"
+    args = ["--sizes", "2^12", "--dtype", "float32,q8", "--no-per-call", "--no-progress",
+            "--repeat", "1", "--min-time", "0.001", "--markdown", "--targets"]  # fmt: skip
+    assert bench.main([*args, "--backends", f"{backend},bitsandbytes"]) == 0
+    out = capsys.readouterr().out
+    assert made, "the peer's optimizer was never built"
+    header = next(line for line in out.splitlines() if line.startswith("| backend | dtype"))
+    assert header.endswith("| vs bitsandbytes |")
+    rows = [line for line in out.splitlines() if line.startswith("| bitsandbytes |")]
+    assert len(rows) == 1 and "| q8 |" in rows[0]  # no float32 row: it has only 8-bit Adam
+    assert bench.main([*args]) == 0  # by default too, as q8's peer
+    out = capsys.readouterr().out
+    assert any(line.startswith("| bitsandbytes | q8 |") for line in out.splitlines())
+    # the target, from records
+    n = bench.TARGET_LARGE_N
+    runs = (("c", "float32", 1.0), ("c", "q8", 0.6), ("bitsandbytes", "q8", 5.0))
+    recs = [bench._record("sweep", b, n, dt, t, 5, 2, 100.0) for b, dt, t in runs]
+    bench.add_speedups(recs)
+    got = {(t["backend"], t["target"]): t["met"] for t in bench.evaluate_targets(recs, [])}
+    assert got[("c", "8-bit-state speed-up vs bitsandbytes")] is False  # 8.3x < 10x
+    assert got[("c", "8-bit-state time / float32-state time")] is True
+
+
+def test_bitsandbytes_backend_refusals(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    assert bench.main(["--backends", "bitsandbytes", "--dtype", "q8"]) == 2
+    assert "needs bitsandbytes" in capsys.readouterr().err
+    run, notes = bench.cli._resolve_backends(None, ["float32", "q8"])
+    assert "bitsandbytes" not in run and any("skipping bitsandbytes" in x for x in notes)
+    run, notes = bench.cli._resolve_backends(None, ["float32"])
+    assert not any("bitsandbytes" in x for x in notes)  # not q8: not its peer, no note
+    if HAS_TORCH:
+        _fake_bitsandbytes(monkeypatch)
+        assert bench.main(["--backends", "bitsandbytes", "--dtype", "float32"]) == 2
+        assert "--dtype q8" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -16,7 +16,15 @@ from .machine import apply_threads, machine_info, note_others_busy
 from .measure import measure_sweep
 from .plot import _PLOT_HINT, write_plot
 from .report import sweep_report, warn_if_roofline_beaten
-from .steps import ALL_BACKENDS, DTYPES, FASTADAM_BACKENDS, PER_CALL_N, TORCH_BACKENDS
+from .steps import (
+    ALL_BACKENDS,
+    BNB,
+    DTYPES,
+    FASTADAM_BACKENDS,
+    PER_CALL_N,
+    Q8_STATES,
+    TORCH_BACKENDS,
+)
 from .timing import DEFAULT_MIN_TIME, MIN_REPEATS
 
 #: Default sweep (elements). With the default --min-time the whole run takes
@@ -235,15 +243,27 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 # -- the command -----------------------------------------------------------------
 
 
-def _resolve_backends(requested: list[str] | None) -> tuple[list[str], list[str]]:
-    """(backends to run, notes about default ones skipped); raise if a named one cannot run."""
+def _resolve_backends(
+    requested: list[str] | None, dtypes: list[str]
+) -> tuple[list[str], list[str]]:
+    """(backends to run, notes about default ones skipped); raise if a named one cannot run.
+
+    bitsandbytes is a default peer only of the 8-bit rows (``--dtype q8``)."""
     has_torch = importlib.util.find_spec("torch") is not None
+    has_bnb = has_torch and importlib.util.find_spec("bitsandbytes") is not None
     available = set(fastadam.available_backends())
     reasons = fastadam.unavailable_reasons()
     if requested is None:
         run, notes = [], []
         for b in ALL_BACKENDS:
-            if b in TORCH_BACKENDS and not has_torch:
+            if b == BNB:
+                if Q8_STATES not in dtypes:
+                    continue
+                if not has_bnb:
+                    notes.append(f"skipping {b}: it is not installed (pip install bitsandbytes)")
+                else:
+                    run.append(b)
+            elif b in TORCH_BACKENDS and not has_torch:
                 notes.append(
                     f"skipping {b}: torch is not installed (pip install 'fastadam[torch]')"
                 )
@@ -255,6 +275,10 @@ def _resolve_backends(requested: list[str] | None) -> tuple[list[str], list[str]
     for b in requested:
         if b in TORCH_BACKENDS and not has_torch:
             raise BenchError(f"backend {b!r} needs torch, which is not installed")
+        if b == BNB and not has_bnb:
+            raise BenchError(f"backend {b!r} needs bitsandbytes and torch, not installed here")
+        if b == BNB and Q8_STATES not in dtypes:
+            raise BenchError(f"backend {b!r} has only an 8-bit Adam: add --dtype q8")
         if b in FASTADAM_BACKENDS and b not in available:
             why = reasons.get(b, "unknown reason")
             raise BenchError(f"backend {b!r} is unavailable here: {why}")
@@ -305,14 +329,14 @@ def _run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise BenchError(_PLOT_HINT) from None
-    backends, notes = _resolve_backends(args.backends)
+    dtypes: list[str] = args.dtype or ["float32"]
+    backends, notes = _resolve_backends(args.backends, dtypes)
     for note in notes:
         print(note, file=sys.stderr)
     if not backends:
         raise BenchError("no backend to measure")
-    dtypes: list[str] = args.dtype or ["float32"]
     sizes: list[int] = args.sizes or list(DEFAULT_SIZES)
-    threads = apply_threads(args.threads, any(b in TORCH_BACKENDS for b in backends))
+    threads = apply_threads(args.threads, any(b in (*TORCH_BACKENDS, BNB) for b in backends))
 
     sweep = measure_sweep(
         backends,

@@ -13,6 +13,7 @@ from .machine import _cpu_seconds
 from .roofline import Roofline, measure_roofline, roofline_for
 from .steps import (
     BF16_STATES,
+    BNB,
     F32_CAST,
     MASTER_BF16,
     NP_ADD,
@@ -68,6 +69,9 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
         tf = by_key.get((key[0], "torch-fused", *key[1:]))
         if tf is not None:
             r["speedup_vs_torch_fused"] = tf["median_s"] / r["median_s"]
+        bnb = by_key.get((key[0], BNB, *key[1:]))
+        if bnb is not None:
+            r["speedup_vs_bitsandbytes"] = bnb["median_s"] / r["median_s"]
 
 
 def measure_per_call(
@@ -157,9 +161,14 @@ def measure_sweep(
     dtypes of one size timed in alternating rounds), then the per-call costs;
     a progress bar on stderr unless ``no_progress``."""
     # torch has no float32-param/bfloat16-state Adam to compare with
+    # (nor for float64; bitsandbytes has only the 8-bit one)
     backends_for = {
-        dt: [b for b in backends if not (dt in _NOT_TORCH and b in TORCH_BACKENDS)] for dt in dtypes
-    }
+        dt: [
+            b for b in backends
+            if not (dt in _NOT_TORCH and b in TORCH_BACKENDS) and (b != BNB or dt == Q8_STATES)
+        ]
+        for dt in dtypes
+    }  # fmt: skip
 
     from tqdm import tqdm
 

@@ -24,7 +24,7 @@ def write_plot(records: list[dict[str, Any]], roofline: Roofline, path: str, tit
         key=lambda k: (k[0], ALL_BACKENDS.index(k[1])),
     )
     styles = {"float32": "-", "float64": ":"}
-    palette = ("tab:gray", "tab:blue", "tab:red", "tab:green", "tab:olive")
+    palette = ("tab:gray", "tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple")
     colors = dict(zip(ALL_BACKENDS, palette, strict=True))
     multi = len({k[0] for k in keys}) > 1
     for dt, backend in keys:

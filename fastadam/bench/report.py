@@ -95,9 +95,12 @@ def header_lines(info: dict[str, Any], roofline: Roofline, with_targets: bool = 
 def sweep_table(records: list[dict[str, Any]], markdown: bool) -> str:
     """The main table: one row per (dtype, size, backend)."""
     with_torch = any("speedup_vs_torch_fused" in r for r in records)
+    with_bnb = any("speedup_vs_bitsandbytes" in r for r in records)
     headers = ["backend", "dtype", "n", "median/step", "GB/s", "roofline", "vs numpy"]
     if with_torch:
         headers.append("vs torch-fused")
+    if with_bnb:
+        headers.append("vs bitsandbytes")
     rows = []
     for r in records:
         frac = r["roofline_fraction"]
@@ -112,8 +115,10 @@ def sweep_table(records: list[dict[str, Any]], markdown: bool) -> str:
         ]
         if with_torch:
             row.append(_fmt_ratio(r.get("speedup_vs_torch_fused")))
+        if with_bnb:
+            row.append(_fmt_ratio(r.get("speedup_vs_bitsandbytes")))
         rows.append(row)
-    right = [False, False, True, True, True, True, True, True][: len(headers)]
+    right = [False, False] + [True] * (len(headers) - 2)
     return render_table(headers, rows, markdown, right)
 
 

@@ -15,7 +15,10 @@ from fastadam.functional import BFLOAT16
 #: Backend names this command knows, in table order.
 FASTADAM_BACKENDS: tuple[str, ...] = fastadam.BACKEND_NAMES
 TORCH_BACKENDS: tuple[str, ...] = ("torch-fused", "torch-foreach")
-ALL_BACKENDS: tuple[str, ...] = FASTADAM_BACKENDS + TORCH_BACKENDS
+#: bitsandbytes' 8-bit Adam (``bitsandbytes.optim.Adam8bit``) on the CPU: the
+#: peer of the q8 rows (issue 18), timed where bitsandbytes is installed.
+BNB = "bitsandbytes"
+ALL_BACKENDS: tuple[str, ...] = FASTADAM_BACKENDS + TORCH_BACKENDS + (BNB,)
 
 #: Elements of the per-call-cost step (small enough that the call overhead,
 #: validation included, dominates).
@@ -188,10 +191,29 @@ def _torch_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any
     return opt.step
 
 
+def _bnb_step(state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
+    """bitsandbytes' Adam8bit over the q8 state's θ and g (the same memory fastadam
+    steps; bitsandbytes keeps its own 8-bit moments, block-wise, as fastadam's)."""
+    import logging
+
+    import torch
+
+    # its CPU backend logs a warning about an optional kernel package at import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    tp = torch.from_numpy(state[0]).requires_grad_(True)
+    tp.grad = torch.from_numpy(state[1])
+    opt = bitsandbytes.optim.Adam8bit([tp], lr=1e-3)
+    return opt.step
+
+
 def make_step(backend: str, state: tuple[np.ndarray, ...]) -> Callable[[], Any]:
     """A no-argument callable doing one Adam step of ``backend`` over ``state``."""
     if backend in TORCH_BACKENDS:
         return _torch_step(backend, state)
+    if backend == BNB:
+        return _bnb_step(state)
     return _fastadam_step(backend, state)
 
 

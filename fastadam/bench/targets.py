@@ -31,6 +31,8 @@ PER_CALL_TARGET_BACKENDS = ("c", "numba")
 TARGET_BF16_TIME_RATIO = 0.75
 #: 8-bit-state step time / float32-state step time at the memory-bound sizes (issue 18).
 TARGET_Q8_TIME_RATIO = 0.65
+#: 8-bit-state step against bitsandbytes' 8-bit Adam on the CPU, where installed (issue 18).
+TARGET_Q8_SPEEDUP_VS_BNB = 10.0
 
 
 def _ratio_verdict(r: dict[str, Any], goal: float) -> list[str]:
@@ -100,6 +102,8 @@ def evaluate_targets(
             if r["n"] >= TARGET_LARGE_N:
                 ratio = r["median_s"] / f32["median_s"]
                 check(r, "8-bit-state time / float32-state time", ratio, TARGET_Q8_TIME_RATIO, True)
+                check(r, "8-bit-state speed-up vs bitsandbytes", r.get("speedup_vs_bitsandbytes"),
+                      TARGET_Q8_SPEEDUP_VS_BNB, False)  # fmt: skip
     for r in per_call:
         if r["backend"] in PER_CALL_TARGET_BACKENDS:
             what = f"{format_n(r['n'])}-element call / {NP_ADD}"
