@@ -57,9 +57,9 @@ def _y_v(code):
 @njit(inline="always", **_JIT)
 def _enc_m(x, r):
     u = np.int32(np.uint32(_f32_bits(abs(x) * r) & _MAG))
-    t = np.int32(np.int32(np.int32(u - np.int32(_BASE_M)) + np.int32(_HALF)) >> np.int32(20))
-    t = t if t > np.int32(0) else np.int32(0)
-    t = t if t < np.int32(127) else np.int32(127)
+    # (u - base + half) >> 20 with one add: neither form overflows int32
+    t = np.int32(np.int32(u + np.int32(_HALF - _BASE_M)) >> np.int32(20))
+    t = min(max(t, np.int32(0)), np.int32(127))
     return np.uint8(
         np.uint32(
             np.uint32(t) | np.uint32(np.uint32(_f32_bits(x) >> np.uint32(24)) & np.uint32(0x80))
@@ -70,10 +70,9 @@ def _enc_m(x, r):
 @njit(inline="always", **_JIT)
 def _enc_v(x, r):
     u = np.int32(np.uint32(_f32_bits(abs(x) * r) & _MAG))
-    lo = np.int32(1) if _f32_bits(x) != np.uint32(0) else np.int32(0)
-    t = np.int32(np.int32(np.int32(u - np.int32(_BASE_V)) + np.int32(_HALF)) >> np.int32(20))
-    t = t if t > lo else lo
-    t = t if t < np.int32(255) else np.int32(255)
+    lo = np.int32(min(_f32_bits(x), np.uint32(1)))  # a positive v is never coded as 0
+    t = np.int32(np.int32(u + np.int32(_HALF - _BASE_V)) >> np.int32(20))
+    t = min(max(t, lo), np.int32(255))
     return np.uint8(t)
 
 
