@@ -134,7 +134,6 @@ class LowpPlan:
     #: max_exp_avg_sq, copy), for the overlap check of new gradients.
     starts: np.ndarray
     nbytes: np.ndarray
-    labels: list[list[str]]  # the same rows: how errors name each array
 
     def still_valid(
         self, params: list[torch.Tensor], state: Any, amsgrad: bool, settings: tuple[Any, ...]
@@ -406,7 +405,7 @@ def build_plan(
     return LowpPlan(
         gi, positions, list(params), [tuple(x) for x in identity], settings, amsgrad,
         [p.shape for p in params], grad_dtypes, steps.numpy(), kinds,
-        float_plan, float_pos, seed_array[float_pos], opt.backend, starts, nbytes, labels,
+        float_plan, float_pos, seed_array[float_pos], opt.backend, starts, nbytes,
     )  # fmt: skip
 
 
