@@ -266,6 +266,46 @@ def _step_value(st: dict[str, Any], where: str) -> float:
     return value
 
 
+def next_steps(steps: np.ndarray) -> int | np.ndarray:
+    """The counts of the coming step, from a group's current counts ``steps``: one
+    int when they are all equal (the usual case, and the cheaper one for the
+    kernels), else ``steps + 1``, one per parameter, which the caller checks."""
+    first = float(steps[0])
+    if first.is_integer() and first >= 0.0 and (steps == first).all():
+        return int(first) + 1
+    return steps + 1
+
+
+def tensors_unchanged(
+    params: list[torch.Tensor], identity: list[tuple[Any, ...]], state: Any, amsgrad: bool
+) -> bool:
+    """Whether a group's parameters (those with a grad) and their state are the very
+    objects a plan was built over: the check that keeps a plan (fastadam.torch's
+    float32 path and fastadam._torch_lowp's).
+
+    ``identity[i]`` is ``(p, p.data_ptr(), state[p], exp_avg, exp_avg_sq,
+    max_exp_avg_sq, step, master_param)`` as the plan saw them (the last None
+    where the plan does not read one). A parameter gaining or losing its
+    gradient changes ``params``; ``p.data = ...`` its address (the plan keeps the
+    old storage alive, so the address cannot be reused); ``load_state_dict`` or
+    an assignment to ``state`` the state objects. Each is a few attribute reads.
+    """
+    if len(params) != len(identity):
+        return False
+    for p, (q, ptr, st, m, v, vmax, step, master) in zip(params, identity):
+        if p is not q or state.get(p) is not st:
+            return False
+        if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+            return False
+        if st.get("step") is not step or (amsgrad and st.get("max_exp_avg_sq") is not vmax):
+            return False
+        if master is not None and st.get("master_param") is not master:
+            return False
+        if p.data_ptr() != ptr:  # p.data was replaced
+            return False
+    return True
+
+
 class _TorchPlan(MultiTensorPlan):
     """A multi-tensor plan over NumPy views of one group's tensors, naming them as torch does."""
 
@@ -303,25 +343,11 @@ class _GroupPlan:
     def next_steps(self) -> int | np.ndarray:
         """The counts of this step: one int when the group's counts are equal (the
         usual case, and the cheaper one for the plan), else one per parameter."""
-        steps = self.steps_np
-        first = float(steps[0])
-        if first.is_integer() and first >= 0.0 and (steps == first).all():
-            return int(first) + 1
-        return steps + 1  # the plan checks each count
+        return next_steps(self.steps_np)
 
     def still_valid(self, params: list[torch.Tensor], state: Any, amsgrad: bool) -> bool:
-        if amsgrad != self.amsgrad or len(params) != len(self.params):
-            return False
-        for p, (q, ptr, st, m, v, vmax, step) in zip(params, self.identity):
-            if p is not q or state.get(p) is not st:
-                return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
-                return False
-            if st.get("step") is not step or (amsgrad and st.get("max_exp_avg_sq") is not vmax):
-                return False
-            if p.data_ptr() != ptr:  # p.data was replaced
-                return False
-        return True
+        """Whether the plan still describes the group's step (see :func:`tensors_unchanged`)."""
+        return amsgrad == self.amsgrad and tensors_unchanged(params, self.identity, state, amsgrad)
 
 
 @dataclass(eq=False)
@@ -527,8 +553,9 @@ class Adam(torch.optim.Adam):
             "decoupled_weight_decay": bool(decoupled_weight_decay),
             "eps_hat": bool(eps_hat),
         }
-        # group index -> the group's _GroupPlan (see _prepare_group)
-        self._plans: dict[int, _GroupPlan] = {}
+        # group index -> the group's _GroupPlan, or _torch_lowp.LowpPlan for a group
+        # with bfloat16/float16 parameters (see _prepare_group)
+        self._plans: dict[int, _GroupPlan | _torch_lowp.LowpPlan] = {}
         self._q8_plans: dict[int, Any] = {}  # the same with 8-bit states (_q8_torch)
         # torch.optim.Adam.__init__ is skipped on purpose: its checks are
         # check_optimizer_hyper's, and the rest configures torch's update.
@@ -703,9 +730,19 @@ class Adam(torch.optim.Adam):
             return None
         pending: list[tuple[Any, Any, Any]] = []
         gp = self._plans.get(gi)
+        if isinstance(gp, _torch_lowp.LowpPlan):  # bfloat16/float16 parameters (issue 17)
+            settings = _torch_lowp.settings_of(self, first)
+            if gp.still_valid(params, self.state, kwargs["amsgrad"], settings):
+                lowp_prep = gp.prepare(self, kwargs, pending)
+                if lowp_prep is not None:  # else a gradient is not what the plan was built for
+                    return cast(_PreparedGroup, lowp_prep)
+            gp = None  # rebuilt below, on whichever path the group now takes
         if gp is None or not gp.still_valid(params, self.state, kwargs["amsgrad"]):
             if _torch_lowp.takes_lowp_path(self, params):  # bfloat16/float16 (issue 17)
-                prep = _torch_lowp.prepare_group(self, gi, group, first, kwargs)
+                lp = _torch_lowp.build_plan(self, gi, group, first, params, kwargs, pending)
+                # a plan just built over these very gradients accepts them
+                prep = cast(_torch_lowp.Prepared, lp.prepare(self, kwargs, pending))
+                self._plans[gi] = lp
                 return cast(_PreparedGroup, prep)
             gp = self._build_plan(gi, group, first, params, kwargs["amsgrad"], pending)
         grads = [p.grad for p in params]
@@ -790,6 +827,7 @@ class Adam(torch.optim.Adam):
         for st, ident, view in zip(states, identity, steps.unbind()):
             pending.append((st, "step", view))
             ident.append(view)  # identity names the very view that will be attached
+            ident.append(None)  # no master weights on this path
         seeds = np.array(positions, np.uint64) + np.uint64(first)
         seeds += np.uint64(self.seed)  # wraps modulo 2**64, as in the NumPy optimizer
         return _GroupPlan(
