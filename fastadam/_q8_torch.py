@@ -88,7 +88,8 @@ def prepare_group(opt: Any, gi: int, group: dict, grad_scale: float | None) -> A
     if not params:
         return None
     plans = opt._q8_plans
-    gp, pending = plans.get(gi), []
+    gp = plans.get(gi)
+    pending: list[tuple[Any, Any, Any]] = []  # new state, attached once every group is checked
     grads = [p.grad for p in params]
     if gp is None or not gp.still_valid(opt, params) or not _grads_fit(grads, gp.numels):
         gp = _build_plan(opt, gi, group, pending)  # checks every tensor; raises what is wrong
