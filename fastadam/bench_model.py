@@ -6,7 +6,8 @@ weights), and an optimizer that makes one call per tensor pays its per-call
 cost once per tensor. This mode builds a model's parameter list with GPT-2's
 shapes (no transformers dependency) and times, on that list:
 
-* ``fastadam.torch.AdamW`` with float32 states, and with bfloat16 states;
+* ``fastadam.torch.AdamW`` with float32 states, with bfloat16 states, and with
+  8-bit states (``state_dtype="8bit"``: tensors below 4,096 elements keep float32 ones);
 * ``fastadam.AdamW`` over NumPy arrays (the gradients passed as a list);
 * ``torch.optim.AdamW(fused=True)`` and ``torch.optim.AdamW(foreach=True)``.
 
@@ -15,9 +16,9 @@ initial values, the random gradients set once and stepped every step) and its
 own state. All of them are timed in alternating rounds in one process
 (:func:`fastadam.bench.time_interleaved`), so their ratios compare like with
 like. Reported per row: median ms per step, GB/s (28 B/element with float32
-states, 20 with bfloat16), speed-up over torch fused, and µs per tensor (ms per
-step over the tensor count: what a step costs per tensor, kernel time
-included).
+states, 20 with bfloat16, about 16 with 8-bit ones), speed-up over torch fused,
+and µs per tensor (ms per step over the tensor count: what a step costs per
+tensor, kernel time included).
 
 Models: ``gpt2-small`` (12 layers, 768 wide, 50,257-token vocabulary, 1,024
 positions: 148 tensors, 124.4M elements), ``gpt2-mini`` (6 layers, 128 wide,
@@ -210,6 +211,8 @@ TORCH_LABELS = {
 }
 TORCH_FUSED = TORCH_LABELS["torch-fused"]
 LR = 1e-3  # every optimizer: torch's AdamW defaults otherwise (weight_decay 1e-2)
+#: fastadam.torch's default ``min_8bit_size``: smaller tensors keep float32 states.
+MIN_8BIT_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -218,22 +221,33 @@ class Row:
 
     optimizer: str
     backend: str  # a fastadam backend, or "torch"
-    state_dtype: str  # "float32" or "bfloat16"
+    state_dtype: str  # "float32", "bfloat16" or "8bit"
 
     @property
     def key(self) -> str:
         return f"{self.optimizer} [{self.backend}, {self.state_dtype} states]"
 
-    @property
-    def bytes_per_element(self) -> float:
-        """Bytes a step moves per element: 28 with float32 states, 20 with bfloat16."""
-        return bench.bytes_per_element(
-            bench.BF16_STATES if self.state_dtype == "bfloat16" else "float32"
+    def _kinds(self, spec: ModelSpec) -> list[tuple[int, str]]:
+        """(elements, the bench's step kind) of each tensor: with 8-bit states, those
+        below fastadam.torch's min_8bit_size (4096) keep float32 states."""
+        kind = {"bfloat16": bench.BF16_STATES, "8bit": bench.Q8_STATES}.get(
+            self.state_dtype, "float32"
         )
+        out = []
+        for shape in spec.shapes().values():
+            n = int(np.prod(shape))
+            small_q8 = kind == bench.Q8_STATES and n < MIN_8BIT_SIZE
+            out.append((n, "float32" if small_q8 else kind))
+        return out
 
-    @property
-    def state_itemsize(self) -> int:
-        return 2 if self.state_dtype == "bfloat16" else 4
+    def step_bytes(self, spec: ModelSpec) -> float:
+        """Bytes one step over ``spec``'s tensors moves: 28 per element with float32
+        states, 20 with bfloat16, about 16.06 with 8-bit ones."""
+        return sum(n * bench.bytes_per_element(k) for n, k in self._kinds(spec))
+
+    def state_bytes(self, spec: ModelSpec) -> int:
+        """Optimizer state memory (both moments, their scales) over ``spec``'s tensors."""
+        return round(sum(n * bench.state_bytes_per_element(k, n) for n, k in self._kinds(spec)))
 
 
 def _torch_available() -> bool:
@@ -265,6 +279,7 @@ def plan_rows(requested: list[str] | None, has_torch: bool) -> tuple[list[Row], 
     if has_torch:
         rows += [Row(FASTADAM_TORCH, b, "float32") for b in fa]
         rows += [Row(FASTADAM_TORCH, b, "bfloat16") for b in fa]
+        rows += [Row(FASTADAM_TORCH, b, "8bit") for b in fa]
     rows += [Row(FASTADAM_NUMPY, b, "float32") for b in fa]
     if has_torch:
         rows += [Row(TORCH_LABELS[b], "torch", "float32") for b in named_torch or TORCH_LABELS]
@@ -320,7 +335,7 @@ def make_optimizer_step(
     if row.optimizer == FASTADAM_TORCH:
         from fastadam.torch import AdamW
 
-        sdt = torch.bfloat16 if row.state_dtype == "bfloat16" else None
+        sdt: Any = {"bfloat16": torch.bfloat16, "8bit": "8bit"}.get(row.state_dtype)
         return AdamW(tensors, lr=LR, state_dtype=sdt, backend=row.backend).step
     kind = {TORCH_LABELS["torch-fused"]: "fused", TORCH_LABELS["torch-foreach"]: "foreach"}
     options: dict[str, Any] = {kind[row.optimizer]: True}
@@ -358,12 +373,12 @@ def measure_model(
                 "optimizer": row.optimizer,
                 "backend": row.backend,
                 "state_dtype": row.state_dtype,
-                "state_bytes": 2 * spec.elements * row.state_itemsize,
+                "state_bytes": row.state_bytes(spec),
                 "median_s": median,
                 "repeats": reps,
                 "ms_per_step": median * 1e3,
                 "us_per_tensor": median * 1e6 / spec.tensors,
-                "gbps": row.bytes_per_element * spec.elements / median / 1e9,
+                "gbps": row.step_bytes(spec) / median / 1e9,
                 "speedup_vs_torch_fused": None,
                 "threads": threads,
             }

@@ -143,6 +143,26 @@ def test_sweep_options_are_refused_with_model(extra, capsys):
     assert f"{extra[0]} is an option of the size sweep, not of --model" in err
 
 
+def _numels(model: str) -> list[int]:
+    return [math.prod(s) for s in bench_model.parse_models(model)[0].shapes().values()]
+
+
+def test_8bit_rows_count_their_bytes_per_tensor():
+    """gpt2-mini with 8-bit states: its 4096 x 128 embedding and 128 x 512 MLP
+    weights are 8-bit, its biases and layer norms float32."""
+    spec = bench_model.parse_models("gpt2-mini")[0]
+    numels = _numels("gpt2-mini")
+    big = [n for n in numels if n >= 4096]
+    assert 4096 * 128 in big and 128 in numels and 128 not in big
+    row = bench_model.Row("fastadam.torch.AdamW", "c", "8bit")
+    small = sum(numels) - sum(big)
+    blocks = sum(-(-n // 256) for n in big)
+    assert row.state_bytes(spec) == 8 * small + 2 * sum(big) + 8 * blocks
+    assert math.isclose(row.step_bytes(spec), 28 * small + (16 + 16 / 256) * sum(big))
+    f32 = bench_model.Row("fastadam.torch.AdamW", "c", "float32")
+    assert f32.state_bytes(spec) == 8 * sum(numels) and f32.step_bytes(spec) == 28 * sum(numels)
+
+
 def test_rows_follow_backends():
     auto = fastadam.auto_backend()
     rows, notes = bench_model.plan_rows(None, has_torch=True)
@@ -150,12 +170,14 @@ def test_rows_follow_backends():
     assert [(r.optimizer, r.backend, r.state_dtype) for r in rows] == [
         ("fastadam.torch.AdamW", auto, "float32"),
         ("fastadam.torch.AdamW", auto, "bfloat16"),
+        ("fastadam.torch.AdamW", auto, "8bit"),
         ("fastadam.AdamW (NumPy arrays)", auto, "float32"),
         ("torch.optim.AdamW(fused=True)", "torch", "float32"),
         ("torch.optim.AdamW(foreach=True)", "torch", "float32"),
     ]
     rows, _ = bench_model.plan_rows(["numpy", "torch-fused"], has_torch=True)
     assert [(r.optimizer, r.backend) for r in rows] == [
+        ("fastadam.torch.AdamW", "numpy"),
         ("fastadam.torch.AdamW", "numpy"),
         ("fastadam.torch.AdamW", "numpy"),
         ("fastadam.AdamW (NumPy arrays)", "numpy"),
@@ -188,6 +210,7 @@ def test_tiny_model_end_to_end(tmp_path, capsys, restore_threads):
         expected = [
             ("fastadam.torch.AdamW", auto, "float32"),
             ("fastadam.torch.AdamW", auto, "bfloat16"),
+            ("fastadam.torch.AdamW", auto, "8bit"),
             *expected,
             ("torch.optim.AdamW(fused=True)", "torch", "float32"),
             ("torch.optim.AdamW(foreach=True)", "torch", "float32"),
@@ -204,10 +227,22 @@ def test_tiny_model_end_to_end(tmp_path, capsys, restore_threads):
         assert r["median_s"] > 0
         assert math.isclose(r["ms_per_step"], r["median_s"] * 1e3)
         assert math.isclose(r["us_per_tensor"], r["median_s"] * 1e6 / 28)
-        per_element = 20 if r["state_dtype"] == "bfloat16" else 28
-        assert math.isclose(r["gbps"], per_element * elements / r["median_s"] / 1e9)
-        state_itemsize = 2 if r["state_dtype"] == "bfloat16" else 4
-        assert r["state_bytes"] == 2 * elements * state_itemsize
+        # 8-bit states: tensors of >= 4096 elements move 16 B/element and two 4-byte
+        # scales per 256, the rest 28 (the tiny model has none that large)
+        big = [n for n in _numels(TINY) if n >= 4096]
+        blocks = sum(-(-n // 256) for n in big)
+        step_bytes = {
+            "float32": 28 * elements,
+            "bfloat16": 20 * elements,
+            "8bit": 28 * (elements - sum(big)) + 16 * sum(big) + 16 / 256 * sum(big),
+        }[r["state_dtype"]]
+        assert math.isclose(r["gbps"], step_bytes / r["median_s"] / 1e9)
+        state_bytes = {
+            "float32": 8 * elements,
+            "bfloat16": 4 * elements,
+            "8bit": 8 * (elements - sum(big)) + 2 * sum(big) + 8 * blocks,
+        }[r["state_dtype"]]
+        assert r["state_bytes"] == state_bytes
         if HAS_TORCH:
             fused = next(x for x in records if x["optimizer"] == "torch.optim.AdamW(fused=True)")
             assert math.isclose(r["speedup_vs_torch_fused"], fused["median_s"] / r["median_s"])
@@ -230,6 +265,7 @@ def test_backends_filter_in_model_mode(tmp_path, capsys, restore_threads):
     assert [(r["optimizer"], r["backend"], r["state_dtype"]) for r in records] == [
         *(("fastadam.torch.AdamW", b, "float32") for b in FAST),
         *(("fastadam.torch.AdamW", b, "bfloat16") for b in FAST),
+        *(("fastadam.torch.AdamW", b, "8bit") for b in FAST),
         *(("fastadam.AdamW (NumPy arrays)", b, "float32") for b in FAST),
         ("torch.optim.AdamW(fused=True)", "torch", "float32"),
     ]

@@ -66,15 +66,18 @@ from .roofline import Roofline, measure_roofline, roofline_for
 from .steps import (
     ALL_BACKENDS,
     BF16_STATES,
+    BNB,
     DTYPES,
     FASTADAM_BACKENDS,
     NP_ADD,
     PER_CALL_N,
     PER_TENSOR_K,
+    Q8_STATES,
     TORCH_BACKENDS,
     bytes_per_element,
     make_state,
     make_step,
+    state_bytes_per_element,
 )
 from .tables import _fmt_ratio, format_n, format_seconds, render_table
 from .targets import (
@@ -103,6 +106,7 @@ from .timing import (
 __all__ = [
     "ALL_BACKENDS",
     "BF16_STATES",
+    "BNB",
     "DEFAULT_MIN_TIME",
     "DEFAULT_SIZES",
     "DTYPES",
@@ -115,6 +119,7 @@ __all__ = [
     "PER_CALL_N",
     "PER_CALL_TARGET_BACKENDS",
     "PER_TENSOR_K",
+    "Q8_STATES",
     "TARGET_BF16_TIME_RATIO",
     "TARGET_IN_CACHE",
     "TARGET_LARGE_N",
@@ -135,6 +140,7 @@ __all__ = [
     "apply_threads",
     "build_parser",
     "bytes_per_element",
+    "state_bytes_per_element",
     "evaluate_targets",
     "finish_run",
     "format_n",
