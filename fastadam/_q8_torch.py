@@ -56,16 +56,21 @@ class _GroupPlan:
                 or opt.backend != self.backend):  # fmt: skip
             return False
         state = opt.state
-        for p, ident in zip(params, self.identity):
-            q, ptr, st, *tensors = ident
+        # written out, not as a loop over the keys: this runs for every tensor at
+        # every step (76 tensors of gpt2-mini: ~0.1 ms as a generator)
+        for p, (q, ptr, st, m, v, am, av, step) in zip(params, self.identity):
             if p is not q or state.get(p) is not st or p.data_ptr() != ptr:
                 return False
-            if any(st.get(k) is not t for k, t in zip(_KEYS, tensors)):
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+                return False
+            if st.get("exp_avg_absmax") is not am or st.get("exp_avg_sq_absmax") is not av:
+                return False  # am, av: None for a float32-state tensor
+            if st.get("step") is not step:
                 return False
         return True
 
 
-_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "step")
+_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
 class _Prepared:
@@ -112,11 +117,12 @@ def prepare_group(opt: Any, gi: int, group: dict, grad_scale: float | None) -> A
 def _grads_fit(grads: list[torch.Tensor], numels: list[int]) -> bool:
     """The per-step check of new gradient tensors (torch keeps a grad's dtype,
     device and shape equal to its parameter's; layout and memory order can differ)."""
-    return all(
-        g.dtype is torch.float32 and g.layout is torch.strided and g.is_contiguous()
-        and g.numel() == n
-        for g, n in zip(grads, numels)
-    )  # fmt: skip
+    for g, n in zip(grads, numels):
+        if g.dtype is not torch.float32 or g.layout is not torch.strided:
+            return False
+        if not g.is_contiguous() or g.numel() != n:
+            return False
+    return True
 
 
 def _build_plan(opt: Any, gi: int, group: dict, pending: list) -> _GroupPlan:
@@ -157,7 +163,7 @@ def _build_plan(opt: Any, gi: int, group: dict, pending: list) -> _GroupPlan:
             raise ValueError(f"state['step'] of {where} must be a non-negative integer")
         values.append(value)
         states.append(st)
-        identity.append([p, p.data_ptr(), st] + [st.get(key) for key in _KEYS[:4]])
+        identity.append([p, p.data_ptr(), st] + [st.get(key) for key in _KEYS])
     parts = []
     for big in (False, True):
         if not where_of[big]:

@@ -157,10 +157,22 @@ def test_plan_rebuilt_when_a_tensor_or_the_state_changes():
     _train(twin, topt, 3, 4)
     assert opt._q8_plans[0] is not plan
     _same_params(model, twin)
+    # one scale tensor replaced: the step must write the new one, not the old
+    plan = opt._q8_plans[0]
+    st = opt.state[ps[0]]
+    old = st["exp_avg_absmax"]
+    st["exp_avg_absmax"] = old.clone()
+    topt.state[qs[0]]["exp_avg_absmax"] = topt.state[qs[0]]["exp_avg_absmax"].clone()
+    before = old.clone()
+    _train(model, opt, 4, 5)
+    _train(twin, topt, 4, 5)
+    assert opt._q8_plans[0] is not plan
+    assert torch.equal(old, before) and not torch.equal(st["exp_avg_absmax"], before)
+    _same_params(model, twin)
     # a parameter without a gradient drops out of the step, and its state stays
     plan = opt._q8_plans[0]
     before = {k: t.clone() for k, t in opt.state[ps[2]].items()}
-    for t in range(4, 6):
+    for t in range(5, 7):
         for m, o in ((model, opt), (twin, topt)):
             g = torch.Generator().manual_seed(t)
             x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
