@@ -261,6 +261,10 @@ def plan_rows(requested: list[str] | None, has_torch: bool) -> tuple[list[Row], 
     the torch rows are those named, or both when the list names none.
     """
     requested = requested or []
+    if bench.BNB in requested:
+        raise bench.BenchError(
+            f"{bench.BNB} is a peer of the size sweep's 8-bit rows (--dtype q8), not of --model"
+        )
     available = set(fastadam.available_backends())
     reasons = fastadam.unavailable_reasons()
     fa = [b for b in requested if b in bench.FASTADAM_BACKENDS]

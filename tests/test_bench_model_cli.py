@@ -188,6 +188,8 @@ def test_rows_follow_backends():
     assert "torch is not installed" in notes[0]
     with pytest.raises(bench.BenchError, match="needs torch"):
         bench_model.plan_rows(["c", "torch-foreach"], has_torch=False)
+    with pytest.raises(bench.BenchError, match="not of --model"):
+        bench_model.plan_rows(["c", "bitsandbytes"], has_torch=True)
 
 
 # -- a tiny model, end to end ----------------------------------------------------------------
