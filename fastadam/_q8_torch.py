@@ -34,40 +34,21 @@ class _GroupPlan:
     """
 
     params: list[torch.Tensor]
-    # per parameter: (param, its data address, its state, and the state's tensors,
-    # step included) - what must not have changed for the plan to hold
-    identity: list[tuple[Any, ...]]
+    identity: list[tuple[Any, ...]]  # per parameter: see fastadam.torch.tensors_unchanged
     parts: list[tuple[Any, np.ndarray]]  # (plan, positions in params): float32, 8-bit
     steps_np: np.ndarray  # view of the counts' tensor (which it keeps alive)
     numels: list[int]
     min_8bit_size: int
     backend: str
 
-    def next_steps(self) -> int | list[int]:
-        """This step's counts: one int when they are equal (the usual case)."""
-        steps = self.steps_np
-        first = float(steps[0])
-        if (steps == first).all():
-            return int(first) + 1
-        return [int(s) + 1 for s in steps.tolist()]
-
     def still_valid(self, opt: Any, params: list[torch.Tensor]) -> bool:
-        if (len(params) != len(self.params) or opt.min_8bit_size != self.min_8bit_size
-                or opt.backend != self.backend):  # fmt: skip
-            return False
-        state = opt.state
-        # written out, not as a loop over the keys: this runs for every tensor at
-        # every step (76 tensors of gpt2-mini: ~0.1 ms as a generator)
-        for p, (q, ptr, st, m, v, am, av, step) in zip(params, self.identity):
-            if p is not q or state.get(p) is not st or p.data_ptr() != ptr:
-                return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
-                return False
-            if st.get("exp_avg_absmax") is not am or st.get("exp_avg_sq_absmax") is not av:
-                return False  # am, av: None for a float32-state tensor
-            if st.get("step") is not step:
-                return False
-        return True
+        from .torch import tensors_unchanged  # fastadam.torch imports this module
+
+        return (
+            opt.min_8bit_size == self.min_8bit_size
+            and opt.backend == self.backend
+            and tensors_unchanged(params, self.identity, opt.state)
+        )
 
 
 _KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
@@ -99,11 +80,14 @@ def prepare_group(opt: Any, gi: int, group: dict, grad_scale: float | None) -> A
     if gp is None or not gp.still_valid(opt, params) or not _grads_fit(grads, gp.numels):
         gp = _build_plan(opt, gi, group, pending)  # checks every tensor; raises what is wrong
     addresses = np.fromiter((g.data_ptr() for g in grads), np.uintp, len(grads))
-    step = gp.next_steps()
+    from .torch import next_steps
+
+    step = next_steps(gp.steps_np)
     calls = []
     for plan, pos in gp.parts:
         plan._rebind_grads([grads[i] for i in pos], addresses[pos])
-        steps = step if isinstance(step, int) else [step[i] for i in pos]
+        # unequal counts: each one's int, checked by the plan
+        steps = step if isinstance(step, int) else [int(s) for s in step[pos].tolist()]
         calls.append(plan.prepare(step=steps, **kwargs))
     plans[gi] = gp
 
@@ -163,7 +147,8 @@ def _build_plan(opt: Any, gi: int, group: dict, pending: list) -> _GroupPlan:
             raise ValueError(f"state['step'] of {where} must be a non-negative integer")
         values.append(value)
         states.append(st)
-        identity.append([p, p.data_ptr(), st] + [st.get(key) for key in _KEYS])
+        # the scales' keys too: None for a float32-state tensor, and must stay absent
+        identity.append([p, p.data_ptr(), st, [(key, st.get(key)) for key in _KEYS]])
     parts = []
     for big in (False, True):
         if not where_of[big]:
@@ -178,9 +163,9 @@ def _build_plan(opt: Any, gi: int, group: dict, pending: list) -> _GroupPlan:
     steps = torch.tensor(values, dtype=torch.float32)
     for st, ident, view in zip(states, identity, steps.unbind()):
         pending.append((st, "step", view))
-        ident.append(view)  # the very view that will be attached
+        ident[3].append(("step", view))  # the very view that will be attached
     return _GroupPlan(
-        params, [tuple(i) for i in identity], parts, steps.numpy(),
+        params, [(p, ptr, st, tuple(w)) for p, ptr, st, w in identity], parts, steps.numpy(),
         [p.numel() for p in params], opt.min_8bit_size, opt.backend,
     )  # fmt: skip
 

@@ -145,7 +145,7 @@ class LowpPlan:
         return (
             amsgrad == self.amsgrad
             and settings == self.settings
-            and tensors_unchanged(params, self.identity, state, amsgrad)
+            and tensors_unchanged(params, self.identity, state)
         )
 
     def prepare(
@@ -357,8 +357,12 @@ def build_plan(
         row_arrays.append(row)
         labels.append([first_label, f"the grad of {where}", *names, where])
         states.append(st)
-        identity.append([p, p.data_ptr(), st, st.get("exp_avg"), st.get("exp_avg_sq"),
-                         st.get("max_exp_avg_sq"), master_t])  # fmt: skip
+        watched = [("exp_avg", st.get("exp_avg")), ("exp_avg_sq", st.get("exp_avg_sq"))]
+        if amsgrad:
+            watched.append(("max_exp_avg_sq", st.get("max_exp_avg_sq")))
+        if master_t is not None:
+            watched.append(("master_param", master_t))
+        identity.append([p, p.data_ptr(), st, watched])
     float_plan = None
     if floats:
         # checks them (dtypes, shapes, layout) as fastadam.torch's float path does
@@ -400,10 +404,11 @@ def build_plan(
     steps = torch.tensor(values, dtype=torch.float32)
     for st, ident, view in zip(states, identity, steps.unbind()):
         pending.append((st, "step", view))
-        ident.insert(6, view)  # identity names the very view that will be attached
+        ident[3].append(("step", view))  # the very view that will be attached
     float_pos = np.array(floats, np.int64)
     return LowpPlan(
-        gi, positions, list(params), [tuple(x) for x in identity], settings, amsgrad,
+        gi, positions, list(params), [(p, ptr, st, tuple(w)) for p, ptr, st, w in identity],
+        settings, amsgrad,
         [p.shape for p in params], grad_dtypes, steps.numpy(), kinds,
         float_plan, float_pos, seed_array[float_pos], opt.backend, starts, nbytes,
     )  # fmt: skip

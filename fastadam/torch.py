@@ -277,32 +277,28 @@ def next_steps(steps: np.ndarray) -> int | np.ndarray:
 
 
 def tensors_unchanged(
-    params: list[torch.Tensor], identity: list[tuple[Any, ...]], state: Any, amsgrad: bool
+    params: list[torch.Tensor], identity: list[tuple[Any, ...]], state: Any
 ) -> bool:
     """Whether a group's parameters (those with a grad) and their state are the very
     objects a plan was built over: the check that keeps a plan (fastadam.torch's
-    float32 path and fastadam._torch_lowp's).
+    float32 path, fastadam._torch_lowp's and fastadam._q8_torch's).
 
-    ``identity[i]`` is ``(p, p.data_ptr(), state[p], exp_avg, exp_avg_sq,
-    max_exp_avg_sq, step, master_param)`` as the plan saw them (the last None
-    where the plan does not read one). A parameter gaining or losing its
-    gradient changes ``params``; ``p.data = ...`` its address (the plan keeps the
-    old storage alive, so the address cannot be reused); ``load_state_dict`` or
-    an assignment to ``state`` the state objects. Each is a few attribute reads.
+    ``identity[i]`` is ``(p, p.data_ptr(), state[p], watched)`` as the plan saw
+    them, ``watched`` the ``(key, value)`` pairs of ``state[p]`` the plan reads
+    (a value of None: a key that must stay absent). A parameter gaining or
+    losing its gradient changes ``params``; ``p.data = ...`` its address (the
+    plan keeps the old storage alive, so the address cannot be reused);
+    ``load_state_dict`` or an assignment to ``state`` the state objects. Each is
+    a few attribute reads.
     """
     if len(params) != len(identity):
         return False
-    for p, (q, ptr, st, m, v, vmax, step, master) in zip(params, identity):
-        if p is not q or state.get(p) is not st:
+    for p, (q, ptr, st, watched) in zip(params, identity):
+        if p is not q or state.get(p) is not st or p.data_ptr() != ptr:
             return False
-        if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
-            return False
-        if st.get("step") is not step or (amsgrad and st.get("max_exp_avg_sq") is not vmax):
-            return False
-        if master is not None and st.get("master_param") is not master:
-            return False
-        if p.data_ptr() != ptr:  # p.data was replaced
-            return False
+        for key, value in watched:
+            if st.get(key) is not value:
+                return False
     return True
 
 
@@ -347,7 +343,7 @@ class _GroupPlan:
 
     def still_valid(self, params: list[torch.Tensor], state: Any, amsgrad: bool) -> bool:
         """Whether the plan still describes the group's step (see :func:`tensors_unchanged`)."""
-        return amsgrad == self.amsgrad and tensors_unchanged(params, self.identity, state, amsgrad)
+        return amsgrad == self.amsgrad and tensors_unchanged(params, self.identity, state)
 
 
 @dataclass(eq=False)
@@ -776,7 +772,8 @@ class Adam(torch.optim.Adam):
         """
         positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
         views: list[list[np.ndarray]] = [[], [], [], [], []]
-        states, identity, values = [], [], []
+        states, values = [], []
+        identity: list[list[Any]] = []  # see tensors_unchanged
         for p, pi in zip(params, positions):
             g = cast(torch.Tensor, p.grad)  # positions: the params with a grad
             pv, gv = _view(p), _view(g)
@@ -818,7 +815,10 @@ class Adam(torch.optim.Adam):
             views[0].append(pv)
             views[1].append(gv)
             states.append(st)
-            identity.append([p, p.data_ptr(), st, m, v, vmax])
+            watched = [("exp_avg", m), ("exp_avg_sq", v)]
+            if amsgrad:
+                watched.append(("max_exp_avg_sq", vmax))
+            identity.append([p, p.data_ptr(), st, watched])
         plan = _TorchPlan(
             gi, positions, *views[:4], views[4] if amsgrad else None, backend=self.backend
         )
@@ -826,12 +826,12 @@ class Adam(torch.optim.Adam):
         steps = torch.tensor(values, dtype=_scalar_dtype())
         for st, ident, view in zip(states, identity, steps.unbind()):
             pending.append((st, "step", view))
-            ident.append(view)  # identity names the very view that will be attached
-            ident.append(None)  # no master weights on this path
+            ident[3].append(("step", view))  # the very view that will be attached
         seeds = np.array(positions, np.uint64) + np.uint64(first)
         seeds += np.uint64(self.seed)  # wraps modulo 2**64, as in the NumPy optimizer
         return _GroupPlan(
-            params, [tuple(i) for i in identity], plan, steps.numpy(), seeds, amsgrad,
+            params, [(p, ptr, st, tuple(w)) for p, ptr, st, w in identity], plan, steps.numpy(),
+            seeds, amsgrad,
             [p.numel() for p in params],
         )  # fmt: skip
 
