@@ -13,17 +13,29 @@
  * temporaries are two 1 KiB buffers on the stack, in L1.
  */
 #define FA_Q8_ONE 0x3F800000u
+#define FA_Q8_F_DIV FA_F_AMSGRAD /* the amsgrad bit: refused with 8-bit states */
+
 /*
  * The SIMD blocks prefetch the next block of their piece while they compute
- * this one (FA_PREFETCH_BYTES = 1 KiB of param, one block): each block ends in
- * a requantization pass that loads nothing from memory, during which the
- * hardware streamer alone left the next block's lines unrequested (2^24
- * elements, 2 threads, Zen 5: 10-15% less time per step, old and new library
- * alternated in one process). Not past the piece's last block, where the next
- * thread's share begins (fastadam_internal.h).
+ * this one (one block ahead: 1 KiB of param, the float32 kernels' distance).
+ * Each block ends in a requantization pass that loads nothing from memory,
+ * during which the hardware streamer alone left the next block's lines
+ * unrequested (2^24 elements, 2 threads, Zen 5: 10-15% less time per step, old
+ * and new library alternated in one process). Not past the piece's last block,
+ * where the next thread's share begins (fastadam_internal.h).
  */
-#define fa_q8_prefetch(ptr) __builtin_prefetch((const void *)(ptr), 0, 3)
-#define FA_Q8_F_DIV FA_F_AMSGRAD /* the amsgrad bit: refused with 8-bit states */
+static inline __attribute__((always_inline)) void fa_q8_prefetch_next(
+    const float *param, const float *grad, const uint8_t *cm, const uint8_t *cv, const int i)
+{
+    /* from element i of a block: a line (16 elements) of each float array and,
+     * every 64 elements, of each code array, one block ahead */
+    FA_PREFETCH(param + i, FA_Q8_BLOCK);
+    FA_PREFETCH(grad + i, FA_Q8_BLOCK);
+    if (i % 64 == 0) {
+        FA_PREFETCH(cm + i, FA_Q8_BLOCK);
+        FA_PREFETCH(cv + i, FA_Q8_BLOCK);
+    }
+}
 
 /* y(code) of exp_avg: sign in bit 7, magnitude k in bits 0..6 (K = 127) */
 static inline float fa_q8_y_m(uint8_t code)
@@ -143,14 +155,8 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx512(
     const __m512 bc2 = _mm512_set1_ps(c.bias_correction2_sqrt);
     __m512i mm = _mm512_setzero_si512(), mv = _mm512_setzero_si512();
     for (int i = 0; i < FA_Q8_BLOCK; i += 16) {
-        if (ahead) {
-            fa_q8_prefetch(param + FA_Q8_BLOCK + i);
-            fa_q8_prefetch(grad + FA_Q8_BLOCK + i);
-            if (i % 64 == 0) {
-                fa_q8_prefetch(cm + FA_Q8_BLOCK + i);
-                fa_q8_prefetch(cv + FA_Q8_BLOCK + i);
-            }
-        }
+        if (ahead)
+            fa_q8_prefetch_next(param, grad, cm, cv, i);
         __m512 g = _mm512_loadu_ps(grad + i);
         if (unscale) {
             g = _mm512_div_ps(g, gs);
@@ -251,14 +257,8 @@ static inline __attribute__((always_inline)) void fa_q8_block_avx2(
     const __m256 bc2 = _mm256_set1_ps(c.bias_correction2_sqrt);
     __m256i mm = zero, mv = zero;
     for (int i = 0; i < FA_Q8_BLOCK; i += 8) {
-        if (ahead && i % 16 == 0) {
-            fa_q8_prefetch(param + FA_Q8_BLOCK + i);
-            fa_q8_prefetch(grad + FA_Q8_BLOCK + i);
-            if (i % 64 == 0) {
-                fa_q8_prefetch(cm + FA_Q8_BLOCK + i);
-                fa_q8_prefetch(cv + FA_Q8_BLOCK + i);
-            }
-        }
+        if (ahead && i % 16 == 0)
+            fa_q8_prefetch_next(param, grad, cm, cv, i);
         __m256 g = _mm256_loadu_ps(grad + i);
         if (unscale) {
             g = _mm256_div_ps(g, gs);
