@@ -42,6 +42,7 @@ import numpy as np
 
 import fastadam
 from fastadam import bench
+from fastadam._q8 import MIN_8BIT_SIZE
 
 #: The keys of a model spec, in the order a custom spec's name lists them.
 SPEC_KEYS: tuple[str, ...] = ("n_layer", "n_embd", "vocab", "n_positions")
@@ -211,8 +212,6 @@ TORCH_LABELS = {
 }
 TORCH_FUSED = TORCH_LABELS["torch-fused"]
 LR = 1e-3  # every optimizer: torch's AdamW defaults otherwise (weight_decay 1e-2)
-#: fastadam.torch's default ``min_8bit_size``: smaller tensors keep float32 states.
-MIN_8BIT_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ class Row:
         out = []
         for shape in spec.shapes().values():
             n = int(np.prod(shape))
-            small_q8 = kind == bench.Q8_STATES and n < MIN_8BIT_SIZE
+            small_q8 = kind == bench.Q8_STATES and n < MIN_8BIT_SIZE  # the optimizers' default
             out.append((n, "float32" if small_q8 else kind))
         return out
 
