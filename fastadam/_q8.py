@@ -391,12 +391,14 @@ class Q8Plan:
         sizes = np.array([a.size for a in lists[0]], np.int64)
         self._table = make_table(KIND_Q8, self._starts, sizes, [self._lists])
 
+    def _range_label(self, k: int) -> str:
+        """The name of byte range ``k`` of ``_starts`` (row-major: role, then tensor)."""
+        return f"{_LISTS[k // self.count]}[{k % self.count}]"
+
     def _check_disjoint(self) -> None:
         from ._validation import check_disjoint
 
-        count = self.count
-        check_disjoint(self._starts.reshape(-1), self._nbytes.reshape(-1),
-                       lambda k: f"{_LISTS[k // count]}[{k % count}]")  # fmt: skip
+        check_disjoint(self._starts.reshape(-1), self._nbytes.reshape(-1), self._range_label)
 
     def set_grads(self, grads) -> None:
         """Step these gradients from now on (checked first; nothing changes on an error)."""
@@ -417,15 +419,9 @@ class Q8Plan:
         another array of the plan (only when an address changed); on an error
         nothing changes."""
         from ._table import GRAD
+        from ._validation import rebind_row
 
-        if not np.array_equal(addresses, self._starts[GRAD]):
-            old = self._starts[GRAD].copy()
-            self._starts[GRAD] = addresses
-            try:
-                self._check_disjoint()
-            except ValueError:
-                self._starts[GRAD] = old
-                raise
+        self._starts = rebind_row(self._starts, self._nbytes, GRAD, addresses, self._range_label)
         self._lists[GRAD] = grads
         if self._arrays:
             self._arrays = [a for lst in self._lists for a in lst]

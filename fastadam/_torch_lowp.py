@@ -42,7 +42,7 @@ import torch
 import fastadam
 
 from . import _lowp, backends
-from ._validation import BFLOAT16, check_disjoint, check_hyper
+from ._validation import BFLOAT16, check_disjoint, check_hyper, rebind_row
 from .multi import rounding_keys
 
 LOWP_TORCH = (torch.bfloat16, torch.float16)
@@ -168,16 +168,10 @@ class LowpPlan:
             ):  # fmt: skip
                 return None
         addresses = np.fromiter((g.data_ptr() for g in grads), np.uintp, len(grads))
-        # The same addresses (gradients kept from step to step, as with
-        # zero_grad(set_to_none=False)) need no new overlap check.
-        if not np.array_equal(addresses, self.starts[1]):
-            starts = self.starts.copy()
-            starts[1] = addresses
-            try:
-                check_disjoint(starts.reshape(-1), self.nbytes.reshape(-1), lambda k: "")
-            except ValueError:
-                return None  # the rebuild names the overlapping arrays
-            self.starts = starts
+        try:
+            self.starts = rebind_row(self.starts, self.nbytes, 1, addresses, lambda k: "")
+        except ValueError:
+            return None  # the rebuild names the overlapping arrays
         steps = _lowp_steps(self, opt)
         hp = _hyper(kwargs, opt)
         flags = (kwargs["decoupled_weight_decay"], kwargs["amsgrad"], kwargs["maximize"],

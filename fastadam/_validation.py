@@ -360,3 +360,20 @@ def check_disjoint(starts: np.ndarray, nbytes: np.ndarray, labels) -> None:
         raise ValueError(
             f"{labels(a)} and {labels(b)} share memory; each array must be a separate buffer"
         )
+
+
+def rebind_row(
+    starts: np.ndarray, nbytes: np.ndarray, row: int, addresses: np.ndarray, labels
+) -> np.ndarray:
+    """A plan's byte-range starts ``starts`` (one row per role) with row ``row`` moved
+    to ``addresses`` (a step's new gradients), checked by :func:`check_disjoint`
+    with ``nbytes`` and ``labels``; ``starts`` itself when the addresses are those
+    already there (gradients kept from step to step, as with torch's
+    ``zero_grad(set_to_none=False)``, need no new check). On an overlap it raises
+    ValueError and ``starts`` is unchanged."""
+    if np.array_equal(addresses, starts[row]):
+        return starts
+    moved = starts.copy()
+    moved[row] = addresses
+    check_disjoint(moved.reshape(-1), nbytes.reshape(-1), labels)
+    return moved

@@ -44,6 +44,7 @@ from ._validation import (
     check_int,
     check_seed,
     check_step,
+    rebind_row,
     validate_arrays,
 )
 from .backends.reference import mix32
@@ -241,14 +242,13 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
         """How errors name array ``role`` (a row of ROLES) of tensor ``i``."""
         return f"{_LIST_NAMES[role]}[{i}]"
 
+    def _range_label(self, k: int) -> str:
+        """The name of byte range ``k`` of ``_starts`` (row-major: role, then tensor)."""
+        return self._label(k // self.count, k % self.count)
+
     def _check_disjoint(self) -> None:
         """No two arrays of the plan share memory (one sort of all byte ranges)."""
-        count = self.count
-        check_disjoint(
-            self._starts.reshape(-1),
-            self._nbytes.reshape(-1),
-            lambda k: self._label(k // count, k % count),
-        )
+        check_disjoint(self._starts.reshape(-1), self._nbytes.reshape(-1), self._range_label)
 
     def set_grads(self, grads: Sequence[np.ndarray]) -> None:
         """Step other gradient arrays from now on; the new ones are checked first.
@@ -290,16 +290,7 @@ class MultiTensorPlan:  # numpydoc ignore=PR01
         The caller has checked that each is contiguous with its parameter's
         dtype and shape; this checks that no array of the plan overlaps another.
         """
-        # The same addresses (gradients kept from step to step, as with torch's
-        # zero_grad(set_to_none=False)) need no new overlap check.
-        if not np.array_equal(addresses, self._starts[1]):
-            old = self._starts[1].copy()
-            self._starts[1] = addresses
-            try:
-                self._check_disjoint()
-            except ValueError:
-                self._starts[1] = old
-                raise
+        self._starts = rebind_row(self._starts, self._nbytes, GRAD, addresses, self._range_label)
         self._lists[1] = grads
         if self._arrays:
             self._arrays = [a for lst in self._lists if lst is not None for a in lst]
