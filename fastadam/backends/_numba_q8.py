@@ -20,14 +20,7 @@ from numba import njit, prange
 
 from .._q8 import BLOCK, nblocks
 from .._scalars import AdamScalars
-from ._numba_intrinsics import (
-    _bits_f32,
-    _borrow,
-    _f32_bits,
-    _prefer_512_bit_vectors,
-    _prefetch_line,
-    _view,
-)
+from ._numba_intrinsics import _bits_f32, _borrow, _f32_bits, _prefer_512_bit_vectors, _view
 
 NAME = "numba"
 
@@ -84,73 +77,40 @@ def _enc_v(x, r):
 
 
 @njit(inline="always", **_JIT)
-def _element(p, g, cm, cv, a_m, a_v, j, j0, c, unscale, maximize, l2, div, mb, vb):
-    """Element ``j`` of the block at ``j0``: the update on the dequantized moments,
-    the new ones kept in mb/vb; returns their magnitude bits (for the absmax)."""
+def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb):
     ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = c
-    i = np.uint64(j)  # unsigned: no wrap-around guards, so LLVM vectorizes (_numba_loops)
-    gi = g[i]
-    if unscale:
-        gi = gi / gs
-        g[i] = gi
-    if maximize:
-        gi = -gi
-    pi = p[i]
-    if l2:
-        gi = gi + wd * pi
-    pi = pi * decay
-    m0 = _y_m(cm[i]) * a_m
-    v0 = _y_v(cv[i]) * a_v
-    m = m0 + (gi - m0) * omb1
-    v = v0 * b2 + omb2 * gi * gi
-    sq = np.sqrt(v)
-    if div:
-        sq = sq / bc2
-    p[i] = pi - ss * m / (sq + eps)
-    mb[i - np.uint64(j0)] = m
-    vb[i - np.uint64(j0)] = v
-    return np.uint32(_f32_bits(m) & _MAG), np.uint32(_f32_bits(v) & _MAG)
-
-
-@njit(inline="always", **_JIT)
-def _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, mb, vb, ahead):
-    """Block ``b``: the update pass, then the requantization with the new absmax.
-
-    ``ahead``: the next block is a full one of this share. The update pass then
-    runs as four loops of 64 elements, each first asking for its quarter of the
-    next block's lines (as the C blocks do, fastadam_kernel_q8.h): the
-    requantization pass loads nothing, and left alone the hardware streamer
-    did not fetch the next block in time (2^24 elements, 2 threads, Zen 5, old
-    and new module alternated in one process: 0.42-0.54 -> 0.38-0.41 ns per
-    element; Numba for Haswell 0.82 -> 0.57). Loops of a constant 64: with a
-    bound of min(c0 + 64, j1), or the 40 prefetches issued at once, LLVM left
-    the update scalar (5x slower) or the step lost 25%.
-    """
     j0 = b * 256
     j1 = min(j0 + 256, n)
     a_m = am[b]
     a_v = av[b]
     mm = np.uint32(0)
     mv = np.uint32(0)
-    if ahead:
-        for quarter in range(4):
-            c0 = j0 + 64 * quarter
-            for line in range(0, 64, 16):  # 16 float32 a cache line
-                _prefetch_line(p, c0 + 256 + line)
-                _prefetch_line(g, c0 + 256 + line)
-            _prefetch_line(cm, c0 + 256)
-            _prefetch_line(cv, c0 + 256)
-            for j in range(c0, c0 + 64):
-                bm, bv = _element(p, g, cm, cv, a_m, a_v, j, j0, c, unscale, maximize, l2,
-                                  div, mb, vb)  # fmt: skip
-                mm = bm if bm > mm else mm
-                mv = bv if bv > mv else mv
-    else:
-        for j in range(j0, j1):
-            bm, bv = _element(p, g, cm, cv, a_m, a_v, j, j0, c, unscale, maximize, l2, div,
-                              mb, vb)  # fmt: skip
-            mm = bm if bm > mm else mm
-            mv = bv if bv > mv else mv
+    for j in range(j0, j1):
+        i = np.uint64(j)  # unsigned: no wrap-around guards, so LLVM vectorizes (_numba_loops)
+        gi = g[i]
+        if unscale:
+            gi = gi / gs
+            g[i] = gi
+        if maximize:
+            gi = -gi
+        pi = p[i]
+        if l2:
+            gi = gi + wd * pi
+        pi = pi * decay
+        m0 = _y_m(cm[i]) * a_m
+        v0 = _y_v(cv[i]) * a_v
+        m = m0 + (gi - m0) * omb1
+        v = v0 * b2 + omb2 * gi * gi
+        sq = np.sqrt(v)
+        if div:
+            sq = sq / bc2
+        p[i] = pi - ss * m / (sq + eps)
+        mb[i - np.uint64(j0)] = m
+        vb[i - np.uint64(j0)] = v
+        bm = np.uint32(_f32_bits(m) & _MAG)
+        bv = np.uint32(_f32_bits(v) & _MAG)
+        mm = bm if bm > mm else mm
+        mv = bv if bv > mv else mv
     one = np.float32(1.0)
     r_m = one / _bits_f32(mm) if mm != np.uint32(0) else np.float32(0.0)
     r_v = one / _bits_f32(mv) if mv != np.uint32(0) else np.float32(0.0)
@@ -194,9 +154,8 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
                 am = _view(pointers[4, k], nb, np.float32)
                 av = _view(pointers[5, k], nb, np.float32)
                 for b in range(b0, b1):
-                    ahead = b + 1 < b1 and (b + 2) * 256 <= n  # the next block: full, ours
                     _block(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div,
-                           _borrow(mb), _borrow(vb), ahead)  # fmt: skip
+                           _borrow(mb), _borrow(vb))  # fmt: skip
                 k += 1
 
     return q8
