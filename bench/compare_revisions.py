@@ -9,10 +9,12 @@ Two runs of one benchmark in two processes differ by more than most changes on
 a shared machine, so this builds ``--base`` (``git archive`` of it, ``pip
 install --no-deps --target``), renames its package to ``fastadam_base`` so that
 it imports beside the installed ``fastadam``, and times both in alternating
-rounds: a one-array step of 2^24 elements (float32 and bfloat16 states) and a
-``fastadam.torch.AdamW`` step over a GPT-2-shaped parameter list, on the C and
-Numba backends, with ``torch.optim.AdamW(fused=True)`` beside the model rows.
-Medians, in a Markdown table.
+rounds: a one-array step of 2^24 elements (float32, bfloat16 and 8-bit states)
+and a ``fastadam.torch.AdamW`` step over a GPT-2-shaped parameter list (float32
+parameters with float32, bfloat16 or 8-bit states; bfloat16 parameters, with
+and without float32 master weights), on the C and Numba backends, with
+``torch.optim.AdamW(fused=True)`` beside the model rows. Medians, in a Markdown
+table. The base must have every one of these (issues 17 and 18).
 
 ``--numba-avx2`` compiles Numba's loops for an AVX2 CPU (Haswell, every
 AVX-512 feature off). ``NUMBA_CPU_NAME=haswell`` alone does not: Numba then
@@ -32,6 +34,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX512_PREFIXES = ("avx512", "amx", "avxvnni", "avxifma", "avxneconvert", "evex512", "avx10")
@@ -75,6 +78,8 @@ def install_base(rev: str, where: Path) -> Path:
     for py in pkg.rglob("*.py"):
         text = py.read_text()
         text = re.sub(r"\bfrom fastadam\.", "from fastadam_base.", text)
+        # (``from fastadam import _q8_torch`` too: else the base runs the new modules)
+        text = re.sub(r"\bfrom fastadam import\b", "from fastadam_base import", text)
         text = re.sub(r"\bimport fastadam\.torch\b", "import fastadam_base.torch", text)
         text = re.sub(r"^import fastadam$", "import fastadam_base as fastadam", text, flags=re.M)
         text = text.replace('files("fastadam")', 'files("fastadam_base")')
@@ -134,7 +139,8 @@ def compare(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     fns = {}
     cases = itertools.product(
-        parse_sizes(args.sizes), (("float32", np.float32), ("bf16", ml_dtypes.bfloat16))
+        parse_sizes(args.sizes),
+        (("float32", np.float32), ("bf16", ml_dtypes.bfloat16), ("8-bit", np.uint8)),
     )
     for n, (dname, dt) in cases:
         for b in ("c", "numba"):
@@ -145,9 +151,15 @@ def compare(args: argparse.Namespace) -> int:
                     np.zeros(n, dt),
                     np.zeros(n, dt),
                 )
+                # 8-bit states: uint8 codes, and a float32 absmax per block of 256
+                scales = {}
+                if dt == np.uint8:
+                    nb = -(-n // 256)
+                    scales = {"exp_avg_absmax": np.zeros(nb, np.float32),
+                              "exp_avg_sq_absmax": np.zeros(nb, np.float32)}  # fmt: skip
                 case = f"adam_step {format_n(n)}, {dname} states, {b}"
-                fns[(case, tag)] = lambda mod=mod, st=st, b=b: mod.adam_step(
-                    *st, step=5, lr=1e-3, backend=b
+                fns[(case, tag)] = lambda mod=mod, st=st, b=b, sc=scales: mod.adam_step(
+                    *st, step=5, lr=1e-3, backend=b, **sc
                 )
     init = [
         (rng.standard_normal(s).astype(np.float32) * 0.02,
@@ -155,20 +167,28 @@ def compare(args: argparse.Namespace) -> int:
         for s in gpt2_shapes(*MODELS[args.model])
     ]  # fmt: skip
 
-    def params():
-        ps = [torch.from_numpy(p.copy()).requires_grad_() for p, _ in init]
+    def params(dtype=torch.float32):
+        ps = [torch.from_numpy(p.copy()).to(dtype).requires_grad_() for p, _ in init]
         for p, (_, g) in zip(ps, init):
-            p.grad = torch.from_numpy(g.copy())
+            p.grad = torch.from_numpy(g.copy()).to(dtype)
         return ps
 
+    rows: tuple[tuple[str, Any, dict[str, Any]], ...] = (
+        ("float32 states", torch.float32, {}),
+        ("bf16 states", torch.float32, {"state_dtype": torch.bfloat16}),
+        ("8-bit states", torch.float32, {"state_dtype": "8bit"}),
+        ("bf16 params", torch.bfloat16, {}),
+        ("bf16 params, master weights", torch.bfloat16, {"master_weights": True}),
+    )
     for b in ("c", "numba"):
-        for sdt, sname in ((None, "float32"), (torch.bfloat16, "bf16")):
+        for name, pdt, options in rows:
             for tag, mod in (("base", ft_base), ("new", ft)):
-                opt = mod.AdamW(params(), backend=b, state_dtype=sdt)
-                fns[(f"torch.AdamW {args.model}, {sname} states, {b}", tag)] = opt.step
-    fns[(f"torch.optim.AdamW(fused=True) {args.model}", "new")] = torch.optim.AdamW(
-        params(), fused=True
-    ).step
+                opt = mod.AdamW(params(pdt), backend=b, **options)
+                fns[(f"torch.AdamW {args.model}, {name}, {b}", tag)] = opt.step
+    for pdt, pname in ((torch.float32, "float32"), (torch.bfloat16, "bf16")):
+        fns[(f"torch.optim.AdamW(fused=True) {args.model}, {pname} params", "new")] = (
+            torch.optim.AdamW(params(pdt), fused=True).step
+        )
     # The bench's alternating rounds, each block after an untimed call: a step
     # that follows another threading runtime's (OpenMP's workers still spinning
     # while Numba's start, say) is otherwise slower for reasons of its neighbour.
@@ -187,8 +207,9 @@ def compare(args: argparse.Namespace) -> int:
         if tag == "new" and (case, "base") in med:
             base, new = med[(case, "base")], med[(case, "new")]
             print(f"| {case} | {format_seconds(base)} | {format_seconds(new)} | {new / base:.2f} |")
-    fused = med[(f"torch.optim.AdamW(fused=True) {args.model}", "new")]
-    print(f"| torch.optim.AdamW(fused=True) {args.model} | | {format_seconds(fused)} | |")
+    for pname in ("float32", "bf16"):
+        case = f"torch.optim.AdamW(fused=True) {args.model}, {pname} params"
+        print(f"| {case} | | {format_seconds(med[(case, 'new')])} | |")
     return 0
 
 
