@@ -79,6 +79,32 @@ def _prefetch_ahead(typingctx, first, end, amsgrad, p, g, m, v, vmax):
 
 
 @intrinsic
+def _prefetch_line(typingctx, a, i):
+    """Prefetch the cache line that holds element ``i`` of the 1-D array ``a``
+    (the address is formed, never dereferenced: one past the end is harmless).
+    The 8-bit step's blocks (:mod:`._numba_q8`) ask with it for the next block."""
+    if not (isinstance(a, types.Array) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+        itemsize = context.get_abi_sizeof(context.get_data_type(a.dtype))
+        data = context.make_array(a)(context, builder, args[0]).data
+        offset = builder.mul(
+            context.cast(builder, args[1], sig.args[1], types.int64), ir.Constant(i64, itemsize)
+        )
+        address = builder.inttoptr(builder.add(builder.ptrtoint(data, i64), offset), i8p)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        )
+        read, keep_everywhere, data_cache = (ir.Constant(i32, k) for k in (0, 3, 1))
+        builder.call(fn, [address, read, keep_everywhere, data_cache])
+        return context.get_dummy_value()
+
+    return types.none(a, i), codegen
+
+
+@intrinsic
 def _view(typingctx, address, n, dtype):
     """A 1-D C-contiguous array of ``n`` elements of ``dtype`` (a DType or a
     number class such as ``np.float32``) at the integer ``address``.
