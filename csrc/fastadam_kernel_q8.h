@@ -142,6 +142,7 @@ static inline __attribute__((always_inline)) void fa_q8_block(
 #include <immintrin.h>
 #define FA_Q8_LANES 16
 #define FA_Q8_RQ 32
+#define FA_Q8_INTERLEAVE 1 /* see fa_q8_pass */
 typedef __m512 fa_q8_vf;
 typedef __m512i fa_q8_vi;
 #define fa_q8_set1 _mm512_set1_ps
@@ -244,6 +245,11 @@ static inline uint32_t fa_q8_hmax(const __m512i x)
 #include <immintrin.h>
 #define FA_Q8_LANES 8
 #define FA_Q8_RQ 16
+/* Not interleaved: with AVX2's 16 vector registers the interleaved loop spilled
+ * 22 of them to the stack, and llvm-mca put it at 6.44 cycles/element on Zen 1
+ * (znver1; 6.13 on znver2) against 5.85 for the two loops; on this variant's
+ * one measured CPU (an Intel Xeon under FASTADAM_ISA=avx2) it gained nothing. */
+#define FA_Q8_INTERLEAVE 0
 typedef __m256 fa_q8_vf;
 typedef __m256i fa_q8_vi;
 #define fa_q8_set1 _mm256_set1_ps
@@ -385,6 +391,17 @@ static inline __attribute__((always_inline)) void fa_q8_pass(
 }
 #endif
 
+/* The codes of a full block from its new moments (its pass 2 on its own). */
+#ifdef FA_Q8_LANES
+static inline __attribute__((always_inline)) void fa_q8_requant_block(
+    const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const float rm, const float rv)
+{
+    const fa_q8_vf vrm = fa_q8_set1(rm), vrv = fa_q8_set1(rv);
+    for (int i = 0; i < FA_Q8_BLOCK; i += FA_Q8_RQ)
+        fa_q8_requant_step(mb + i, vb + i, cm + i, cv + i, vrm, vrv);
+}
+#endif
+
 /* Elements [0, n) (n from a block boundary; the last block may be partial). */
 static inline __attribute__((always_inline)) void fa_q8_body(
     float *restrict param, float *restrict grad, uint8_t *restrict cm, uint8_t *restrict cv,
@@ -394,29 +411,27 @@ static inline __attribute__((always_inline)) void fa_q8_body(
     const fa_scalars_f32 c = *s;
     int64_t j = 0, b = 0;
 #ifdef FA_Q8_LANES
-    /* the new moments of this block and of the one before it, which is requantized
-     * during this one's pass */
+    /* the new moments of this block and of the one before it (whose codes are
+     * written during this block's pass where FA_Q8_INTERLEAVE) */
     float buf[2][2][FA_Q8_BLOCK] __attribute__((aligned(64)));
     float rm = 0.0f, rv = 0.0f;
     for (; j + FA_Q8_BLOCK <= n; j += FA_Q8_BLOCK, b++) {
         float *mb = buf[b & 1][0], *vb = buf[b & 1][1];
         const float *pmb = buf[(b & 1) ^ 1][0], *pvb = buf[(b & 1) ^ 1][1];
         const int ahead = j + 2 * FA_Q8_BLOCK <= n;
-        if (b == 0)
-            fa_q8_pass(c, param, grad, cm, cv, am, av, mb, vb, pmb, pvb, cm, cv, rm, rv, &rm, &rv,
-                       l2, unscale, maximize, div, 0, ahead);
-        else
+        if (FA_Q8_INTERLEAVE && b > 0)
             fa_q8_pass(c, param + j, grad + j, cm + j, cv + j, am + b, av + b, mb, vb, pmb, pvb,
                        cm + j - FA_Q8_BLOCK, cv + j - FA_Q8_BLOCK, rm, rv, &rm, &rv, l2, unscale,
                        maximize, div, 1, ahead);
+        else
+            fa_q8_pass(c, param + j, grad + j, cm + j, cv + j, am + b, av + b, mb, vb, pmb, pvb,
+                       cm, cv, rm, rv, &rm, &rv, l2, unscale, maximize, div, 0, ahead);
+        if (!FA_Q8_INTERLEAVE)
+            fa_q8_requant_block(mb, vb, cm + j, cv + j, rm, rv);
     }
-    if (b > 0) { /* the last full block's codes */
-        const fa_q8_vf vrm = fa_q8_set1(rm), vrv = fa_q8_set1(rv);
-        const float *pmb = buf[(b - 1) & 1][0], *pvb = buf[(b - 1) & 1][1];
-        for (int i = 0; i < FA_Q8_BLOCK; i += FA_Q8_RQ)
-            fa_q8_requant_step(pmb + i, pvb + i, cm + j - FA_Q8_BLOCK + i,
-                               cv + j - FA_Q8_BLOCK + i, vrm, vrv);
-    }
+    if (FA_Q8_INTERLEAVE && b > 0) /* the last full block's codes */
+        fa_q8_requant_block(buf[(b - 1) & 1][0], buf[(b - 1) & 1][1], cm + j - FA_Q8_BLOCK,
+                            cv + j - FA_Q8_BLOCK, rm, rv);
 #else
     for (; j + FA_Q8_BLOCK <= n; j += FA_Q8_BLOCK, b++)
         fa_q8_block(param + j, grad + j, cm + j, cv + j, am + b, av + b, FA_Q8_BLOCK, c, l2,
