@@ -53,9 +53,16 @@ static inline float fa_q8_y_v(uint8_t code)
     return fa_bits_f32(k != 0 ? FA_Q8_ONE - ((255u - k) << 20) : 0u);
 }
 
+/*
+ * The encoders take bits(x * r) & 0x7FFFFFFF where the reference writes
+ * bits(|x| * r) & 0x7FFFFFFF: the two products differ only in the sign bit (a
+ * multiplication rounds the magnitude whatever the signs; r >= +0 or NaN, and a
+ * NaN passes through with its payload), and the mask clears it. One operation
+ * less per element.
+ */
 static inline uint8_t fa_q8_enc_m(float x, float r)
 {
-    const uint32_t u = fa_f32_bits(fabsf(x) * r) & 0x7FFFFFFFu;
+    const uint32_t u = fa_f32_bits(x * r) & 0x7FFFFFFFu;
     int32_t t = ((int32_t)u - (int32_t)(FA_Q8_ONE - (127u << 20)) + (1 << 19)) >> 20;
     t = t < 0 ? 0 : t;
     t = t > 127 ? 127 : t;
@@ -64,7 +71,7 @@ static inline uint8_t fa_q8_enc_m(float x, float r)
 
 static inline uint8_t fa_q8_enc_v(float x, float r)
 {
-    const uint32_t u = fa_f32_bits(fabsf(x) * r) & 0x7FFFFFFFu;
+    const uint32_t u = fa_f32_bits(x * r) & 0x7FFFFFFFu;
     const int32_t lo = fa_f32_bits(x) != 0; /* a positive v is never coded as 0 */
     int32_t t = ((int32_t)u - (int32_t)(FA_Q8_ONE - (255u << 20)) + (1 << 19)) >> 20;
     t = t < lo ? lo : t;
@@ -204,10 +211,9 @@ static inline __attribute__((always_inline)) void fa_q8_codes_avx512(
     const __m512i base_v = _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20)));
     const __m512i mbits = _mm512_castps_si512(_mm512_load_ps(mb));
     const __m512i vbits = _mm512_castps_si512(_mm512_load_ps(vb));
-    const __m512i um = _mm512_and_si512(
-        _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(mbits, mag)), rm)), mag);
-    const __m512i uv = _mm512_and_si512(
-        _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(vbits, mag)), rv)), mag);
+    /* bits(x * r) & mag: see fa_q8_enc_m */
+    const __m512i um = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(mbits), rm)), mag);
+    const __m512i uv = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(vbits), rv)), mag);
     /* (u - base + half) >> 20 in one add: neither form overflows int32 */
     __m512i t = _mm512_srai_epi32(_mm512_add_epi32(um, _mm512_sub_epi32(half, base_m)), 20);
     t = _mm512_min_epi32(_mm512_max_epi32(t, _mm512_setzero_si512()), _mm512_set1_epi32(127));
@@ -312,10 +318,9 @@ static inline __attribute__((always_inline)) void fa_q8_codes_avx2(
     const __m256i base_v = _mm256_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20)));
     const __m256i mbits = _mm256_castps_si256(_mm256_load_ps(mb));
     const __m256i vbits = _mm256_castps_si256(_mm256_load_ps(vb));
-    const __m256i um = _mm256_and_si256(
-        _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(mbits, mag)), rm)), mag);
-    const __m256i uv = _mm256_and_si256(
-        _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vbits, mag)), rv)), mag);
+    /* bits(x * r) & mag: see fa_q8_enc_m */
+    const __m256i um = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(mbits), rm)), mag);
+    const __m256i uv = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(vbits), rv)), mag);
     /* (u - base + half) >> 20 in one add: neither form overflows int32 */
     __m256i t = _mm256_srai_epi32(_mm256_add_epi32(um, _mm256_sub_epi32(half, base_m)), 20);
     t = _mm256_min_epi32(_mm256_max_epi32(t, _mm256_setzero_si256()), _mm256_set1_epi32(127));

@@ -3,6 +3,8 @@ the NumPy reference (bit for bit, any thread count, multi-tensor), bad input."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,44 @@ def test_absmax_nan_propagates():
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(c) or "plain")
 def test_parity(fast_backend, n, cfg):
     _same(_run(n, "numpy", **cfg), _run(n, fast_backend, **cfg))
+
+
+def _special_grads(t: int) -> np.ndarray:
+    """Gradients that reach the edges of the encoding, one kind per 256-element block:
+    a NaN, +inf and -inf, magnitudes whose block absmax is subnormal (its reciprocal
+    overflows to inf, so each zero of the block meets 0 * inf) with zeros and -0.0
+    among them, all zeros, values whose square overflows, then a partial block."""
+    rng = np.random.default_rng(7 + t)
+    g = rng.standard_normal(7 * 256 + 77).astype(np.float32)
+    g[5] = np.nan
+    g[256 + 9], g[256 + 10] = np.inf, -np.inf
+    tiny = g[512:768]
+    tiny *= np.float32(1e-41)  # subnormal gradients, m = 0.1 g is subnormal too
+    tiny[::7] = 0.0
+    tiny[3::7] = -0.0
+    g[768:1024] = 0.0
+    g[1024:1280] = -0.0
+    g[1280:1536] *= np.float32(1e30)  # g * g overflows to inf
+    return g
+
+
+def test_parity_special_values(fast_backend):
+    """NaN, infinities, zeros of both signs and subnormal block maxima give the
+    reference's bits: the kernels' encoders use bits(x * r) where the reference has
+    bits(|x| * r) (fastadam_kernel_q8.h), and the two must agree here too."""
+    out = []
+    for backend in ("numpy", fast_backend):
+        n = 7 * 256 + 77
+        p = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+        m, v, am, av = _q8.zeros_state(n)
+        with np.errstate(all="ignore"):
+            for t in (1, 2, 3):
+                g = _special_grads(t)
+                fastadam.adam_step(p, g, m, v, step=t, lr=1e-2, exp_avg_absmax=am,
+                                   exp_avg_sq_absmax=av, backend=backend)  # fmt: skip
+        out.append((p, m, v, am, av))
+    assert np.isnan(out[0][3][0]) and out[0][3][2] != 0 and out[0][3][2] < np.finfo(np.float32).tiny
+    _same(*out)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -243,8 +283,19 @@ for n, kw in cases:
                            exp_avg_sq_absmax=av, backend=BACKEND, **kw)
     for a in (p, g, m, v, am, av):
         h.update(a.tobytes())
+# the edges of the encoding (test_parity_special_values)
+from test_q8 import _special_grads
+n = 7 * 256 + 77
+p = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+m, v, am, av = _q8.zeros_state(n)
+with np.errstate(all="ignore"):
+    for t in (1, 2, 3):
+        fastadam.adam_step(p, _special_grads(t), m, v, step=t, lr=1e-2, exp_avg_absmax=am,
+                           exp_avg_sq_absmax=av, backend=BACKEND)
+for a in (p, m, v, am, av):
+    h.update(a.tobytes())
 print(h.hexdigest())
-"""
+""".replace("from test_q8 import _special_grads", inspect.getsource(_special_grads))
 
 
 def test_every_c_isa_variant_bit_identical():
