@@ -83,6 +83,7 @@ from .tables import _fmt_ratio, format_n, format_seconds, render_table
 from .targets import (
     PER_CALL_TARGET_BACKENDS,
     TARGET_BF16_TIME_RATIO,
+    TARGET_BF16_TIME_RATIO_AVX2,
     TARGET_IN_CACHE,
     TARGET_LARGE_N,
     TARGET_PER_CALL_RATIO,
@@ -91,8 +92,10 @@ from .targets import (
     TARGET_SPEEDUP_VS_NUMPY,
     TARGET_SPEEDUP_VS_TORCH_IN_CACHE,
     TARGET_SPEEDUP_VS_TORCH_LARGE,
+    bf16_goal,
     evaluate_targets,
     targets_table,
+    vector_isas,
 )
 from .timing import (
     DEFAULT_MIN_TIME,
@@ -121,6 +124,7 @@ __all__ = [
     "PER_TENSOR_K",
     "Q8_STATES",
     "TARGET_BF16_TIME_RATIO",
+    "TARGET_BF16_TIME_RATIO_AVX2",
     "TARGET_IN_CACHE",
     "TARGET_LARGE_N",
     "TARGET_PER_CALL_RATIO",
@@ -141,7 +145,9 @@ __all__ = [
     "build_parser",
     "bytes_per_element",
     "state_bytes_per_element",
+    "bf16_goal",
     "evaluate_targets",
+    "vector_isas",
     "finish_run",
     "format_n",
     "format_seconds",
