@@ -53,7 +53,14 @@ import numpy as np
 from . import backends
 from ._scalars import STATE_SAME_DTYPE, AdamScalars, compute_scalars, rounding_key
 from ._table import address
-from ._validation import check_array, check_disjoint, check_hyper, check_seed, check_step
+from ._validation import (
+    check_array,
+    check_arrays_disjoint,
+    check_disjoint,
+    check_hyper,
+    check_seed,
+    check_step,
+)
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT16 = np.dtype(np.float16)
@@ -221,11 +228,7 @@ def validate_lowp(
         check_array(names[5], param_copy, copy_dt, param.shape, what=names[0])
         arrays.append(param_copy)
         labels.append(names[5])
-    check_disjoint(
-        np.array([address(a) for a in arrays], np.uintp),
-        np.array([a.nbytes for a in arrays], np.uint64),
-        lambda k: labels[k],
-    )
+    check_arrays_disjoint(arrays, labels)
     return kind
 
 

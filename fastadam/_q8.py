@@ -277,15 +277,10 @@ def validate_q8(
                 f"elements of {names[0]}, {param.size} elements), got {a.shape}"
             )
         check_array(names[k], a, np.dtype(np.float32), (nb,), names[0])
-    from ._table import address
-    from ._validation import check_disjoint
+    from ._validation import check_arrays_disjoint
 
     arrays = (param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax)
-    check_disjoint(
-        np.array([address(a) for a in arrays], np.uintp),
-        np.array([a.nbytes for a in arrays], np.uintp),
-        lambda k: names[k],
-    )
+    check_arrays_disjoint(arrays, names)
 
 
 # -- dispatch ---------------------------------------------------------------------------

@@ -362,6 +362,21 @@ def check_disjoint(starts: np.ndarray, nbytes: np.ndarray, labels) -> None:
         )
 
 
+def check_arrays_disjoint(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> None:
+    """:func:`check_disjoint` for the few C-contiguous arrays of one step, named by
+    ``labels``: the same rule and message, in plain Python (for a handful of
+    ranges, sorting tuples costs a fraction of building NumPy arrays for them)."""
+    from ._table import address
+
+    ranges = sorted((address(a), a.nbytes, k) for k, a in enumerate(arrays) if a.nbytes)
+    for (s0, n0, k0), (s1, _, k1) in zip(ranges, ranges[1:]):
+        if s0 + n0 > s1:
+            a, b = sorted((k0, k1))
+            raise ValueError(
+                f"{labels[a]} and {labels[b]} share memory; each array must be a separate buffer"
+            )
+
+
 def rebind_row(
     starts: np.ndarray, nbytes: np.ndarray, row: int, addresses: np.ndarray, labels
 ) -> np.ndarray:

@@ -215,6 +215,12 @@ def _args(n=1000):
     return p, g, m, v, am, av
 
 
+def _overlapping_codes(a):
+    """exp_avg and exp_avg_sq: two views of one buffer that overlap by half."""
+    buf = np.zeros(1500, np.uint8)
+    a[2], a[3] = buf[:1000], buf[500:]
+
+
 @pytest.mark.parametrize(
     "change, exc, word",
     [
@@ -225,7 +231,13 @@ def _args(n=1000):
         (lambda a: a.__setitem__(2, np.zeros(1000, np.float32)), TypeError, "exp_avg"),
         (lambda a: a.__setitem__(3, np.zeros(999, np.uint8)), ValueError, "exp_avg_sq"),
         (lambda a: a.__setitem__(0, np.ones(1000, np.float64)), TypeError, "param"),
-        (lambda a: a.__setitem__(5, a[4]), ValueError, "exp_avg"),
+        (
+            lambda a: a.__setitem__(5, a[4]),
+            ValueError,
+            "exp_avg_absmax and exp_avg_sq_absmax share",
+        ),
+        (lambda a: a.__setitem__(1, a[0]), ValueError, "param and grad share memory"),
+        (_overlapping_codes, ValueError, "exp_avg and exp_avg_sq share memory"),
     ],
 )
 def test_bad_input(change, exc, word):
