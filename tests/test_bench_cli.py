@@ -430,22 +430,21 @@ def test_bf16_rows_count_20_bytes_and_feed_the_ratio_target(tmp_path, capsys, re
     assert got == {"c": (0.7, 0.75, True), "numba": (0.8, 0.75, False)}
     # issue 16's looser bf16 goal where a backend's widest vectors are AVX2
     big[3]["median_s"] = 0.77
-    info = {"c_isa": "avx512", "numba_target": "haswell (AVX2)"}
-    assert bench.vector_isas(info) == {"c": "avx512", "numba": "avx2"}
-    got = {
-        t["backend"]: (t["goal"], t["met"])
-        for t in bench.evaluate_targets(big, [], (), bench.vector_isas(info))
-        if t["target"] == "bf16-state time / float32-state time"
-    }
-    assert got == {"c": (0.75, True), "numba": (0.78, True)}
-    info = {"c_isa": "avx2", "numba_target": "znver4 (AVX-512)"}
-    assert bench.vector_isas(info) == {"c": "avx2", "numba": "avx512"}
-    got = {
-        t["backend"]: (t["goal"], t["met"])
-        for t in bench.evaluate_targets(big, [], (), bench.vector_isas(info))
-        if t["target"] == "bf16-state time / float32-state time"
-    }
-    assert got == {"c": (0.78, True), "numba": (0.75, False)}
+    cases = [  # (machine_info's fields, the ISAs read from them, {backend: (goal, met)})
+        ({"c_isa": "avx512", "numba_target": "haswell (AVX2)"}, ("avx512", "avx2"),
+         {"c": (0.75, True), "numba": (0.78, True)}),
+        ({"c_isa": "avx2", "numba_target": "znver4 (AVX-512)"}, ("avx2", "avx512"),
+         {"c": (0.78, True), "numba": (0.75, False)}),
+    ]  # fmt: skip
+    for info, (c_isa, numba_isa), expected in cases:
+        isas = bench.vector_isas(info)
+        assert isas == {"c": c_isa, "numba": numba_isa}
+        got = {
+            t["backend"]: (t["goal"], t["met"])
+            for t in bench.evaluate_targets(big, [], (), isas)
+            if t["target"] == "bf16-state time / float32-state time"
+        }
+        assert got == expected
 
 
 @pytest.mark.parametrize("dtypes", ["master", "float32,bf16,q8,master"])
