@@ -135,15 +135,18 @@ static inline __attribute__((always_inline)) void fa_q8_block(
 }
 
 /*
- * The SIMD path, for full blocks. Each ISA below defines the same small set of
- * vector steps, and fa_q8_body composes them:
- *   fa_q8_update_lanes   the update of FA_Q8_LANES elements (pass 1 of a block),
- *   fa_q8_requant_step   the codes of FA_Q8_RQ elements (pass 2 of a block),
+ * The SIMD path, for full blocks: the portable fa_q8_block's operations in its
+ * order (each correctly rounded, so the bits are the same), in intrinsics.
+ * GCC's auto-vectorization of the portable loop, driven by the uint8 codes,
+ * made 64-element vectors with the float part unrolled 4x.
+ *
+ * Each ISA below names its vector types and intrinsics (FA_V_PS(add) is
+ * _mm512_add_ps or _mm256_add_ps, ...) and defines what differs between them:
+ *   fa_q8_decode         the float32 bit patterns y(code) of a vector of codes,
+ *   fa_q8_with_sign      the m codes' magnitudes | the sign bit of m,
+ *   fa_q8_requant_step   the codes of FA_Q8_RQ elements packed and stored,
  *   fa_q8_hmax           the largest lane of a magnitude accumulator.
- * They are the portable fa_q8_block's operations in its order (each correctly
- * rounded, so the bits are the same), in intrinsics: GCC's auto-vectorization of
- * the portable loop, driven by the uint8 codes, made 64-element vectors with
- * the float part unrolled 4x.
+ * The update and the codes' arithmetic are written once, after them.
  */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -152,98 +155,38 @@ static inline __attribute__((always_inline)) void fa_q8_block(
 #define FA_Q8_INTERLEAVE 1 /* see fa_q8_pass */
 typedef __m512 fa_q8_vf;
 typedef __m512i fa_q8_vi;
-#define fa_q8_set1 _mm512_set1_ps
+#define FA_V_PS(op) _mm512_##op##_ps
+#define FA_V_EPI32(op) _mm512_##op##_epi32
+#define FA_V_EPU32(op) _mm512_##op##_epu32
+#define FA_V_AND _mm512_and_si512
+#define FA_V_XOR _mm512_xor_si512
+#define FA_V_AS_PS _mm512_castsi512_ps
+#define FA_V_AS_SI _mm512_castps_si512
 #define fa_q8_vzero _mm512_setzero_si512
 
-static inline __attribute__((always_inline)) void fa_q8_update_lanes(
-    const fa_scalars_f32 c, float *param, float *grad, const uint8_t *cm, const uint8_t *cv,
-    float *mb, float *vb, const __m512 am0, const __m512 av0, __m512i *mm, __m512i *mv,
-    const int l2, const int unscale, const int maximize, const int div)
+/* y(code) of FA_Q8_LANES codes of each moment (see fa_q8_y_m, fa_q8_y_v) */
+static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm,
+                                                              const uint8_t *cv, __m512i *ym,
+                                                              __m512i *yv)
 {
-    const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), low7 = _mm512_set1_epi32(0x7F);
-    const __m512i signbit = _mm512_set1_epi32((int32_t)0x80000000u);
-    __m512 g = _mm512_loadu_ps(grad);
-    if (unscale) {
-        g = _mm512_div_ps(g, _mm512_set1_ps(c.grad_scale));
-        _mm512_storeu_ps(grad, g);
-    }
-    if (maximize)
-        g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), signbit));
-    __m512 p = _mm512_loadu_ps(param);
-    if (l2)
-        g = _mm512_add_ps(g, _mm512_mul_ps(_mm512_set1_ps(c.weight_decay), p));
-    p = _mm512_mul_ps(p, _mm512_set1_ps(c.decay));
     const __m512i cmi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)cm));
     const __m512i cvi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)cv));
-    const __m512i km = _mm512_and_si512(cmi, low7);
-    __m512i ym = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(km, km),
-                                        _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20))),
-                                        _mm512_slli_epi32(km, 20));
-    /* ym | (code << 24 & sign bit): the code's bit 7 to the float's sign */
-    ym = _mm512_ternarylogic_epi32(ym, _mm512_slli_epi32(cmi, 24), signbit, 0xF8);
-    const __m512i yv = _mm512_maskz_add_epi32(
-        _mm512_test_epi32_mask(cvi, cvi), _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
-        _mm512_slli_epi32(cvi, 20));
-    const __m512 m0 = _mm512_mul_ps(_mm512_castsi512_ps(ym), am0);
-    const __m512 v0 = _mm512_mul_ps(_mm512_castsi512_ps(yv), av0);
-    const __m512 m =
-        _mm512_add_ps(m0, _mm512_mul_ps(_mm512_sub_ps(g, m0), _mm512_set1_ps(c.one_minus_beta1)));
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(v0, _mm512_set1_ps(c.beta2)),
-                                   _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), g), g));
-    __m512 sq = _mm512_sqrt_ps(v);
-    if (div)
-        sq = _mm512_div_ps(sq, _mm512_set1_ps(c.bias_correction2_sqrt));
-    const __m512 denom = _mm512_add_ps(sq, _mm512_set1_ps(c.eps));
-    _mm512_storeu_ps(param, _mm512_sub_ps(p, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(c.step_size), m), denom)));
-    _mm512_store_ps(mb, m);
-    _mm512_store_ps(vb, v);
-    *mm = _mm512_max_epu32(*mm, _mm512_and_si512(_mm512_castps_si512(m), mag));
-    *mv = _mm512_max_epu32(*mv, _mm512_and_si512(_mm512_castps_si512(v), mag));
+    const __m512i km = _mm512_and_si512(cmi, _mm512_set1_epi32(0x7F));
+    const __m512i m = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(km, km),
+                                             _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20))),
+                                             _mm512_slli_epi32(km, 20));
+    /* m | (code << 24 & sign bit): the code's bit 7 to the float's sign */
+    *ym = _mm512_ternarylogic_epi32(m, _mm512_slli_epi32(cmi, 24),
+                                    _mm512_set1_epi32((int32_t)0x80000000u), 0xF8);
+    *yv = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(cvi, cvi),
+                                 _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
+                                 _mm512_slli_epi32(cvi, 20));
 }
 
-/* The codes of one moment's 16 elements as int32 lanes: m's in [0, 255], v's >= 0
- * (the packs below saturate those above 255 to 255, as the reference's clamp). */
-static inline __attribute__((always_inline)) void fa_q8_codes_avx512(
-    const float *mb, const float *vb, const __m512 rm, const __m512 rv, __m512i *tm, __m512i *tv)
+/* t | ((bits >> 24) & 0x80) in one ternary-logic operation */
+static inline __m512i fa_q8_with_sign(const __m512i t, const __m512i bits)
 {
-    const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), half = _mm512_set1_epi32(1 << 19);
-    const __m512i base_m = _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20)));
-    const __m512i base_v = _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20)));
-    const __m512i mbits = _mm512_castps_si512(_mm512_load_ps(mb));
-    const __m512i vbits = _mm512_castps_si512(_mm512_load_ps(vb));
-    /* bits(x * r) & mag: see fa_q8_enc_m */
-    const __m512i um = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(mbits), rm)), mag);
-    const __m512i uv = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(vbits), rv)), mag);
-    /* (u - base + half) >> 20 in one add: neither form overflows int32 */
-    __m512i t = _mm512_srai_epi32(_mm512_add_epi32(um, _mm512_sub_epi32(half, base_m)), 20);
-    t = _mm512_min_epi32(_mm512_max_epi32(t, _mm512_setzero_si512()), _mm512_set1_epi32(127));
-    /* | the sign: (bits >> 24) & 0x80 */
-    *tm = _mm512_ternarylogic_epi32(t, _mm512_srli_epi32(mbits, 24), _mm512_set1_epi32(0x80), 0xF8);
-    t = _mm512_srai_epi32(_mm512_add_epi32(uv, _mm512_sub_epi32(half, base_v)), 20);
-    *tv = _mm512_max_epi32(t, _mm512_min_epu32(vbits, _mm512_set1_epi32(1)));
-}
-
-/* 32 elements' codes of each moment: packed together (3 shuffles and one
- * permutation for all 64 bytes, against two operations per 16 bytes for
- * vpmovdb/vpmovusdb, on the port the shuffles share). */
-static inline __attribute__((always_inline)) void fa_q8_requant_step(
-    const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const __m512 rm, const __m512 rv)
-{
-    __m512i tm0, tm1, tv0, tv1;
-    fa_q8_codes_avx512(mb, vb, rm, rv, &tm0, &tv0);
-    fa_q8_codes_avx512(mb + 16, vb + 16, rm, rv, &tm1, &tv1);
-    /* per 128-bit lane l, dwords of 4 codes: m[4l..] m[16+4l..] v[4l..] v[16+4l..] */
-    const __m512i w = _mm512_packus_epi16(_mm512_packus_epi32(tm0, tm1),
-                                          _mm512_packus_epi32(tv0, tv1));
-    const __m512i codes = _mm512_permutexvar_epi32(
-        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), w);
-    _mm256_storeu_si256((__m256i *)cm, _mm512_castsi512_si256(codes));
-    _mm256_storeu_si256((__m256i *)cv, _mm512_extracti64x4_epi64(codes, 1));
-}
-
-static inline uint32_t fa_q8_hmax(const __m512i x)
-{
-    return _mm512_reduce_max_epu32(x);
+    return _mm512_ternarylogic_epi32(t, _mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80), 0xF8);
 }
 #endif
 
@@ -258,84 +201,136 @@ static inline uint32_t fa_q8_hmax(const __m512i x)
 #define FA_Q8_INTERLEAVE 0
 typedef __m256 fa_q8_vf;
 typedef __m256i fa_q8_vi;
-#define fa_q8_set1 _mm256_set1_ps
+#define FA_V_PS(op) _mm256_##op##_ps
+#define FA_V_EPI32(op) _mm256_##op##_epi32
+#define FA_V_EPU32(op) _mm256_##op##_epu32
+#define FA_V_AND _mm256_and_si256
+#define FA_V_XOR _mm256_xor_si256
+#define FA_V_AS_PS _mm256_castsi256_ps
+#define FA_V_AS_SI _mm256_castps_si256
 #define fa_q8_vzero _mm256_setzero_si256
 
-static inline __attribute__((always_inline)) void fa_q8_update_lanes(
-    const fa_scalars_f32 c, float *param, float *grad, const uint8_t *cm, const uint8_t *cv,
-    float *mb, float *vb, const __m256 am0, const __m256 av0, __m256i *mm, __m256i *mv,
-    const int l2, const int unscale, const int maximize, const int div)
+static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm,
+                                                              const uint8_t *cv, __m256i *ym,
+                                                              __m256i *yv)
 {
-    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), low7 = _mm256_set1_epi32(0x7F);
-    const __m256i signbit = _mm256_set1_epi32((int32_t)0x80000000u);
-    __m256 g = _mm256_loadu_ps(grad);
-    if (unscale) {
-        g = _mm256_div_ps(g, _mm256_set1_ps(c.grad_scale));
-        _mm256_storeu_ps(grad, g);
-    }
-    if (maximize)
-        g = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(g), signbit));
-    __m256 p = _mm256_loadu_ps(param);
-    if (l2)
-        g = _mm256_add_ps(g, _mm256_mul_ps(_mm256_set1_ps(c.weight_decay), p));
-    p = _mm256_mul_ps(p, _mm256_set1_ps(c.decay));
     const __m256i cmi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)cm));
     const __m256i cvi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)cv));
-    const __m256i km = _mm256_and_si256(cmi, low7);
+    const __m256i km = _mm256_and_si256(cmi, _mm256_set1_epi32(0x7F));
     /* sign_epi32(x, k) is x, or 0 where the magnitude code k (>= 0) is 0 */
-    __m256i ym = _mm256_sign_epi32(
+    const __m256i m = _mm256_sign_epi32(
         _mm256_add_epi32(_mm256_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20))),
                          _mm256_slli_epi32(km, 20)),
         km);
-    ym = _mm256_or_si256(ym, _mm256_slli_epi32(_mm256_and_si256(cmi, _mm256_set1_epi32(0x80)), 24));
-    const __m256i yv = _mm256_sign_epi32(
-        _mm256_add_epi32(_mm256_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
-                         _mm256_slli_epi32(cvi, 20)),
-        cvi);
-    const __m256 m0 = _mm256_mul_ps(_mm256_castsi256_ps(ym), am0);
-    const __m256 v0 = _mm256_mul_ps(_mm256_castsi256_ps(yv), av0);
-    const __m256 m =
-        _mm256_add_ps(m0, _mm256_mul_ps(_mm256_sub_ps(g, m0), _mm256_set1_ps(c.one_minus_beta1)));
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(v0, _mm256_set1_ps(c.beta2)),
-                                   _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c.one_minus_beta2), g), g));
-    __m256 sq = _mm256_sqrt_ps(v);
-    if (div)
-        sq = _mm256_div_ps(sq, _mm256_set1_ps(c.bias_correction2_sqrt));
-    const __m256 denom = _mm256_add_ps(sq, _mm256_set1_ps(c.eps));
-    _mm256_storeu_ps(param, _mm256_sub_ps(p, _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(c.step_size), m), denom)));
-    _mm256_store_ps(mb, m);
-    _mm256_store_ps(vb, v);
-    *mm = _mm256_max_epu32(*mm, _mm256_and_si256(_mm256_castps_si256(m), mag));
-    *mv = _mm256_max_epu32(*mv, _mm256_and_si256(_mm256_castps_si256(v), mag));
+    *ym = _mm256_or_si256(
+        m, _mm256_slli_epi32(_mm256_and_si256(cmi, _mm256_set1_epi32(0x80)), 24));
+    *yv = _mm256_sign_epi32(_mm256_add_epi32(_mm256_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
+                                             _mm256_slli_epi32(cvi, 20)),
+                            cvi);
 }
 
-/* As fa_q8_codes_avx512, on 8 lanes. */
-static inline __attribute__((always_inline)) void fa_q8_codes_avx2(
-    const float *mb, const float *vb, const __m256 rm, const __m256 rv, __m256i *tm, __m256i *tv)
+static inline __m256i fa_q8_with_sign(const __m256i t, const __m256i bits)
 {
-    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), half = _mm256_set1_epi32(1 << 19);
-    const __m256i base_m = _mm256_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20)));
-    const __m256i base_v = _mm256_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20)));
-    const __m256i mbits = _mm256_castps_si256(_mm256_load_ps(mb));
-    const __m256i vbits = _mm256_castps_si256(_mm256_load_ps(vb));
-    /* bits(x * r) & mag: see fa_q8_enc_m */
-    const __m256i um = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(mbits), rm)), mag);
-    const __m256i uv = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(vbits), rv)), mag);
-    /* (u - base + half) >> 20 in one add: neither form overflows int32 */
-    __m256i t = _mm256_srai_epi32(_mm256_add_epi32(um, _mm256_sub_epi32(half, base_m)), 20);
-    t = _mm256_min_epi32(_mm256_max_epi32(t, _mm256_setzero_si256()), _mm256_set1_epi32(127));
-    *tm = _mm256_or_si256(t, _mm256_and_si256(_mm256_srli_epi32(mbits, 24), _mm256_set1_epi32(0x80)));
-    t = _mm256_srai_epi32(_mm256_add_epi32(uv, _mm256_sub_epi32(half, base_v)), 20);
-    *tv = _mm256_max_epi32(t, _mm256_min_epu32(vbits, _mm256_set1_epi32(1)));
+    return _mm256_or_si256(
+        t, _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80)));
+}
+#endif
+
+#ifdef FA_Q8_LANES
+/* The update of FA_Q8_LANES elements: param (and grad when unscaling) written,
+ * the new m and v into mb, vb, their magnitudes folded into *mm, *mv. */
+static inline __attribute__((always_inline)) void fa_q8_update_lanes(
+    const fa_scalars_f32 c, float *param, float *grad, const uint8_t *cm, const uint8_t *cv,
+    float *mb, float *vb, const fa_q8_vf am0, const fa_q8_vf av0, fa_q8_vi *mm, fa_q8_vi *mv,
+    const int l2, const int unscale, const int maximize, const int div)
+{
+    const fa_q8_vi mag = FA_V_EPI32(set1)(0x7FFFFFFF);
+    fa_q8_vf g = FA_V_PS(loadu)(grad);
+    if (unscale) {
+        g = FA_V_PS(div)(g, FA_V_PS(set1)(c.grad_scale));
+        FA_V_PS(storeu)(grad, g);
+    }
+    if (maximize)
+        g = FA_V_AS_PS(FA_V_XOR(FA_V_AS_SI(g), FA_V_EPI32(set1)((int32_t)0x80000000u)));
+    fa_q8_vf p = FA_V_PS(loadu)(param);
+    if (l2)
+        g = FA_V_PS(add)(g, FA_V_PS(mul)(FA_V_PS(set1)(c.weight_decay), p));
+    p = FA_V_PS(mul)(p, FA_V_PS(set1)(c.decay));
+    fa_q8_vi ym, yv;
+    fa_q8_decode(cm, cv, &ym, &yv);
+    const fa_q8_vf m0 = FA_V_PS(mul)(FA_V_AS_PS(ym), am0);
+    const fa_q8_vf v0 = FA_V_PS(mul)(FA_V_AS_PS(yv), av0);
+    const fa_q8_vf m =
+        FA_V_PS(add)(m0, FA_V_PS(mul)(FA_V_PS(sub)(g, m0), FA_V_PS(set1)(c.one_minus_beta1)));
+    const fa_q8_vf g2 = FA_V_PS(mul)(FA_V_PS(mul)(FA_V_PS(set1)(c.one_minus_beta2), g), g);
+    const fa_q8_vf v = FA_V_PS(add)(FA_V_PS(mul)(v0, FA_V_PS(set1)(c.beta2)), g2);
+    fa_q8_vf sq = FA_V_PS(sqrt)(v);
+    if (div)
+        sq = FA_V_PS(div)(sq, FA_V_PS(set1)(c.bias_correction2_sqrt));
+    const fa_q8_vf denom = FA_V_PS(add)(sq, FA_V_PS(set1)(c.eps));
+    const fa_q8_vf step = FA_V_PS(div)(FA_V_PS(mul)(FA_V_PS(set1)(c.step_size), m), denom);
+    FA_V_PS(storeu)(param, FA_V_PS(sub)(p, step));
+    FA_V_PS(store)(mb, m);
+    FA_V_PS(store)(vb, v);
+    *mm = FA_V_EPU32(max)(*mm, FA_V_AND(FA_V_AS_SI(m), mag));
+    *mv = FA_V_EPU32(max)(*mv, FA_V_AND(FA_V_AS_SI(v), mag));
 }
 
+/* The codes of FA_Q8_LANES elements of each moment as int32 lanes: m's in
+ * [0, 255], v's >= 0 (the packs of fa_q8_requant_step saturate those above 255
+ * to 255, as the reference's clamp). */
+static inline __attribute__((always_inline)) void fa_q8_codes(const float *mb, const float *vb,
+                                                             const fa_q8_vf rm, const fa_q8_vf rv,
+                                                             fa_q8_vi *tm, fa_q8_vi *tv)
+{
+    const fa_q8_vi mag = FA_V_EPI32(set1)(0x7FFFFFFF), half = FA_V_EPI32(set1)(1 << 19);
+    const fa_q8_vi base_m = FA_V_EPI32(set1)((int32_t)(FA_Q8_ONE - (127u << 20)));
+    const fa_q8_vi base_v = FA_V_EPI32(set1)((int32_t)(FA_Q8_ONE - (255u << 20)));
+    const fa_q8_vf m = FA_V_PS(load)(mb), v = FA_V_PS(load)(vb);
+    /* bits(x * r) & mag: see fa_q8_enc_m */
+    const fa_q8_vi um = FA_V_AND(FA_V_AS_SI(FA_V_PS(mul)(m, rm)), mag);
+    const fa_q8_vi uv = FA_V_AND(FA_V_AS_SI(FA_V_PS(mul)(v, rv)), mag);
+    /* (u - base + half) >> 20 in one add: neither form overflows int32 */
+    fa_q8_vi t = FA_V_EPI32(srai)(FA_V_EPI32(add)(um, FA_V_EPI32(sub)(half, base_m)), 20);
+    t = FA_V_EPI32(min)(FA_V_EPI32(max)(t, fa_q8_vzero()), FA_V_EPI32(set1)(127));
+    *tm = fa_q8_with_sign(t, FA_V_AS_SI(m));
+    t = FA_V_EPI32(srai)(FA_V_EPI32(add)(uv, FA_V_EPI32(sub)(half, base_v)), 20);
+    /* >= 1 for a positive v: max with min(bits, 1) */
+    *tv = FA_V_EPI32(max)(t, FA_V_EPU32(min)(FA_V_AS_SI(v), FA_V_EPI32(set1)(1)));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* 32 elements' codes of each moment: packed together (3 shuffles and one
+ * permutation for all 64 bytes, against two operations per 16 bytes for
+ * vpmovdb/vpmovusdb, on the port the shuffles share). */
+static inline __attribute__((always_inline)) void fa_q8_requant_step(
+    const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const __m512 rm, const __m512 rv)
+{
+    __m512i tm0, tm1, tv0, tv1;
+    fa_q8_codes(mb, vb, rm, rv, &tm0, &tv0);
+    fa_q8_codes(mb + 16, vb + 16, rm, rv, &tm1, &tv1);
+    /* per 128-bit lane l, dwords of 4 codes: m[4l..] m[16+4l..] v[4l..] v[16+4l..] */
+    const __m512i w = _mm512_packus_epi16(_mm512_packus_epi32(tm0, tm1),
+                                          _mm512_packus_epi32(tv0, tv1));
+    const __m512i codes = _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), w);
+    _mm256_storeu_si256((__m256i *)cm, _mm512_castsi512_si256(codes));
+    _mm256_storeu_si256((__m256i *)cv, _mm512_extracti64x4_epi64(codes, 1));
+}
+
+static inline uint32_t fa_q8_hmax(const __m512i x)
+{
+    return _mm512_reduce_max_epu32(x);
+}
+#elif defined(__AVX2__)
 /* 16 elements' codes of each moment, packed together (4 operations for all 32 bytes). */
 static inline __attribute__((always_inline)) void fa_q8_requant_step(
     const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const __m256 rm, const __m256 rv)
 {
     __m256i tm0, tm1, tv0, tv1;
-    fa_q8_codes_avx2(mb, vb, rm, rv, &tm0, &tv0);
-    fa_q8_codes_avx2(mb + 8, vb + 8, rm, rv, &tm1, &tv1);
+    fa_q8_codes(mb, vb, rm, rv, &tm0, &tv0);
+    fa_q8_codes(mb + 8, vb + 8, rm, rv, &tm1, &tv1);
     /* dwords of 4 codes, per 128-bit lane: m0-3 m8-11 v0-3 v8-11 | m4-7 m12-15 v4-7 v12-15 */
     const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(tm0, tm1),
                                           _mm256_packus_epi32(tv0, tv1));
@@ -375,8 +370,8 @@ static inline __attribute__((always_inline)) void fa_q8_pass(
     const int l2, const int unscale, const int maximize, const int div, const int prev,
     const int ahead)
 {
-    const fa_q8_vf am0 = fa_q8_set1(*am), av0 = fa_q8_set1(*av);
-    const fa_q8_vf rm = fa_q8_set1(prm), rv = fa_q8_set1(prv);
+    const fa_q8_vf am0 = FA_V_PS(set1)(*am), av0 = FA_V_PS(set1)(*av);
+    const fa_q8_vf rm = FA_V_PS(set1)(prm), rv = FA_V_PS(set1)(prv);
     fa_q8_vi mm = fa_q8_vzero(), mv = fa_q8_vzero();
     for (int i = 0; i < FA_Q8_BLOCK; i += FA_Q8_RQ) {
         for (int h = i; h < i + FA_Q8_RQ; h += FA_Q8_LANES) {
@@ -401,7 +396,7 @@ static inline __attribute__((always_inline)) void fa_q8_pass(
 static inline __attribute__((always_inline)) void fa_q8_requant_block(
     const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const float rm, const float rv)
 {
-    const fa_q8_vf vrm = fa_q8_set1(rm), vrv = fa_q8_set1(rv);
+    const fa_q8_vf vrm = FA_V_PS(set1)(rm), vrv = FA_V_PS(set1)(rv);
     for (int i = 0; i < FA_Q8_BLOCK; i += FA_Q8_RQ)
         fa_q8_requant_step(mb + i, vb + i, cm + i, cv + i, vrm, vrv);
 }
@@ -484,3 +479,11 @@ FA_Q8_DEFINE_VARIANT(15)
             fa_adam_q8_10, fa_adam_q8_11, fa_adam_q8_12, fa_adam_q8_13, fa_adam_q8_14,   \
             fa_adam_q8_15                                                                \
     }
+
+#undef FA_V_PS
+#undef FA_V_EPI32
+#undef FA_V_EPU32
+#undef FA_V_AND
+#undef FA_V_XOR
+#undef FA_V_AS_PS
+#undef FA_V_AS_SI
