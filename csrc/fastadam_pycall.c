@@ -35,6 +35,9 @@ typedef int (*fa_f32_fn)(float *, float *, float *, float *, float *, int64_t,
 typedef int (*fa_f64_fn)(double *, double *, double *, double *, double *, int64_t,
                          const fa_adam_scalars *);
 
+typedef int (*fa_q8_fn)(float *, float *, uint8_t *, uint8_t *, float *, float *, int64_t,
+                        const fa_adam_scalars *);
+
 static PyObject *g_ndarray; /* numpy.ndarray (a strong reference) */
 
 /* What one bound step() calls (the capsule that is the function's self):
@@ -60,6 +63,39 @@ static void kernels_free(PyObject *capsule)
     PyMem_Free(PyCapsule_GetPointer(capsule, NULL));
 }
 
+/* The function of def with a capsule owning k (PyMem_Malloc'd; freed with the
+ * capsule, or here on failure) as its self; records numpy.ndarray. */
+static PyObject *bound_function(PyMethodDef *def, void *k, PyObject *ndarray_type)
+{
+    PyObject *capsule = PyCapsule_New(k, NULL, kernels_free);
+    if (capsule == NULL) {
+        PyMem_Free(k);
+        return NULL;
+    }
+    PyObject *fn = PyCFunction_NewEx(def, capsule, NULL);
+    Py_DECREF(capsule); /* the function holds it */
+    if (fn == NULL)
+        return NULL;
+    if (g_ndarray == NULL) {
+        Py_INCREF(ndarray_type);
+        g_ndarray = ndarray_type;
+    }
+    return fn;
+}
+
+/* 1 if the n buffers' byte ranges are pairwise disjoint (an empty one overlaps nothing) */
+static int pairwise_disjoint(const Py_buffer *view, int n)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++) {
+            const uintptr_t a = (uintptr_t)view[i].buf, b = (uintptr_t)view[j].buf;
+            if (!(view[i].len == 0 || view[j].len == 0 || a + (uintptr_t)view[i].len <= b ||
+                  b + (uintptr_t)view[j].len <= a))
+                return 0;
+        }
+    return 1;
+}
+
 /* bind(ndarray_type, f32_address, f64_address, max_elements) -> step: a step()
  * that runs these kernels (C functions with fa_adam_f32's and fa_adam_f64's
  * signatures: the C library's, or another backend's compiled to the same ABI)
@@ -83,20 +119,7 @@ static PyObject *pycall_bind(PyObject *self, PyObject *const *args, Py_ssize_t n
     k->f32 = (fa_f32_fn)(uintptr_t)f32;
     k->f64 = (fa_f64_fn)(uintptr_t)f64;
     k->max_n = (int64_t)max_n;
-    PyObject *capsule = PyCapsule_New(k, NULL, kernels_free);
-    if (capsule == NULL) {
-        PyMem_Free(k);
-        return NULL;
-    }
-    PyObject *step = PyCFunction_NewEx(&step_def, capsule, NULL);
-    Py_DECREF(capsule); /* the function holds it */
-    if (step == NULL)
-        return NULL;
-    if (g_ndarray == NULL) {
-        Py_INCREF(args[0]);
-        g_ndarray = args[0];
-    }
-    return step;
+    return bound_function(&step_def, k, args[0]);
 }
 
 /* AdamScalars (a 14-field tuple, fastadam._scalars) as the ABI's struct; 0 on success. */
@@ -166,13 +189,7 @@ static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t n
             for (int d = 0; ok && d < view[0].ndim; d++)
                 ok = view[i].shape[d] == view[0].shape[d];
         }
-        /* pairwise disjoint (an empty array overlaps nothing) */
-        for (int i = 0; ok && i < n_arrays; i++)
-            for (int j = i + 1; ok && j < n_arrays; j++) {
-                const uintptr_t a = (uintptr_t)view[i].buf, b = (uintptr_t)view[j].buf;
-                ok = view[i].len == 0 || view[j].len == 0 ||
-                     a + (uintptr_t)view[i].len <= b || b + (uintptr_t)view[j].len <= a;
-            }
+        ok = ok && pairwise_disjoint(view, n_arrays);
     }
     int rc = DECLINED;
     if (ok && sc.state_rounding == FA_STATE_SAME_DTYPE) {
@@ -191,6 +208,98 @@ static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t n
             rc = k->f64(view[0].buf, view[1].buf, view[2].buf, view[3].buf, vmax, n, &sc);
             Py_END_ALLOW_THREADS
         }
+    }
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&view[i]);
+    PyErr_Clear(); /* a refused buffer request is a decline, not an error */
+    return PyLong_FromLong(rc);
+}
+
+/* The 8-bit step (issue 18): step_q8, bound by bind_q8 to a kernel with
+ * fa_adam_f32_q8's signature; the capsule holds the kernel's address. */
+static PyObject *pycall_step_q8(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+static PyMethodDef step_q8_def = {
+    "step_q8", (PyCFunction)(void (*)(void))pycall_step_q8, METH_FASTCALL,
+    "step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, scalars) "
+    "-> 0 (ran), 1 (declined: nothing touched) or the kernel's negative error code"};
+
+/* bind_q8(ndarray_type, q8_address) -> step_q8 */
+static PyObject *pycall_bind_q8(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bind_q8(ndarray_type, q8_address)");
+        return NULL;
+    }
+    const unsigned long long q8 = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    fa_q8_fn *k = PyMem_Malloc(sizeof *k);
+    if (k == NULL)
+        return PyErr_NoMemory();
+    *k = (fa_q8_fn)(uintptr_t)q8;
+    return bound_function(&step_q8_def, k, args[0]);
+}
+
+/* step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+ * scalars) -> int, as step() for 8-bit states: it runs the kernel on arrays
+ * that pass every rule of fastadam._q8.validate_q8 (float32 param and grad,
+ * uint8 codes of their shape, float32 scales of shape (ceil(n / 256),); exact
+ * ndarrays, C-contiguous, aligned, writeable, native, pairwise disjoint) with
+ * scalars already folded (fastadam._q8.fold) and without amsgrad, else
+ * declines. */
+static PyObject *pycall_step_q8(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const fa_q8_fn *k = PyCapsule_GetPointer(self, NULL);
+    if (k == NULL)
+        return NULL;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "step_q8() takes 7 arguments");
+        return NULL;
+    }
+    fa_adam_scalars sc;
+    if (scalars_from_tuple(args[6], &sc) != 0) {
+        PyErr_Clear();
+        return PyLong_FromLong(DECLINED);
+    }
+    /* each array's buffer format: float32 param, grad; uint8 codes; float32 scales */
+    static const char *const formats[6] = {"f", "f", "B", "B", "f", "f"};
+    Py_buffer view[6];
+    int got = 0, ok = !sc.amsgrad && sc.state_rounding == FA_STATE_SAME_DTYPE;
+    for (; ok && got < 6; got++) {
+        if ((PyObject *)Py_TYPE(args[got]) != g_ndarray ||
+            PyObject_GetBuffer(args[got], &view[got],
+                               PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+            ok = 0;
+            break;
+        }
+    }
+    int64_t n = 0;
+    if (ok) {
+        for (int i = 0; ok && i < 6; i++)
+            ok = view[i].format != NULL && strcmp(view[i].format, formats[i]) == 0 &&
+                 (uintptr_t)view[i].buf % (uintptr_t)view[i].itemsize == 0;
+        /* param, grad and the codes: one shape; the scales: one per block */
+        for (int i = 1; ok && i < 4; i++) {
+            ok = view[i].ndim == view[0].ndim;
+            for (int d = 0; ok && d < view[0].ndim; d++)
+                ok = view[i].shape[d] == view[0].shape[d];
+        }
+        n = ok ? (int64_t)(view[0].len / view[0].itemsize) : 0;
+        const int64_t blocks = n / 256 + (n % 256 != 0);
+        for (int i = 4; ok && i < 6; i++)
+            ok = view[i].ndim == 1 && view[i].shape[0] == blocks;
+        ok = ok && pairwise_disjoint(view, 6);
+    }
+    int rc = DECLINED;
+    if (ok && n == 0) {
+        rc = 0;
+    } else if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = (*k)(view[0].buf, view[1].buf, view[2].buf, view[3].buf, view[4].buf, view[5].buf,
+                  n, &sc);
+        Py_END_ALLOW_THREADS
     }
     for (int i = 0; i < got; i++)
         PyBuffer_Release(&view[i]);
@@ -225,6 +334,10 @@ static PyMethodDef pycall_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))pycall_bind, METH_FASTCALL,
      "bind(ndarray_type, f32_address, f64_address, max_elements) -> step, a function "
      "step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars) -> 0 (ran), "
+     "1 (declined: nothing touched) or the kernel's negative error code"},
+    {"bind_q8", (PyCFunction)(void (*)(void))pycall_bind_q8, METH_FASTCALL,
+     "bind_q8(ndarray_type, q8_address) -> step_q8, a function step_q8(param, grad, "
+     "exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, scalars) -> 0 (ran), "
      "1 (declined: nothing touched) or the kernel's negative error code"},
     {"first_readonly", pycall_first_readonly, METH_O,
      "first_readonly(arrays) -> index of the first array without a writeable buffer, or -1"},

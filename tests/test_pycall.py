@@ -159,3 +159,117 @@ def test_a_plan_still_names_an_array_made_read_only_after_it_was_built():
     with pytest.raises(ValueError, match=r"exp_avgs\[1\] must be writeable"):
         plan.step(step=1, lr=0.1)
     assert_bit_identical([a for lst in lists for a in lst], before)
+
+
+# -- the 8-bit step's one-call path (C only) ----------------------------------------------
+
+
+def _q8_fast():
+    try:
+        module = fastadam.backends.family("c", "q8")
+    except fastadam.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    assert module.step_fast_q8 is not None  # the extension exists: C binds it
+    return module
+
+
+def _q8_arrays(shape=(N,), seed=0):
+    from fastadam import _q8
+
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    p, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    mc, ma = _q8.quantize((rng.standard_normal(n) * 0.1).astype(np.float32), signed=True)
+    vc, va = _q8.quantize(np.abs(rng.standard_normal(n)).astype(np.float32), signed=False)
+    return [p, g, mc.reshape(shape), vc.reshape(shape), ma, va]
+
+
+def _q8_scalars(**kw):
+    from fastadam import _q8
+
+    return _q8.fold(_scalars(**kw))
+
+
+@pytest.mark.parametrize("shape", [(N,), (5, 7), (), (0,), (3, 300)])
+@pytest.mark.parametrize("flags", [{}, {"maximize": True, "wd": 0.01, "unscale": 2.0}])
+def test_q8_accepted_arrays_get_the_reference_bits(shape, flags):
+    from fastadam import _q8
+
+    module = _q8_fast()
+    got, ref = _q8_arrays(shape), _q8_arrays(shape)
+    sc = _q8_scalars(**flags)
+    assert module.step_fast_q8(*got, sc) == 0
+    _q8.step(*ref, sc)
+    for a, b in zip(got, ref):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_q8_declines_everything_the_checked_path_must_see():
+    module = _q8_fast()
+    p, g, mc, vc, ma, va = _q8_arrays()
+    ro = vc.copy()
+    ro.flags.writeable = False
+    big = _q8_arrays((2 * N,))
+    raw = np.zeros(N * 4 + 1, np.uint8)
+    cases = {
+        "read-only codes": [p, g, mc, ro, ma, va],
+        "strided param": [big[0][::2], g, mc, vc, ma, va],
+        "float32 codes": [p, g, mc.astype(np.float32), vc, ma, va],
+        "int8 codes": [p, g, mc.view(np.int8), vc, ma, va],
+        "float64 param": [p.astype(np.float64), g, mc, vc, ma, va],
+        "float64 scales": [p, g, mc, vc, ma.astype(np.float64), va],
+        "byte-swapped grad": [p, g.astype(">f4"), mc, vc, ma, va],
+        "codes of another shape": [p, g, mc.reshape(1, N), vc, ma, va],
+        "scales of another length": [p, g, mc, vc, np.zeros(2, np.float32), va],
+        "scales 2-D": [p, g, mc, vc, ma.reshape(1, -1), va],
+        "same scales twice": [p, g, mc, vc, ma, ma],
+        "codes overlap": [p, g, raw[:N], raw[N - 1 : 2 * N - 1], ma, va],
+        "subclass": [p.view(np.ma.MaskedArray), g, mc, vc, ma, va],
+        "misaligned param": [raw[1:].view(np.float32)[:N], g, mc, vc, ma, va],
+        "not an array": [p, g, mc, vc, list(ma), va],
+    }
+    for name, arrays in cases.items():
+        before = [a.tobytes() if isinstance(a, np.ndarray) else None for a in arrays]
+        assert module.step_fast_q8(*arrays, _q8_scalars()) == module.DECLINED, name
+        for a, b in zip(arrays, before):
+            if b is not None:
+                assert a.tobytes() == b, f"{name}: an array was modified"
+    good = [p, g, mc, vc, ma, va]
+    assert module.step_fast_q8(*good, _q8_scalars(amsgrad=True)) == module.DECLINED
+    assert module.step_fast_q8(*good, (1.0,) * 3) == module.DECLINED  # not an AdamScalars
+
+
+def test_q8_adam_step_uses_it_and_the_checked_path_still_names_the_culprit(monkeypatch):
+    from fastadam import _q8
+
+    _q8_fast()
+    p, g, mc, vc, ma, va = _q8_arrays()
+    ref = [a.copy() for a in (p, g, mc, vc, ma, va)]
+
+    def checked(*args, **kw):
+        raise AssertionError("the checked path ran for arrays the fast path takes")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_q8, "validate_q8", checked)
+        fastadam.adam_step(p, g, mc, vc, step=2, lr=1e-3, exp_avg_absmax=ma,
+                           exp_avg_sq_absmax=va, backend="c")  # fmt: skip
+    fastadam.adam_step(*ref[:4], step=2, lr=1e-3, exp_avg_absmax=ref[4],
+                       exp_avg_sq_absmax=ref[5], backend="numpy")  # fmt: skip
+    for a, b in zip((p, g, mc, vc, ma, va), ref):
+        assert a.tobytes() == b.tobytes()
+    ro = vc.copy()
+    ro.flags.writeable = False
+    kw = {"exp_avg_absmax": ma, "exp_avg_sq_absmax": va, "backend": "c"}
+    with pytest.raises(ValueError, match="exp_avg_sq must be writeable"):
+        fastadam.adam_step(p, g, mc, ro, step=3, lr=1e-3, **kw)
+    # a bad array is reported before a bad hyperparameter, fast path or not
+    with pytest.raises(ValueError, match="exp_avg_sq must be writeable"):
+        fastadam.adam_step(p, g, mc, ro, step=3, lr=float("nan"), **kw)
+    with pytest.raises(ValueError, match="lr"):
+        fastadam.adam_step(p, g, mc, vc, step=3, lr=float("nan"), **kw)
+    with pytest.raises(ValueError, match="amsgrad"):
+        fastadam.adam_step(p, g, mc, vc, step=3, lr=1e-3, amsgrad=True, **kw)
+    before = [a.copy() for a in (p, g, mc, vc, ma, va)]
+    fastadam.adam_step(p, g, mc, vc, step=3, lr=1e-3, found_inf=True, **kw)  # skips
+    for a, b in zip((p, g, mc, vc, ma, va), before):
+        assert a.tobytes() == b.tobytes()

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._scalars import AdamScalars
+from .c import DECLINED as DECLINED  # the fast path's answer, read by fastadam._q8
 from .c import _from_buffer, _new, _raise_code, _struct_for, ffi, lib
 
 NAME = "c"
@@ -87,3 +88,28 @@ def step_multi_q8(table: Any, scalars: tuple[AdamScalars, ...], index: np.ndarra
     )  # fmt: skip
     if rc:
         _raise_code(rc)
+
+
+def _pycall_step_q8() -> Any:
+    """fastadam._pycall's ``step_q8``, pointed at ``fa_adam_f32_q8``, or None where
+    the optional extension was not built.
+
+    ``step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+    scalars)`` runs the kernel on arrays that pass every rule of
+    :func:`fastadam._q8.validate_q8`, with folded scalars (:func:`fastadam._q8.fold`)
+    and no amsgrad, and returns 0; or touches nothing and returns
+    :data:`DECLINED` (the caller takes its checked path); or returns the library's
+    negative error code. See csrc/fastadam_pycall.c.
+    """
+    try:
+        from .. import _pycall  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    bind_q8 = getattr(_pycall, "bind_q8", None)  # an extension built before it: none
+    if bind_q8 is None:
+        return None
+    return bind_q8(np.ndarray, int(ffi.cast("uintptr_t", lib.fa_adam_f32_q8)))
+
+
+#: adam_step's one-call path to the 8-bit kernel (None without the extension).
+step_fast_q8 = _pycall_step_q8()
