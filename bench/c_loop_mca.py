@@ -17,6 +17,12 @@ and the rest is fed to ``llvm-mca -mcpu=CPU -iterations=200``; the figure is tot
 cycles / 200 / elements.
 The body may include the block loop's bookkeeping (prefetches, a guard's other path),
 so read the figures as comparisons between builds, not as exact costs.
+
+``--loops`` lists every innermost loop of each function instead, with llvm-mca's
+cycles per iteration: for functions whose hot part is more than one loop, such as an
+8-bit block (``fa_adam_q8_0``: the update pass holding ``vsqrtps``, the requantization
+holding the packs; the loop the rule above picks there is the scalar-tail block's,
+auto-vectorized 64 elements wide).
 """
 
 from __future__ import annotations
@@ -57,15 +63,21 @@ def _elements(body: list[str]) -> int:
     return n
 
 
-def hot_loop(obj: str, name: str) -> tuple[list[str], int]:
-    """(the instructions of the hot loop, elements per iteration)."""
-    code = _function(obj, name)
+def _loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) indices into ``code`` of each loop: a backward branch's target and
+    the branch itself."""
     where = {a: k for k, (a, _) in enumerate(code)}
-    back = [
+    return [
         (where[int(m[2], 16)], k)
         for k, (a, ins) in enumerate(code)
         if (m := _BRANCH.match(ins)) and int(m[2], 16) < a and int(m[2], 16) in where
     ]
+
+
+def hot_loop(obj: str, name: str) -> tuple[list[str], int]:
+    """(the instructions of the hot loop, elements per iteration)."""
+    code = _function(obj, name)
+    back = _loops(code)
 
     def body(start: int, end: int) -> list[str]:
         return [i for _, i in code[start:end]]
@@ -98,13 +110,50 @@ def cycles_per_element(body: list[str], elements: int, cpu: str) -> float:
     return int(total[1]) / 200 / elements
 
 
+def innermost_loops(obj: str, name: str) -> list[list[str]]:
+    """The bodies of the function's loops that hold no other loop, in address order."""
+    code = _function(obj, name)
+    back = _loops(code)
+
+    def holds_another(s: int, e: int) -> bool:
+        return any(s <= s2 and e2 < e for s2, e2 in back if (s2, e2) != (s, e))
+
+    inner = [(s, e) for s, e in back if not holds_another(s, e)]
+    return [[i for _, i in code[s:e]] for s, e in sorted(inner)]
+
+
+def _cycles_per_iteration(body: list[str], cpu: str) -> float:
+    return cycles_per_element(body, 1, cpu)
+
+
+#: The instructions --loops names, to tell one loop from another.
+_NAMED_OPS = ("vsqrt", "vdiv", "vpack", "vpmov", "vperm")
+
+
+def list_loops(obj: str, names: list[str], cpus: list[str]) -> None:
+    print("| function | loop | instructions | vector ops | " + " | ".join(cpus) + " |")
+    print("| --- | ---: | ---: | --- | " + " | ".join("---:" for _ in cpus) + " |")
+    for name in names:
+        for k, body in enumerate(innermost_loops(obj, name)):
+            if len(body) < 8:
+                continue
+            ops = sorted({i.split()[0] for i in body if i.startswith(_NAMED_OPS)})
+            cells = " | ".join(f"{_cycles_per_iteration(body, cpu):.1f}" for cpu in cpus)
+            print(f"| {name} | {k} | {len(body)} | {' '.join(ops)} | {cells} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("object")
     ap.add_argument("functions", nargs="+")
     ap.add_argument("--mcpu", default="haswell,skylake,znver1,znver2,znver3")
+    ap.add_argument("--loops", action="store_true",
+                    help="list every innermost loop, in cycles per iteration")  # fmt: skip
     args = ap.parse_args()
     cpus = args.mcpu.split(",")
+    if args.loops:
+        list_loops(args.object, args.functions, cpus)
+        return
     print("| function | elements/iteration | " + " | ".join(cpus) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in cpus) + " |")
     for name in args.functions:
