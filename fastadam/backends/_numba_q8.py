@@ -132,11 +132,10 @@ def _reciprocal(bits):
 
 
 @njit(inline="always", **_JIT)
-def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, has_prev, r_m,
-          r_v, ahead):  # fmt: skip
-    """The update of full block ``b`` (its new moments into ``buf`` at ``new``) and,
-    if ``has_prev``, the codes of block ``b - 1`` (from ``buf`` at ``512 - new``,
-    with its reciprocals ``r_m``, ``r_v``), element by element in one loop.
+def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m, r_v, ahead):
+    """The update of full block ``b`` (its new moments into ``buf`` at ``new``) and
+    the codes of block ``b - 1`` (from ``buf`` at ``512 - new``, with its
+    reciprocals ``r_m``, ``r_v``), element by element in one loop.
 
     The update waits on the divider (a square root and a division per element);
     the requantization needs none. As a second loop after the update it ran
@@ -149,9 +148,7 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, has_
     four of 64 elements, each first asking for its quarter of the next block's
     lines: the streamer alone left them unrequested. Loops of a constant 64: a
     min() bound, or the 40 prefetches issued at once, left the update scalar or
-    cost 25% (session 11). ``has_prev`` is a constant at each call: as a
-    run-time test in the loop, LLVM kept it as a mask on the code stores, which
-    AVX2 has not, and the loop for an AVX2 CPU ran 2.7x slower.
+    cost 25% (session 11).
     """
     j0 = b * 256
     a_m = am[b]
@@ -171,28 +168,32 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, has_
                               new + j - j0)  # fmt: skip
             mm = bm if bm > mm else mm
             mv = bv if bv > mv else mv
-            if has_prev:
-                _codes(cm, cv, buf, 512 - new + j - j0, j - 256, r_m, r_v)
+            _codes(cm, cv, buf, 512 - new + j - j0, j - 256, r_m, r_v)
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
     return _reciprocal(mm), _reciprocal(mv)
 
 
 @njit(**_JIT)
-def _last(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, buf):
-    """The partial block ``b`` that ends the tensor: its update, then its codes.
+def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
+    """Elements [256 b, end) of block ``b`` alone: the update, then the codes. Its
+    new moments stay in ``buf`` at 0; returns its reciprocals.
 
-    A function of its own, not inlined (it runs once per tensor): inlined
-    beside _pass in the parallel loop, Numba 0.68's parfor lowering stored a
-    wrong scale for this block (the serial loop and the codes were right;
-    tests/test_q8.py's parity test on two threads caught it).
+    For a share's first full block, which has no block before it to pipeline
+    with (the pass after it writes its codes again from ``buf``, the same
+    bytes), and for the partial block a tensor may end with. A function of its
+    own, not inlined: that keeps a second copy of the pass out of each loop
+    (the parallel loop compiled in 3.2 s instead of 5.3 on the Intel Xeon),
+    and inlined beside _pass in the parallel loop, the partial block got a
+    wrong scale from Numba 0.68's parfor lowering (the two-thread parity test
+    of tests/test_q8.py caught it).
     """
     j0 = b * 256
     a_m = am[b]
     a_v = av[b]
     tm = np.uint32(0)
     tv = np.uint32(0)
-    for j in range(j0, n):
+    for j in range(j0, end):
         bm_, bv_ = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, j - j0)
         tm = bm_ if bm_ > tm else tm
         tv = bv_ if bv_ > tv else tv
@@ -200,30 +201,32 @@ def _last(p, g, cm, cv, am, av, b, n, c, unscale, maximize, l2, div, buf):
     av[b] = _bits_f32(tv)
     r_m = _reciprocal(tm)
     r_v = _reciprocal(tv)
-    for j in range(j0, n):
+    for j in range(j0, end):
         _codes(cm, cv, buf, j - j0, j, r_m, r_v)
+    return r_m, r_v
 
 
 @njit(inline="always", **_JIT)
 def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf):
-    """Blocks [b0, b1) of one tensor: the full ones pipelined (each pass also writes
-    the codes of the block before it; buf holds two blocks' moments, at 0 and 512),
-    then the partial one the tensor may end with."""
+    """Blocks [b0, b1) of one tensor: the first full one alone, the other full ones
+    pipelined (each pass also writes the codes of the block before it; buf holds
+    two blocks' moments, at 0 and 512), then the partial one the tensor may end
+    with."""
     full = min(b1, n // 256)
     if full > b0:
-        f0 = np.float32(0.0)
-        r_m, r_v = _pass(p, g, cm, cv, am, av, b0, c, unscale, maximize, l2, div, buf, 0,
-                         False, f0, f0, b0 + 1 < full)  # fmt: skip
+        r_m, r_v = _single(p, g, cm, cv, am, av, b0, b0 * 256 + 256, c, unscale, maximize, l2,
+                           div, buf)  # fmt: skip
         new = 512
         for b in range(b0 + 1, full):
             r_m, r_v = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
-                             True, r_m, r_v, b + 1 < full)  # fmt: skip
+                             r_m, r_v, b + 1 < full)  # fmt: skip
             new = 512 - new
-        prev = 512 - new  # the codes of the last full block
-        for j in range(0, 256):
-            _codes(cm, cv, buf, prev + j, (full - 1) * 256 + j, r_m, r_v)
+        if full > b0 + 1:  # the codes of the last full block
+            prev = 512 - new
+            for j in range(0, 256):
+                _codes(cm, cv, buf, prev + j, (full - 1) * 256 + j, r_m, r_v)
     if b1 > full and b1 > b0:
-        _last(p, g, cm, cv, am, av, b1 - 1, n, c, unscale, maximize, l2, div, buf)
+        _single(p, g, cm, cv, am, av, b1 - 1, n, c, unscale, maximize, l2, div, buf)
 
 
 def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
