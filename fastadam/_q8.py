@@ -320,15 +320,15 @@ def adam_step_q8(
     """:func:`fastadam.adam_step` with 8-bit states (``hyper``: its memo key, step first)."""
     from .functional import _scalars_of
 
+    try:
+        mod = kernel(backend)
+    except Exception:  # raised again below, after the array checks
+        mod = None
     if not found_inf and not amsgrad:
         # The backend's one-call path (fastadam._pycall, C only): it runs the kernel
         # on arrays that pass every rule of validate_q8, or touches nothing and
         # declines, and the checked path below runs as always. A bad backend name
         # or hyperparameter is left to that path too, which reports a bad array first.
-        try:
-            mod = kernel(backend)
-        except Exception:  # raised again by the checked path, after the array checks
-            mod = None
         fast = getattr(mod, "step_fast_q8", None)
         if fast is not None:
             try:
@@ -349,7 +349,8 @@ def adam_step_q8(
             "use float32 or bfloat16 states for amsgrad"
         )
     scalars = fold(_scalars_of((*hyper, True)))  # memoized, as adam_step's
-    mod = kernel(backend)
+    if mod is None:
+        mod = kernel(backend)  # raises what the lookup above raised
     if found_inf:
         return
     mod.step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, scalars)

@@ -328,15 +328,18 @@ def _distinct(arrays: tuple[np.ndarray, ...]) -> bool:
     return len(arrays) == 4 or all(a is not arrays[4] for a in arrays[:4])
 
 
+def _overlap_error(first: str, second: str) -> ValueError:
+    """The error every overlap check raises for the arrays named ``first`` and ``second``."""
+    return ValueError(f"{first} and {second} share memory; each array must be a separate buffer")
+
+
 def _check_overlap(arrays: tuple[np.ndarray, ...], names: tuple[str, ...]) -> None:
     # Contiguous arrays overlap exactly when their byte ranges do, which is
     # what may_share_memory's cheap bounds test checks.
     for i in range(len(arrays)):
         for j in range(i + 1, len(arrays)):
             if np.may_share_memory(arrays[i], arrays[j]):
-                raise ValueError(
-                    f"{names[i]} and {names[j]} share memory; each array must be a separate buffer"
-                )
+                raise _overlap_error(names[i], names[j])
 
 
 def check_disjoint(starts: np.ndarray, nbytes: np.ndarray, labels) -> None:
@@ -357,9 +360,7 @@ def check_disjoint(starts: np.ndarray, nbytes: np.ndarray, labels) -> None:
     if bad.size:
         k = int(bad[0])
         a, b = sorted((int(keep[order[k]]), int(keep[order[k + 1]])))
-        raise ValueError(
-            f"{labels(a)} and {labels(b)} share memory; each array must be a separate buffer"
-        )
+        raise _overlap_error(labels(a), labels(b))
 
 
 def check_arrays_disjoint(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> None:
@@ -372,9 +373,7 @@ def check_arrays_disjoint(arrays: Sequence[np.ndarray], labels: Sequence[str]) -
     for (s0, n0, k0), (s1, _, k1) in zip(ranges, ranges[1:]):
         if s0 + n0 > s1:
             a, b = sorted((k0, k1))
-            raise ValueError(
-                f"{labels[a]} and {labels[b]} share memory; each array must be a separate buffer"
-            )
+            raise _overlap_error(labels[a], labels[b])
 
 
 def rebind_row(
