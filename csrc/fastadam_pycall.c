@@ -83,6 +83,20 @@ static PyObject *bound_function(PyMethodDef *def, void *k, PyObject *ndarray_typ
     return fn;
 }
 
+/* Writeable C-contiguous buffers, with their formats, of args[0..n), each an exact
+ * numpy.ndarray; returns how many it got (n, or fewer where the first refusal
+ * stopped it: the caller releases those). */
+static int get_buffers(PyObject *const *args, Py_buffer *view, int n)
+{
+    int got = 0;
+    for (; got < n; got++)
+        if ((PyObject *)Py_TYPE(args[got]) != g_ndarray ||
+            PyObject_GetBuffer(args[got], &view[got],
+                               PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0)
+            break;
+    return got;
+}
+
 /* 1 if the n buffers' byte ranges are pairwise disjoint (an empty one overlaps nothing) */
 static int pairwise_disjoint(const Py_buffer *view, int n)
 {
@@ -168,15 +182,8 @@ static PyObject *pycall_step(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (sc.amsgrad && n_arrays == 4)
         return PyLong_FromLong(DECLINED); /* the Python path names the missing array */
     Py_buffer view[5];
-    int got = 0, ok = 1;
-    for (; got < n_arrays; got++) {
-        if ((PyObject *)Py_TYPE(args[got]) != g_ndarray ||
-            PyObject_GetBuffer(args[got], &view[got],
-                               PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
-            ok = 0;
-            break;
-        }
-    }
+    const int got = get_buffers(args, view, n_arrays);
+    int ok = got == n_arrays;
     if (ok) {
         /* one native float format ("f" or "d", nothing else: NumPy spells another
          * byte order "<f"/">f"), one shape, aligned */
@@ -267,13 +274,9 @@ static PyObject *pycall_step_q8(PyObject *self, PyObject *const *args, Py_ssize_
     static const char *const formats[6] = {"f", "f", "B", "B", "f", "f"};
     Py_buffer view[6];
     int got = 0, ok = !sc.amsgrad && sc.state_rounding == FA_STATE_SAME_DTYPE;
-    for (; ok && got < 6; got++) {
-        if ((PyObject *)Py_TYPE(args[got]) != g_ndarray ||
-            PyObject_GetBuffer(args[got], &view[got],
-                               PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
-            ok = 0;
-            break;
-        }
+    if (ok) {
+        got = get_buffers(args, view, 6);
+        ok = got == 6;
     }
     int64_t n = 0;
     if (ok) {
