@@ -13,6 +13,8 @@ touch ``_numba_loops.py``. An install rewrites every file, renewing the cache.
 
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -26,6 +28,19 @@ from numba.np.arrayobj import populate_array
 # another; 1 KiB is the compromise).
 _BLOCK = 32
 _PREFETCH_BYTES = 1024
+
+
+@functools.cache
+def target_features() -> frozenset[str]:
+    """The features of the CPU Numba compiles for (``"avx2"``, ``"avx512f"``, ...):
+    ``NUMBA_CPU_FEATURES`` when set, else the host's."""
+    import llvmlite.binding as llvm
+    import numba
+
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in features.split(",") if f.startswith("+"))
 
 
 @intrinsic

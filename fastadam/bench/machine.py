@@ -97,11 +97,10 @@ def numba_target() -> str:
     import llvmlite.binding as llvm
     import numba
 
+    from ..backends._numba_intrinsics import target_features
+
     name = numba.config.CPU_NAME or llvm.get_host_cpu_name()
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        features = llvm.get_host_cpu_features().flatten()
-    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    enabled = target_features()
     for feature, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON")):
         if feature in enabled:
             return f"{name} ({label})"
