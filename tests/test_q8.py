@@ -120,23 +120,42 @@ def _special_grads(t: int) -> np.ndarray:
     return g
 
 
+def _run_special(backend):
+    """Three steps on _special_grads: (param, codes, scales)."""
+    n = 7 * 256 + 77
+    p = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    m, v, am, av = _q8.zeros_state(n)
+    with np.errstate(all="ignore"):
+        for t in (1, 2, 3):
+            fastadam.adam_step(p, _special_grads(t), m, v, step=t, lr=1e-2, exp_avg_absmax=am,
+                               exp_avg_sq_absmax=av, backend=backend)  # fmt: skip
+    return p, m, v, am, av
+
+
 def test_parity_special_values(fast_backend):
     """NaN, infinities, zeros of both signs and subnormal block maxima give the
     reference's bits: the kernels' encoders use bits(x * r) where the reference has
     bits(|x| * r) (fastadam_kernel_q8.h), and the two must agree here too."""
-    out = []
-    for backend in ("numpy", fast_backend):
-        n = 7 * 256 + 77
-        p = np.random.default_rng(3).standard_normal(n).astype(np.float32)
-        m, v, am, av = _q8.zeros_state(n)
-        with np.errstate(all="ignore"):
-            for t in (1, 2, 3):
-                g = _special_grads(t)
-                fastadam.adam_step(p, g, m, v, step=t, lr=1e-2, exp_avg_absmax=am,
-                                   exp_avg_sq_absmax=av, backend=backend)  # fmt: skip
-        out.append((p, m, v, am, av))
+    out = [_run_special("numpy"), _run_special(fast_backend)]
     assert np.isnan(out[0][3][0]) and out[0][3][2] != 0 and out[0][3][2] < np.finfo(np.float32).tiny
     _same(*out)
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_block_schedules(interleave, threads, monkeypatch, restore_threads):
+    """Both of the Numba blocks' schedules give the reference's bits, whichever one
+    this CPU runs (_numba_q8.interleaved): each block's codes in a loop of their
+    own, or inside the next block's update, on every kind of block (a share's
+    first, the pipelined ones, a partial last one) and value (special ones)."""
+    pytest.importorskip("numba")
+    from fastadam.backends import _numba_q8
+
+    monkeypatch.setattr(_numba_q8, "interleaved", lambda: interleave)
+    fastadam.set_num_threads(threads)
+    cfg = {"weight_decay": 0.1, "maximize": True, "grad_scale": 8.0}
+    _same(_run(70001, "numpy", **cfg), _run(70001, "numba", **cfg))
+    _same(_run_special("numpy"), _run_special("numba"))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

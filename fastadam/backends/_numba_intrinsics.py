@@ -43,6 +43,16 @@ def target_features() -> frozenset[str]:
     return frozenset(f[1:] for f in features.split(",") if f.startswith("+"))
 
 
+@functools.cache
+def target_cpu() -> str:
+    """The CPU Numba compiles for (``"znver5"``, ``"haswell"``, ...):
+    ``NUMBA_CPU_NAME`` when set, else the host's."""
+    import llvmlite.binding as llvm
+    import numba
+
+    return numba.config.CPU_NAME or llvm.get_host_cpu_name()
+
+
 @intrinsic
 def _prefetch_ahead(typingctx, first, end, amsgrad, p, g, m, v, vmax):
     """Prefetch, in each array of a step (``vmax`` only if ``amsgrad``), the cache

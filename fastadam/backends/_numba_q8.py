@@ -8,7 +8,7 @@ boundaries (a block is never shared, so the split changes no bit). Each block
 is done in two passes while its 256 elements are in L1: the update, keeping
 the new moments in a small buffer (one per share) and taking their absmax,
 then the requantization. The second pass of one block runs inside the first
-pass of the next (see _pass).
+pass of the next where that is faster (see _make and _pass).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ._numba_intrinsics import (
     _prefer_512_bit_vectors,
     _prefetch_line,
     _view,
+    target_cpu,
     target_features,
 )
 
@@ -145,7 +146,7 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m,
     while the divider sat idle; in the same loop the out-of-order core runs it
     in the update's shadow (as in the C blocks, fastadam_kernel_q8.h). The
     block's new scales are stored here; its reciprocals are returned, for its
-    codes with the next block. Not for a target without AVX-512: see _make.
+    codes with the next block. Only on some targets: see _make.
 
     ``ahead``: the next block is a full one of this share. The loop runs as
     four of 64 elements, each first asking for its quarter of the next block's
@@ -242,16 +243,28 @@ def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf,
         _single(p, g, cm, cv, am, av, b1 - 1, n, c, unscale, maximize, l2, div, buf)
 
 
-def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
+@functools.cache
+def interleaved() -> bool:
+    """Whether each block's codes are written inside the next block's update (one
+    loop, see _pass) rather than in a loop of their own after it: with AVX-512,
+    and not on AMD's cores.
+
+    For an AVX2 target (16 vector registers) llvm-mca put the interleaved loop at
+    7.39 cycles/element on znver1 (7.14 znver2, 3.50 skylake) against 6.34 (6.10,
+    2.97) for two loops, as for the C avx2 variant (fastadam_kernel_q8.h,
+    FA_Q8_INTERLEAVE). With AVX-512 it won on an Intel Xeon, whose 512-bit
+    operations issue on two ports, and lost on a Zen 5 (four pipes): 0.52
+    against 0.43 ns/element in cache on one thread, level at 2^24 (BENCHMARKS.md,
+    session 13). Both schedules give the same bits (tests/test_q8.py).
+    """
+    return "avx512f" in target_features() and not target_cpu().startswith("znver")
+
+
+def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool,
+          interleave: bool):  # fmt: skip
     """The loop over a table's blocks with the flags as compile-time constants
     (LLVM then keeps no branch on them in the vector loops)."""
     rng = prange if parallel else range
-    # Each block's codes inside the next block's update only with AVX-512: for an
-    # AVX2 target (16 vector registers) llvm-mca put the interleaved loop at 7.39
-    # cycles/element on znver1 (7.14 znver2, 3.50 skylake) against 6.34 (6.10,
-    # 2.97) for the update and the codes as two loops, as for the C avx2 variant
-    # (fastadam_kernel_q8.h, FA_Q8_INTERLEAVE).
-    interleave = "avx512f" in target_features()
 
     def q8(pointers, sizes, boffsets, consts, index, parts):
         _prefer_512_bit_vectors()
@@ -286,10 +299,11 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
 
 
 @functools.cache
-def _loops(unscale: bool, maximize: bool, l2: bool, div: bool) -> tuple:
+def _loops(unscale: bool, maximize: bool, l2: bool, div: bool, interleave: bool) -> tuple:
     """(serial, parallel) loops for these flags; compiled on first use, cached on disk."""
-    return (njit(**_JIT)(_make(False, unscale, maximize, l2, div)),
-            njit(parallel=True, **_JIT)(_make(True, unscale, maximize, l2, div)))  # fmt: skip
+    flags = (unscale, maximize, l2, div, interleave)
+    return (njit(**_JIT)(_make(False, *flags)),
+            njit(parallel=True, **_JIT)(_make(True, *flags)))  # fmt: skip
 
 
 def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ...],
@@ -304,7 +318,8 @@ def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ..
         index = np.zeros(count, np.int32)
     sc = scalars[0]
     div = any(s.bias_correction2_sqrt != 1.0 for s in scalars)
-    serial, parallel = _loops(bool(sc.unscale), bool(sc.maximize), sc.weight_decay != 0.0, div)
+    flags = (bool(sc.unscale), bool(sc.maximize), sc.weight_decay != 0.0, div, interleaved())
+    serial, parallel = _loops(*flags)
     args = (pointers, sizes, boffsets, consts, index)
     numba_._launch(serial, parallel, args, int(boffsets[count]) * BLOCK)
 

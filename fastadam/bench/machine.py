@@ -94,12 +94,9 @@ def numba_target() -> str:
     """The CPU Numba compiles for and the widest vector ISA in its features, e.g.
     ``"znver4 (AVX-512)"``: ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set,
     else the host's (what the Numba backend's loops are built for)."""
-    import llvmlite.binding as llvm
-    import numba
+    from ..backends._numba_intrinsics import target_cpu, target_features
 
-    from ..backends._numba_intrinsics import target_features
-
-    name = numba.config.CPU_NAME or llvm.get_host_cpu_name()
+    name = target_cpu()
     enabled = target_features()
     for feature, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("neon", "NEON")):
         if feature in enabled:
