@@ -153,8 +153,8 @@ def test_numba_block_schedules(interleave, threads, monkeypatch, restore_threads
 
     monkeypatch.setattr(_numba_q8, "interleaved", lambda: interleave)
     fastadam.set_num_threads(threads)
-    cfg = {"weight_decay": 0.1, "maximize": True, "grad_scale": 8.0}
-    _same(_run(70001, "numpy", **cfg), _run(70001, "numba", **cfg))
+    # the flags test_parity compiles anyway: the schedule does not depend on them
+    _same(_run(70001, "numpy"), _run(70001, "numba"))
     _same(_run_special("numpy"), _run_special("numba"))
 
 
