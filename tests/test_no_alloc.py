@@ -156,9 +156,14 @@ _CACHE_CHILD = """
         s = getattr(numba_, name).stats
         stats[name] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
     if numba_.step_fast is not None:  # adam_step's small arrays: the loops as cfuncs
+        from fastadam import _q8
         from fastadam.backends import _numba_cfunc
 
-        for name in ("step_f32", "step_f64"):
+        p = np.ones(1000, np.float32)
+        m, v, am, av = _q8.zeros_state(1000)  # an 8-bit step of that size: step_q8
+        fastadam.adam_step(p, p.copy(), m, v, step=1, lr=1e-3, exp_avg_absmax=am,
+                           exp_avg_sq_absmax=av, backend="numba")  # fmt: skip
+        for name in ("step_f32", "step_f64", "step_q8"):
             hits = getattr(_numba_cfunc, name).cache_hits
             stats[name] = [hits, 1 - hits]  # one signature, loaded or compiled
     print(json.dumps(stats))
@@ -171,7 +176,7 @@ def test_numba_kernels_load_from_the_disk_cache_in_a_fresh_process():
     _run_child(_CACHE_CHILD)  # fills the cache if it was cold (or stale)
     stats = json.loads(_run_child(_CACHE_CHILD))
     # the njit loops have a float32 and a float64 signature; each cfunc one
-    signatures = {"_serial": 2, "_parallel": 2, "step_f32": 1, "step_f64": 1}
+    signatures = {"_serial": 2, "_parallel": 2, "step_f32": 1, "step_f64": 1, "step_q8": 1}
     for name, (hits, misses) in stats.items():
         assert misses == 0, f"{name}: {misses} signature(s) compiled again instead of loaded"
         assert hits >= signatures[name], f"{name}: {hits} cache hits"

@@ -161,15 +161,17 @@ def test_a_plan_still_names_an_array_made_read_only_after_it_was_built():
     assert_bit_identical([a for lst in lists for a in lst], before)
 
 
-# -- the 8-bit step's one-call path (C only) ----------------------------------------------
+# -- the 8-bit step's one-call path -------------------------------------------------------
 
 
-def _q8_fast():
+@pytest.fixture(params=["c", "numba"])
+def q8(request):
+    """A backend's 8-bit module with its one-call path."""
     try:
-        module = fastadam.backends.family("c", "q8")
+        module = fastadam.backends.family(request.param, "q8")
     except fastadam.BackendUnavailableError as exc:
         pytest.skip(str(exc))
-    assert module.step_fast_q8 is not None  # the extension exists: C binds it
+    assert module.step_fast_q8 is not None  # the extension exists: every backend binds it
     return module
 
 
@@ -192,20 +194,18 @@ def _q8_scalars(**kw):
 
 @pytest.mark.parametrize("shape", [(N,), (5, 7), (), (0,), (3, 300)])
 @pytest.mark.parametrize("flags", [{}, {"maximize": True, "wd": 0.01, "unscale": 2.0}])
-def test_q8_accepted_arrays_get_the_reference_bits(shape, flags):
+def test_q8_accepted_arrays_get_the_reference_bits(q8, shape, flags):
     from fastadam import _q8
 
-    module = _q8_fast()
     got, ref = _q8_arrays(shape), _q8_arrays(shape)
     sc = _q8_scalars(**flags)
-    assert module.step_fast_q8(*got, sc) == 0
+    assert q8.step_fast_q8(*got, sc) == 0
     _q8.step(*ref, sc)
     for a, b in zip(got, ref):
         assert a.tobytes() == b.tobytes()
 
 
-def test_q8_declines_everything_the_checked_path_must_see():
-    module = _q8_fast()
+def test_q8_declines_everything_the_checked_path_must_see(q8):
     p, g, mc, vc, ma, va = _q8_arrays()
     ro = vc.copy()
     ro.flags.writeable = False
@@ -230,19 +230,32 @@ def test_q8_declines_everything_the_checked_path_must_see():
     }
     for name, arrays in cases.items():
         before = [a.tobytes() if isinstance(a, np.ndarray) else None for a in arrays]
-        assert module.step_fast_q8(*arrays, _q8_scalars()) == module.DECLINED, name
+        assert q8.step_fast_q8(*arrays, _q8_scalars()) == q8.DECLINED, name
         for a, b in zip(arrays, before):
             if b is not None:
                 assert a.tobytes() == b, f"{name}: an array was modified"
     good = [p, g, mc, vc, ma, va]
-    assert module.step_fast_q8(*good, _q8_scalars(amsgrad=True)) == module.DECLINED
-    assert module.step_fast_q8(*good, (1.0,) * 3) == module.DECLINED  # not an AdamScalars
+    assert q8.step_fast_q8(*good, _q8_scalars(amsgrad=True)) == q8.DECLINED
+    assert q8.step_fast_q8(*good, (1.0,) * 3) == q8.DECLINED  # not an AdamScalars
 
 
-def test_q8_adam_step_uses_it_and_the_checked_path_still_names_the_culprit(monkeypatch):
+def test_q8_numba_declines_what_its_threads_run():
+    """The Numba 8-bit function runs serially: from PARALLEL_MIN_ELEMENTS on it
+    declines untouched, and adam_step launches the parallel loop from Python."""
+    from fastadam import config
+
+    q8 = fastadam.backends.family("numba", "q8")
+    big = _q8_arrays((config.PARALLEL_MIN_ELEMENTS,))
+    before = [a.tobytes() for a in big]
+    assert q8.step_fast_q8(*big, _q8_scalars()) == q8.DECLINED
+    assert [a.tobytes() for a in big] == before
+    below = _q8_arrays((config.PARALLEL_MIN_ELEMENTS - 1,))
+    assert q8.step_fast_q8(*below, _q8_scalars()) == 0
+
+
+def test_q8_adam_step_uses_it_and_the_checked_path_still_names_the_culprit(q8, monkeypatch):
     from fastadam import _q8
 
-    _q8_fast()
     p, g, mc, vc, ma, va = _q8_arrays()
     ref = [a.copy() for a in (p, g, mc, vc, ma, va)]
 
@@ -252,14 +265,14 @@ def test_q8_adam_step_uses_it_and_the_checked_path_still_names_the_culprit(monke
     with monkeypatch.context() as mp:
         mp.setattr(_q8, "validate_q8", checked)
         fastadam.adam_step(p, g, mc, vc, step=2, lr=1e-3, exp_avg_absmax=ma,
-                           exp_avg_sq_absmax=va, backend="c")  # fmt: skip
+                           exp_avg_sq_absmax=va, backend=q8.NAME)  # fmt: skip
     fastadam.adam_step(*ref[:4], step=2, lr=1e-3, exp_avg_absmax=ref[4],
                        exp_avg_sq_absmax=ref[5], backend="numpy")  # fmt: skip
     for a, b in zip((p, g, mc, vc, ma, va), ref):
         assert a.tobytes() == b.tobytes()
     ro = vc.copy()
     ro.flags.writeable = False
-    kw = {"exp_avg_absmax": ma, "exp_avg_sq_absmax": va, "backend": "c"}
+    kw = {"exp_avg_absmax": ma, "exp_avg_sq_absmax": va, "backend": q8.NAME}
     with pytest.raises(ValueError, match="exp_avg_sq must be writeable"):
         fastadam.adam_step(p, g, mc, ro, step=3, lr=1e-3, **kw)
     # a bad array is reported before a bad hyperparameter, fast path or not

@@ -9,8 +9,15 @@ compiled to that ABI with :func:`numba.cfunc`: the same ``_piece`` the
 single-array and multi-tensor loops run, so the results are bit-identical.
 
 Only arrays below ``config.PARALLEL_MIN_ELEMENTS`` take this path (the size
-limit given to ``bind``): larger ones run on the backend's threads, launched
-from Python under its lock, where the call's cost is small beside the work.
+limit given to ``bind``; the 8-bit function declines larger ones itself, as
+``bind_q8`` takes no limit): larger ones run on the backend's threads,
+launched from Python under its lock, where the call's cost is small beside
+the work.
+
+The 8-bit one (``step_q8``, ``fa_adam_f32_q8``'s signature) runs the blocks
+of :mod:`._numba_q8` with its flags as run-time values: one compile instead of
+one per combination, for arrays small enough that the call is most of the
+cost.
 
 Compiled (or loaded from Numba's cache) on the first adam_step that asks for
 the Numba backend's one-call path, never at import.
@@ -21,8 +28,11 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, cfunc, types
 
+from .. import config
 from ._numba_intrinsics import _borrow
 from ._numba_loops import _constants, _piece
+from ._numba_q8 import BLOCK, _blocks, interleaved
+from .numba_ import DECLINED
 
 # fa_adam_scalars (csrc/fastadam.h): 9 doubles, then the ints unscale,
 # maximize, amsgrad, state_rounding and the uint32 rounding_key, read as int32
@@ -56,3 +66,31 @@ def _make(float_type: types.Float, np_type: type):
 
 step_f32 = _make(types.float32, np.float32)
 step_f64 = _make(types.float64, np.float64)
+
+
+def _make_q8(interleave: bool, limit: int):
+    f32, u8 = types.CPointer(types.float32), types.CPointer(types.uint8)
+    signature = types.int32(f32, f32, u8, u8, f32, f32, types.int64, types.voidptr)
+
+    @cfunc(signature, cache=True, nopython=True, error_model="numpy")
+    def step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, n,
+                scalars):  # fmt: skip
+        if n >= limit:
+            return DECLINED
+        d = carray(scalars, _N_DOUBLES, dtype=np.float64)
+        w = carray(scalars, _N_WORDS, dtype=np.int32)
+        f = np.float32
+        c = (f(d[0]), f(d[1]), f(d[2]), f(d[3]), f(d[4]), f(d[5]), f(d[6]), f(d[7]), f(d[8]))
+        nb = (n + (BLOCK - 1)) // BLOCK
+        buf = np.empty(1024, np.float32)  # two blocks' new moments (_numba_q8._make)
+        _blocks(_borrow(carray(param, n)), _borrow(carray(grad, n)),
+                _borrow(carray(exp_avg, n)), _borrow(carray(exp_avg_sq, n)),
+                _borrow(carray(exp_avg_absmax, nb)), _borrow(carray(exp_avg_sq_absmax, nb)),
+                0, nb, n, c, w[_UNSCALE] != 0, w[_MAXIMIZE] != 0, d[6] != 0, d[1] != 1.0,
+                _borrow(buf), interleave)  # fmt: skip
+        return 0
+
+    return step_q8
+
+
+step_q8 = _make_q8(interleaved(), config.PARALLEL_MIN_ELEMENTS)

@@ -21,6 +21,7 @@ from numba import njit, prange
 
 from .._q8 import BLOCK, nblocks
 from .._scalars import AdamScalars
+from . import numba_
 from ._numba_intrinsics import (
     _bits_f32,
     _borrow,
@@ -33,6 +34,9 @@ from ._numba_intrinsics import (
 )
 
 NAME = "numba"
+# adam_step_q8 reads these beside step_fast_q8 (the one-call path, below)
+DECLINED = numba_.DECLINED
+_raise_code = numba_._raise_code
 
 _U32 = np.uint32
 _ONE = np.uint32(0x3F800000)
@@ -308,8 +312,6 @@ def _loops(unscale: bool, maximize: bool, l2: bool, div: bool, interleave: bool)
 
 def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ...],
          index: np.ndarray | None) -> None:  # fmt: skip
-    from . import numba_
-
     count = sizes.shape[0]
     boffsets = np.zeros(count + 1, np.int64)
     np.cumsum((sizes + (BLOCK - 1)) // BLOCK, out=boffsets[1:])
@@ -335,6 +337,30 @@ def step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
     sizes = np.array([param.size], np.int64)
     assert exp_avg_absmax.size == nblocks(param.size)
     _run(pointers, sizes, (sc,), None)
+
+
+def _bind_step_fast_q8() -> Any:
+    """fastadam._pycall's ``step_q8`` bound to the blocks compiled as a C function
+    (_numba_cfunc.step_q8, which declines arrays of PARALLEL_MIN_ELEMENTS and
+    more); None where the extension was not built (or predates bind_q8)."""
+    try:
+        from .. import _pycall  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    bind_q8 = getattr(_pycall, "bind_q8", None)
+    if bind_q8 is None:
+        return None
+    from . import _numba_cfunc
+
+    return bind_q8(np.ndarray, _numba_cfunc.step_q8.address)
+
+
+def __getattr__(name: str) -> Any:
+    # step_fast_q8 compiles a cfunc: only when adam_step first asks for it (PEP 562).
+    if name == "step_fast_q8":
+        fn = globals()["step_fast_q8"] = _bind_step_fast_q8()
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def step_multi_q8(table: Any, scalars: tuple[AdamScalars, ...], index: np.ndarray | None) -> None:
