@@ -315,18 +315,14 @@ for n, kw in cases:
     for a in (p, g, m, v, am, av):
         h.update(a.tobytes())
 # the edges of the encoding (test_parity_special_values)
-from test_q8 import _special_grads
-n = 7 * 256 + 77
-p = np.random.default_rng(3).standard_normal(n).astype(np.float32)
-m, v, am, av = _q8.zeros_state(n)
-with np.errstate(all="ignore"):
-    for t in (1, 2, 3):
-        fastadam.adam_step(p, _special_grads(t), m, v, step=t, lr=1e-2, exp_avg_absmax=am,
-                           exp_avg_sq_absmax=av, backend=BACKEND)
-for a in (p, m, v, am, av):
+from test_q8 import _special_grads, _run_special
+for a in _run_special(BACKEND):
     h.update(a.tobytes())
 print(h.hexdigest())
-""".replace("from test_q8 import _special_grads", inspect.getsource(_special_grads))
+""".replace(
+    "from test_q8 import _special_grads, _run_special",
+    inspect.getsource(_special_grads) + "\n" + inspect.getsource(_run_special),
+)
 
 
 def test_every_c_isa_variant_bit_identical():
