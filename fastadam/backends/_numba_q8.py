@@ -7,8 +7,9 @@ tensor of a table, concatenated, are split into one share per thread on block
 boundaries (a block is never shared, so the split changes no bit). Each block
 is done in two passes while its 256 elements are in L1: the update, keeping
 the new moments in a small buffer (one per share) and taking their absmax,
-then the requantization. The second pass of one block runs inside the first
-pass of the next where that is faster (see _make and _pass).
+then the requantization. The second pass of one block runs inside the next
+block's update where that is faster, else right after it (see interleaved,
+_pass and _blocks).
 """
 
 from __future__ import annotations
@@ -138,19 +139,29 @@ def _reciprocal(bits):
 
 
 @njit(inline="always", **_JIT)
+def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
+    """The codes of the 256 elements from ``j0``, their moments in ``buf`` at ``o``."""
+    for j in range(0, 256):
+        _codes(cm, cv, buf, o + j, j0 + j, r_m, r_v)
+
+
+@njit(inline="always", **_JIT)
 def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m, r_v, ahead,
           interleave):  # fmt: skip
     """The update of full block ``b`` (its new moments into ``buf`` at ``new``) and,
     with ``interleave``, the codes of block ``b - 1`` (from ``buf`` at ``512 - new``,
-    with its reciprocals ``r_m``, ``r_v``), element by element in one loop; without
-    it, block ``b``'s own codes in a second loop.
+    with its reciprocals ``r_m``, ``r_v``), element by element in one loop. The
+    block's new scales are stored here; its reciprocals are returned, for its
+    codes with the next block (or after it, see _blocks).
 
     The update waits on the divider (a square root and a division per element);
     the requantization needs none. As a second loop after the update it ran
     while the divider sat idle; in the same loop the out-of-order core runs it
-    in the update's shadow (as in the C blocks, fastadam_kernel_q8.h). The
-    block's new scales are stored here; its reciprocals are returned, for its
-    codes with the next block. Only on some targets: see _make.
+    in the update's shadow (as in the C blocks, fastadam_kernel_q8.h). Only on
+    some targets: see interleaved(). Without it the absmax is a loop of its own
+    over ``buf`` too: kept in the update loop, its four reductions a block (one
+    per quarter) cost more (Zen 5, in cache: 0.37 against 0.40 ns/element with
+    the codes' lag below; AVX2 code 0.70 against 0.75).
 
     ``ahead``: the next block is a full one of this share. The loop runs as
     four of 64 elements, each first asking for its quarter of the next block's
@@ -174,17 +185,19 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m,
         for j in range(c0, c0 + 64):
             bm, bv = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf,
                               new + j - j0)  # fmt: skip
+            if interleave:
+                mm = bm if bm > mm else mm
+                mv = bv if bv > mv else mv
+                _codes(cm, cv, buf, 512 - new + j - j0, j - 256, r_m, r_v)
+    if not interleave:
+        for k in range(new, new + 256):
+            bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
+            bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
             mm = bm if bm > mm else mm
             mv = bv if bv > mv else mv
-            if interleave:
-                _codes(cm, cv, buf, 512 - new + j - j0, j - 256, r_m, r_v)
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
-    rm_b, rv_b = _reciprocal(mm), _reciprocal(mv)
-    if not interleave:
-        for j in range(j0, j0 + 256):
-            _codes(cm, cv, buf, new + j - j0, j, rm_b, rv_b)
-    return rm_b, rv_b
+    return _reciprocal(mm), _reciprocal(mv)
 
 
 @njit(**_JIT)
@@ -222,15 +235,30 @@ def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
 @njit(inline="always", **_JIT)
 def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf, interleave):
     """Blocks [b0, b1) of one tensor: the full ones, then the partial one the tensor
-    may end with. With ``interleave``, the first full one alone and the others
-    pipelined (each pass also writes the codes of the block before it; buf holds
-    two blocks' moments, at 0 and 512)."""
+    may end with. buf holds two blocks' moments, at 0 and 512: each block's codes
+    are written while (``interleave``) or after (not) the next block is updated.
+
+    Without ``interleave``, the codes a block later than its update: then its
+    scale's reduction and reciprocals were done a whole update before, and the
+    out-of-order core need not wait for them (Zen 5, in cache: 0.37 against 0.40
+    ns/element with the absmax loop of _pass; 2^24 on two threads 3-5% faster).
+    With it, the first full block alone (_single), as no block before it is
+    there to pipeline with.
+    """
     full = min(b1, n // 256)
     if not interleave:
         f0 = np.float32(0.0)
+        new = 0
+        r_m, r_v = f0, f0
         for b in range(b0, full):
-            _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, 0, f0, f0,
-                  b + 1 < full, False)  # fmt: skip
+            rm_b, rv_b = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
+                               f0, f0, b + 1 < full, False)  # fmt: skip
+            if b > b0:
+                _codes_block(cm, cv, buf, 512 - new, (b - 1) * 256, r_m, r_v)
+            r_m, r_v = rm_b, rv_b
+            new = 512 - new
+        if full > b0:  # the codes of the last full block
+            _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
     elif full > b0:
         r_m, r_v = _single(p, g, cm, cv, am, av, b0, b0 * 256 + 256, c, unscale, maximize, l2,
                            div, buf)  # fmt: skip
@@ -240,9 +268,7 @@ def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf,
                              r_m, r_v, b + 1 < full, True)  # fmt: skip
             new = 512 - new
         if full > b0 + 1:  # the codes of the last full block
-            prev = 512 - new
-            for j in range(0, 256):
-                _codes(cm, cv, buf, prev + j, (full - 1) * 256 + j, r_m, r_v)
+            _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
     if b1 > full and b1 > b0:
         _single(p, g, cm, cv, am, av, b1 - 1, n, c, unscale, maximize, l2, div, buf)
 
