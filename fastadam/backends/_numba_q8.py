@@ -159,9 +159,10 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m,
     while the divider sat idle; in the same loop the out-of-order core runs it
     in the update's shadow (as in the C blocks, fastadam_kernel_q8.h). Only on
     some targets: see interleaved(). Without it the absmax is a loop of its own
-    over ``buf`` too: kept in the update loop, its four reductions a block (one
-    per quarter) cost more (Zen 5, in cache: 0.37 against 0.40 ns/element with
-    the codes' lag below; AVX2 code 0.70 against 0.75).
+    over ``buf`` too, rather than four reductions a block (one per quarter) in
+    the update loop: with the codes' lag of _blocks, on a Zen 5 in cache 0.39
+    against 0.43 ns/element, AVX2 code 0.74 against 0.79 (BENCHMARKS.md,
+    session 13).
 
     ``ahead``: the next block is a full one of this share. The loop runs as
     four of 64 elements, each first asking for its quarter of the next block's
@@ -240,10 +241,9 @@ def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf,
 
     Without ``interleave``, the codes a block later than its update: then its
     scale's reduction and reciprocals were done a whole update before, and the
-    out-of-order core need not wait for them (Zen 5, in cache: 0.37 against 0.40
-    ns/element with the absmax loop of _pass; 2^24 on two threads 3-5% faster).
-    With it, the first full block alone (_single), as no block before it is
-    there to pipeline with.
+    out-of-order core need not wait for them (with the absmax loop of _pass,
+    see there). With it, the first full block alone (_single), as no block
+    before it is there to pipeline with.
     """
     full = min(b1, n // 256)
     if not interleave:
