@@ -50,20 +50,16 @@ def _step(lib, state, dtype: str):
         )
         return c_backend._struct_for(_q8.fold(sc) if dtype == "q8" else sc)
 
-    if dtype == "q8":  # (θ, g, codes m, codes v, scales m, scales v)
-
-        def run() -> None:
-            rc = lib.fa_adam_f32_q8(*ptrs, n, scalars())
-            if rc:
-                c_backend._raise_code(rc)
-
+    if dtype == "q8":  # (θ, g, codes m, codes v, scales m, scales v), no max_exp_avg_sq
+        kernel, args = lib.fa_adam_f32_q8, ptrs
     else:
         kernel = lib.fa_adam_f32_bf16 if dtype == "bf16" else lib.fa_adam_f32
+        args = [*ptrs, ffi.NULL]
 
-        def run() -> None:
-            rc = kernel(*ptrs, ffi.NULL, n, scalars())
-            if rc:
-                c_backend._raise_code(rc)
+    def run() -> None:
+        rc = kernel(*args, n, scalars())
+        if rc:
+            c_backend._raise_code(rc)
 
     run.keep = state  # the pointers above do not keep the arrays alive
     return run
