@@ -17,24 +17,30 @@
 #define FA_Q8_F_DIV FA_F_AMSGRAD /* the amsgrad bit: refused with 8-bit states */
 
 /*
- * The SIMD blocks prefetch the next block of their piece while they compute
- * this one (one block ahead: 1 KiB of param, the float32 kernels' distance).
- * Each block ends in a requantization pass that loads nothing from memory,
- * during which the hardware streamer alone left the next block's lines
- * unrequested (2^24 elements, 2 threads, Zen 5: 10-15% less time per step, old
- * and new library alternated in one process). Not past the piece's last block,
+ * The SIMD blocks prefetch FA_Q8_AHEAD blocks ahead in their piece while they
+ * compute this one. Each block ends in a requantization pass that loads
+ * nothing from memory, during which the hardware streamer alone left the
+ * coming lines unrequested (2^24 elements, 2 threads, Zen 5: one block ahead
+ * took 10-15% off the step, old and new library alternated in one process).
+ * Three blocks (3 KiB of param, 768 bytes of each code array) against one, in
+ * the same way (session 14, `bench/compare_c_builds.py --dtype q8`, two runs
+ * per ISA): 1.04-1.10x at 2^24, 1.06-1.19x at 2^25, 0.99-1.03x at 2^26 with
+ * AVX-512; 1.07x, 1.06x, 1.01-1.02x with AVX2. Two blocks were as good at
+ * 2^24 and down to 0.92x at 2^26. No prefetch past the piece's last block,
  * where the next thread's share begins (fastadam_internal.h).
  */
+#define FA_Q8_AHEAD 3
 static inline __attribute__((always_inline)) void fa_q8_prefetch_next(
-    const float *param, const float *grad, const uint8_t *cm, const uint8_t *cv, const int i)
+    const float *param, const float *grad, const uint8_t *cm, const uint8_t *cv, const int i,
+    const int64_t ahead)
 {
     /* from element i of a block: a line (16 elements) of each float array and,
-     * every 64 elements, of each code array, one block ahead */
-    FA_PREFETCH(param + i, FA_Q8_BLOCK);
-    FA_PREFETCH(grad + i, FA_Q8_BLOCK);
+     * every 64 elements, of each code array, ahead elements on */
+    FA_PREFETCH(param + i, ahead);
+    FA_PREFETCH(grad + i, ahead);
     if (i % 64 == 0) {
-        FA_PREFETCH(cm + i, FA_Q8_BLOCK);
-        FA_PREFETCH(cv + i, FA_Q8_BLOCK);
+        FA_PREFETCH(cm + i, ahead);
+        FA_PREFETCH(cv + i, ahead);
     }
 }
 
@@ -142,9 +148,10 @@ static inline __attribute__((always_inline)) void fa_q8_block(
  *
  * Each ISA below names its vector types and intrinsics (FA_V_PS(add) is
  * _mm512_add_ps or _mm256_add_ps, ...) and defines what differs between them:
- *   fa_q8_decode         the float32 bit patterns y(code) of a vector of codes,
- *   fa_q8_with_sign      the m codes' magnitudes | the sign bit of m,
- *   fa_q8_requant_step   the codes of FA_Q8_RQ elements packed and stored,
+ *   fa_q8_decode         the float32 bit patterns y(code) of 16 codes of each
+ *                        moment, in FA_Q8_DEC vectors,
+ *   fa_q8_requant_step   the codes of FA_Q8_RQ elements, clamped, signed, packed
+ *                        and stored,
  *   fa_q8_hmax           the largest lane of a magnitude accumulator.
  * The update and the codes' arithmetic are written once, after them.
  */
@@ -152,6 +159,7 @@ static inline __attribute__((always_inline)) void fa_q8_block(
 #include <immintrin.h>
 #define FA_Q8_LANES 16
 #define FA_Q8_RQ 32
+#define FA_Q8_DEC 1 /* vectors of y(code) per fa_q8_decode: 16 codes */
 #define FA_Q8_INTERLEAVE 1 /* see fa_q8_pass */
 typedef __m512 fa_q8_vf;
 typedef __m512i fa_q8_vi;
@@ -164,10 +172,10 @@ typedef __m512i fa_q8_vi;
 #define FA_V_AS_SI _mm512_castps_si512
 #define fa_q8_vzero _mm512_setzero_si512
 
-/* y(code) of FA_Q8_LANES codes of each moment (see fa_q8_y_m, fa_q8_y_v) */
+/* y(code) of 16 codes of each moment (see fa_q8_y_m, fa_q8_y_v) */
 static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm,
-                                                              const uint8_t *cv, __m512i *ym,
-                                                              __m512i *yv)
+                                                              const uint8_t *cv, __m512i ym[1],
+                                                              __m512i yv[1])
 {
     const __m512i cmi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)cm));
     const __m512i cvi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)cv));
@@ -176,11 +184,11 @@ static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm
                                              _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20))),
                                              _mm512_slli_epi32(km, 20));
     /* m | (code << 24 & sign bit): the code's bit 7 to the float's sign */
-    *ym = _mm512_ternarylogic_epi32(m, _mm512_slli_epi32(cmi, 24),
-                                    _mm512_set1_epi32((int32_t)0x80000000u), 0xF8);
-    *yv = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(cvi, cvi),
-                                 _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
-                                 _mm512_slli_epi32(cvi, 20));
+    ym[0] = _mm512_ternarylogic_epi32(m, _mm512_slli_epi32(cmi, 24),
+                                      _mm512_set1_epi32((int32_t)0x80000000u), 0xF8);
+    yv[0] = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(cvi, cvi),
+                                   _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
+                                   _mm512_slli_epi32(cvi, 20));
 }
 
 /* t | ((bits >> 24) & 0x80) in one ternary-logic operation */
@@ -194,6 +202,7 @@ static inline __m512i fa_q8_with_sign(const __m512i t, const __m512i bits)
 #include <immintrin.h>
 #define FA_Q8_LANES 8
 #define FA_Q8_RQ 16
+#define FA_Q8_DEC 2 /* vectors of y(code) per fa_q8_decode: 16 codes */
 /* Not interleaved: with AVX2's 16 vector registers the interleaved loop spilled
  * 22 of them to the stack, and llvm-mca put it at 6.44 cycles/element on Zen 1
  * (znver1; 6.13 on znver2) against 5.85 for the two loops; on this variant's
@@ -210,37 +219,58 @@ typedef __m256i fa_q8_vi;
 #define FA_V_AS_SI _mm256_castps_si256
 #define fa_q8_vzero _mm256_setzero_si256
 
+/*
+ * y(code) of 16 codes of each moment, two vectors each. Every y has 16 zero
+ * low bits (fa_q8_y_m: a base and k << 20), so its high half is computed for
+ * all 16 codes at once in 16-bit lanes and widened by interleaving it with
+ * zeros: 15 operations against 24 for two 8-lane decodes in 32-bit lanes (the
+ * 8-bit step on AVX2 is bound by the count of vector operations; BENCHMARKS.md,
+ * "Session 14"). The codes are loaded into both 128-bit lanes and shuffled so
+ * that each lane's low words hold codes 0-3 / 4-7 and its high words 8-11 /
+ * 12-15: the in-lane interleaves then give elements 0-7 and 8-15 in order.
+ */
 static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm,
-                                                              const uint8_t *cv, __m256i *ym,
-                                                              __m256i *yv)
+                                                              const uint8_t *cv, __m256i ym[2],
+                                                              __m256i yv[2])
 {
-    const __m256i cmi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)cm));
-    const __m256i cvi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)cv));
-    const __m256i km = _mm256_and_si256(cmi, _mm256_set1_epi32(0x7F));
-    /* sign_epi32(x, k) is x, or 0 where the magnitude code k (>= 0) is 0 */
-    const __m256i m = _mm256_sign_epi32(
-        _mm256_add_epi32(_mm256_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20))),
-                         _mm256_slli_epi32(km, 20)),
-        km);
-    *ym = _mm256_or_si256(
-        m, _mm256_slli_epi32(_mm256_and_si256(cmi, _mm256_set1_epi32(0x80)), 24));
-    *yv = _mm256_sign_epi32(_mm256_add_epi32(_mm256_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
-                                             _mm256_slli_epi32(cvi, 20)),
-                            cvi);
+    /* byte 0x80 in a shuffle control writes a zero */
+    const __m256i lo_byte = _mm256_setr_epi8(
+        0, -128, 1, -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128,
+        4, -128, 5, -128, 6, -128, 7, -128, 12, -128, 13, -128, 14, -128, 15, -128);
+    const __m256i hi_byte = _mm256_setr_epi8(
+        -128, 0, -128, 1, -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11,
+        -128, 4, -128, 5, -128, 6, -128, 7, -128, 12, -128, 13, -128, 14, -128, 15);
+    const __m256i zero = _mm256_setzero_si256();
+    /* m: code << 8 = sign bit 15, k in bits 8-14; high half = base + k << 4, | sign */
+    const __m256i xm = _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)cm)), hi_byte);
+    const __m256i km4 = _mm256_and_si256(_mm256_srli_epi16(xm, 4), _mm256_set1_epi16(0x7F0));
+    /* sign_epi16(x, k) is x, or 0 where the magnitude k (>= 0) is 0 */
+    __m256i hm = _mm256_sign_epi16(
+        _mm256_add_epi16(km4, _mm256_set1_epi16((int16_t)((FA_Q8_ONE - (127u << 20)) >> 16))),
+        km4);
+    hm = _mm256_or_si256(hm, _mm256_and_si256(xm, _mm256_set1_epi16((int16_t)0x8000)));
+    /* v: k = the code */
+    const __m256i kv = _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)cv)), lo_byte);
+    const __m256i hv = _mm256_sign_epi16(
+        _mm256_add_epi16(_mm256_slli_epi16(kv, 4),
+                         _mm256_set1_epi16((int16_t)((FA_Q8_ONE - (255u << 20)) >> 16))),
+        kv);
+    ym[0] = _mm256_unpacklo_epi16(zero, hm);
+    ym[1] = _mm256_unpackhi_epi16(zero, hm);
+    yv[0] = _mm256_unpacklo_epi16(zero, hv);
+    yv[1] = _mm256_unpackhi_epi16(zero, hv);
 }
 
-static inline __m256i fa_q8_with_sign(const __m256i t, const __m256i bits)
-{
-    return _mm256_or_si256(
-        t, _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80)));
-}
 #endif
 
 #ifdef FA_Q8_LANES
-/* The update of FA_Q8_LANES elements: param (and grad when unscaling) written,
- * the new m and v into mb, vb, their magnitudes folded into *mm, *mv. */
+/* The update of FA_Q8_LANES elements from their y(code) (ym, yv): param (and
+ * grad when unscaling) written, the new m and v into mb, vb, their magnitudes
+ * folded into *mm, *mv. */
 static inline __attribute__((always_inline)) void fa_q8_update_lanes(
-    const fa_scalars_f32 c, float *param, float *grad, const uint8_t *cm, const uint8_t *cv,
+    const fa_scalars_f32 c, float *param, float *grad, const fa_q8_vi ym, const fa_q8_vi yv,
     float *mb, float *vb, const fa_q8_vf am0, const fa_q8_vf av0, fa_q8_vi *mm, fa_q8_vi *mv,
     const int l2, const int unscale, const int maximize, const int div)
 {
@@ -256,8 +286,6 @@ static inline __attribute__((always_inline)) void fa_q8_update_lanes(
     if (l2)
         g = FA_V_PS(add)(g, FA_V_PS(mul)(FA_V_PS(set1)(c.weight_decay), p));
     p = FA_V_PS(mul)(p, FA_V_PS(set1)(c.decay));
-    fa_q8_vi ym, yv;
-    fa_q8_decode(cm, cv, &ym, &yv);
     const fa_q8_vf m0 = FA_V_PS(mul)(FA_V_AS_PS(ym), am0);
     const fa_q8_vf v0 = FA_V_PS(mul)(FA_V_AS_PS(yv), av0);
     const fa_q8_vf m =
@@ -276,25 +304,25 @@ static inline __attribute__((always_inline)) void fa_q8_update_lanes(
     *mv = FA_V_EPU32(max)(*mv, FA_V_AND(FA_V_AS_SI(v), mag));
 }
 
-/* The codes of FA_Q8_LANES elements of each moment as int32 lanes: m's in
- * [0, 255], v's >= 0 (the packs of fa_q8_requant_step saturate those above 255
- * to 255, as the reference's clamp). */
-static inline __attribute__((always_inline)) void fa_q8_codes(const float *mb, const float *vb,
-                                                             const fa_q8_vf rm, const fa_q8_vf rv,
-                                                             fa_q8_vi *tm, fa_q8_vi *tv)
+/* The codes of FA_Q8_LANES elements of each moment as int32 lanes, before
+ * m's clamp to [0, 127] and sign: tm may lie outside it, tv is >= 0 (the
+ * packs of fa_q8_requant_step saturate those above 255 to 255, as the
+ * reference's clamp). */
+static inline __attribute__((always_inline)) void fa_q8_codes_raw(const fa_q8_vf m,
+                                                                 const fa_q8_vf v,
+                                                                 const fa_q8_vf rm,
+                                                                 const fa_q8_vf rv, fa_q8_vi *tm,
+                                                                 fa_q8_vi *tv)
 {
     const fa_q8_vi mag = FA_V_EPI32(set1)(0x7FFFFFFF), half = FA_V_EPI32(set1)(1 << 19);
     const fa_q8_vi base_m = FA_V_EPI32(set1)((int32_t)(FA_Q8_ONE - (127u << 20)));
     const fa_q8_vi base_v = FA_V_EPI32(set1)((int32_t)(FA_Q8_ONE - (255u << 20)));
-    const fa_q8_vf m = FA_V_PS(load)(mb), v = FA_V_PS(load)(vb);
     /* bits(x * r) & mag: see fa_q8_enc_m */
     const fa_q8_vi um = FA_V_AND(FA_V_AS_SI(FA_V_PS(mul)(m, rm)), mag);
     const fa_q8_vi uv = FA_V_AND(FA_V_AS_SI(FA_V_PS(mul)(v, rv)), mag);
     /* (u - base + half) >> 20 in one add: neither form overflows int32 */
-    fa_q8_vi t = FA_V_EPI32(srai)(FA_V_EPI32(add)(um, FA_V_EPI32(sub)(half, base_m)), 20);
-    t = FA_V_EPI32(min)(FA_V_EPI32(max)(t, fa_q8_vzero()), FA_V_EPI32(set1)(127));
-    *tm = fa_q8_with_sign(t, FA_V_AS_SI(m));
-    t = FA_V_EPI32(srai)(FA_V_EPI32(add)(uv, FA_V_EPI32(sub)(half, base_v)), 20);
+    *tm = FA_V_EPI32(srai)(FA_V_EPI32(add)(um, FA_V_EPI32(sub)(half, base_m)), 20);
+    const fa_q8_vi t = FA_V_EPI32(srai)(FA_V_EPI32(add)(uv, FA_V_EPI32(sub)(half, base_v)), 20);
     /* >= 1 for a positive v: max with min(bits, 1) */
     *tv = FA_V_EPI32(max)(t, FA_V_EPU32(min)(FA_V_AS_SI(v), FA_V_EPI32(set1)(1)));
 }
@@ -307,9 +335,15 @@ static inline __attribute__((always_inline)) void fa_q8_codes(const float *mb, c
 static inline __attribute__((always_inline)) void fa_q8_requant_step(
     const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const __m512 rm, const __m512 rv)
 {
+    const __m512 m0 = _mm512_load_ps(mb), m1 = _mm512_load_ps(mb + 16);
     __m512i tm0, tm1, tv0, tv1;
-    fa_q8_codes(mb, vb, rm, rv, &tm0, &tv0);
-    fa_q8_codes(mb + 16, vb + 16, rm, rv, &tm1, &tv1);
+    fa_q8_codes_raw(m0, _mm512_load_ps(vb), rm, rv, &tm0, &tv0);
+    fa_q8_codes_raw(m1, _mm512_load_ps(vb + 16), rm, rv, &tm1, &tv1);
+    const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(127);
+    tm0 = fa_q8_with_sign(_mm512_min_epi32(_mm512_max_epi32(tm0, zero), top),
+                          _mm512_castps_si512(m0));
+    tm1 = fa_q8_with_sign(_mm512_min_epi32(_mm512_max_epi32(tm1, zero), top),
+                          _mm512_castps_si512(m1));
     /* per 128-bit lane l, dwords of 4 codes: m[4l..] m[16+4l..] v[4l..] v[16+4l..] */
     const __m512i w = _mm512_packus_epi16(_mm512_packus_epi32(tm0, tm1),
                                           _mm512_packus_epi32(tv0, tv1));
@@ -324,17 +358,35 @@ static inline uint32_t fa_q8_hmax(const __m512i x)
     return _mm512_reduce_max_epu32(x);
 }
 #elif defined(__AVX2__)
-/* 16 elements' codes of each moment, packed together (4 operations for all 32 bytes). */
+/*
+ * 16 elements' codes of each moment, packed together. m's clamp to [0, 127]
+ * and its sign bit are applied to the packed bytes, all 16 at once: the packs
+ * saturate the codes to [0, 255], a byte min takes m's to 127, and m's sign
+ * bits come from packing its float bits with signed saturation, which keeps
+ * each one's sign (10 operations for m's 16 codes in 32-bit lanes, 5 here).
+ */
 static inline __attribute__((always_inline)) void fa_q8_requant_step(
     const float *mb, const float *vb, uint8_t *cm, uint8_t *cv, const __m256 rm, const __m256 rv)
 {
+    const __m256 m0 = _mm256_load_ps(mb), m1 = _mm256_load_ps(mb + 8);
     __m256i tm0, tm1, tv0, tv1;
-    fa_q8_codes(mb, vb, rm, rv, &tm0, &tv0);
-    fa_q8_codes(mb + 8, vb + 8, rm, rv, &tm1, &tv1);
-    /* dwords of 4 codes, per 128-bit lane: m0-3 m8-11 v0-3 v8-11 | m4-7 m12-15 v4-7 v12-15 */
-    const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(tm0, tm1),
+    fa_q8_codes_raw(m0, _mm256_load_ps(vb), rm, rv, &tm0, &tv0);
+    fa_q8_codes_raw(m1, _mm256_load_ps(vb + 8), rm, rv, &tm1, &tv1);
+    /* bytes, per 128-bit lane: m0-3 m8-11 v0-3 v8-11 | m4-7 m12-15 v4-7 v12-15 */
+    const __m256i w = _mm256_packus_epi16(_mm256_packs_epi32(tm0, tm1),
                                           _mm256_packus_epi32(tv0, tv1));
-    const __m256i codes = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    /* the same places: m's sign bytes (negative iff m's sign bit is set), zeros */
+    const __m256i sign = _mm256_packs_epi16(
+        _mm256_packs_epi32(_mm256_castps_si256(m0), _mm256_castps_si256(m1)),
+        _mm256_setzero_si256());
+    const __m256i top = _mm256_setr_epi8(127, 127, 127, 127, 127, 127, 127, 127, -1, -1, -1, -1,
+                                         -1, -1, -1, -1, 127, 127, 127, 127, 127, 127, 127, 127,
+                                         -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i codes_w =
+        _mm256_or_si256(_mm256_min_epu8(w, top),
+                        _mm256_and_si256(sign, _mm256_set1_epi8((char)0x80)));
+    const __m256i codes =
+        _mm256_permutevar8x32_epi32(codes_w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm_storeu_si128((__m128i *)cm, _mm256_castsi256_si128(codes));
     _mm_storeu_si128((__m128i *)cv, _mm256_extracti128_si256(codes, 1));
 }
@@ -361,24 +413,29 @@ static inline uint32_t fa_q8_hmax(const __m256i x)
  * in the update's shadow (measured on that Xeon, one thread in cache: 0.73 ->
  * 0.69 ns per element; 2^24 on two threads, 0.93 of the old time). The
  * block's new scales are stored here; its codes, with the next block (their
- * reciprocals go out through rm_out, rv_out).
+ * reciprocals go out through rm_out, rv_out). ahead: how many elements on
+ * to prefetch (0 in a piece's last blocks, see fa_q8_prefetch_next).
  */
 static inline __attribute__((always_inline)) void fa_q8_pass(
     const fa_scalars_f32 c, float *param, float *grad, const uint8_t *cm, const uint8_t *cv,
     float *am, float *av, float *mb, float *vb, const float *pmb, const float *pvb,
     uint8_t *pcm, uint8_t *pcv, const float prm, const float prv, float *rm_out, float *rv_out,
     const int l2, const int unscale, const int maximize, const int div, const int prev,
-    const int ahead)
+    const int64_t ahead)
 {
     const fa_q8_vf am0 = FA_V_PS(set1)(*am), av0 = FA_V_PS(set1)(*av);
     const fa_q8_vf rm = FA_V_PS(set1)(prm), rv = FA_V_PS(set1)(prv);
     fa_q8_vi mm = fa_q8_vzero(), mv = fa_q8_vzero();
     for (int i = 0; i < FA_Q8_BLOCK; i += FA_Q8_RQ) {
-        for (int h = i; h < i + FA_Q8_RQ; h += FA_Q8_LANES) {
-            if (ahead && h % 16 == 0)
-                fa_q8_prefetch_next(param, grad, cm, cv, h);
-            fa_q8_update_lanes(c, param + h, grad + h, cm + h, cv + h, mb + h, vb + h, am0, av0,
-                               &mm, &mv, l2, unscale, maximize, div);
+        for (int h = i; h < i + FA_Q8_RQ; h += 16) {
+            fa_q8_prefetch_next(param, grad, cm, cv, h, ahead);
+            fa_q8_vi ym[FA_Q8_DEC], yv[FA_Q8_DEC];
+            fa_q8_decode(cm + h, cv + h, ym, yv);
+            for (int k = 0; k < FA_Q8_DEC; k++) {
+                const int e = h + k * FA_Q8_LANES;
+                fa_q8_update_lanes(c, param + e, grad + e, ym[k], yv[k], mb + e, vb + e, am0, av0,
+                                   &mm, &mv, l2, unscale, maximize, div);
+            }
         }
         if (prev)
             fa_q8_requant_step(pmb + i, pvb + i, pcm + i, pcv + i, rm, rv);
@@ -418,7 +475,10 @@ static inline __attribute__((always_inline)) void fa_q8_body(
     for (; j + FA_Q8_BLOCK <= n; j += FA_Q8_BLOCK, b++) {
         float *mb = buf[b & 1][0], *vb = buf[b & 1][1];
         const float *pmb = buf[(b & 1) ^ 1][0], *pvb = buf[(b & 1) ^ 1][1];
-        const int ahead = j + 2 * FA_Q8_BLOCK <= n;
+        /* the last blocks prefetch their own lines, in flight already: no
+         * branch in the loop */
+        const int64_t ahead =
+            j + (FA_Q8_AHEAD + 1) * FA_Q8_BLOCK <= n ? FA_Q8_AHEAD * FA_Q8_BLOCK : 0;
         if (FA_Q8_INTERLEAVE && b > 0)
             fa_q8_pass(c, param + j, grad + j, cm + j, cv + j, am + b, av + b, mb, vb, pmb, pvb,
                        cm + j - FA_Q8_BLOCK, cv + j - FA_Q8_BLOCK, rm, rv, &rm, &rv, l2, unscale,
