@@ -33,7 +33,6 @@ from ._numba_intrinsics import (
     target_cpu,
     target_features,
 )
-from ._numba_q8_simd import LANES, _codes16
 
 NAME = "numba"
 # adam_step_q8 reads these beside step_fast_q8 (the one-call path, below)
@@ -141,10 +140,9 @@ def _reciprocal(bits):
 
 @njit(inline="always", **_JIT)
 def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
-    """The codes of the 256 elements from ``j0``, their moments in ``buf`` at ``o``
-    (_codes, 16 elements at a time: see _numba_q8_simd)."""
-    for j in range(0, 256, LANES):
-        _codes16(cm, cv, buf, o + j, j0 + j, r_m, r_v)
+    """The codes of the 256 elements from ``j0``, their moments in ``buf`` at ``o``."""
+    for j in range(0, 256):
+        _codes(cm, cv, buf, o + j, j0 + j, r_m, r_v)
 
 
 @njit(inline="always", **_JIT)
