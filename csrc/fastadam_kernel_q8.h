@@ -26,7 +26,8 @@
  * the same way (session 14, `bench/compare_c_builds.py --dtype q8`, two runs
  * per ISA): 1.04-1.10x at 2^24, 1.06-1.19x at 2^25, 0.99-1.03x at 2^26 with
  * AVX-512; 1.07x, 1.06x, 1.01-1.02x with AVX2. Two blocks were as good at
- * 2^24 and down to 0.92x at 2^26. No prefetch past the piece's last block,
+ * 2^24 and 0.92-1.12x at 2^26 (BENCHMARKS.md, session 14). No prefetch past
+ * the piece's last block,
  * where the next thread's share begins (fastadam_internal.h).
  */
 #define FA_Q8_AHEAD 3
