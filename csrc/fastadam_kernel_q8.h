@@ -27,8 +27,8 @@
  * per ISA): 1.04-1.10x at 2^24, 1.06-1.19x at 2^25, 0.99-1.03x at 2^26 with
  * AVX-512; 1.07x, 1.06x, 1.01-1.02x with AVX2. Two blocks were as good at
  * 2^24 and 0.92-1.12x at 2^26 (BENCHMARKS.md, session 14). No prefetch past
- * the piece's last block,
- * where the next thread's share begins (fastadam_internal.h).
+ * the piece's last block, where the next thread's share begins
+ * (fastadam_internal.h).
  */
 #define FA_Q8_AHEAD 3
 static inline __attribute__((always_inline)) void fa_q8_prefetch_next(
@@ -160,7 +160,6 @@ static inline __attribute__((always_inline)) void fa_q8_block(
 #include <immintrin.h>
 #define FA_Q8_LANES 16
 #define FA_Q8_RQ 32
-#define FA_Q8_DEC 1 /* vectors of y(code) per fa_q8_decode: 16 codes */
 #define FA_Q8_INTERLEAVE 1 /* see fa_q8_pass */
 typedef __m512 fa_q8_vf;
 typedef __m512i fa_q8_vi;
@@ -203,7 +202,6 @@ static inline __m512i fa_q8_with_sign(const __m512i t, const __m512i bits)
 #include <immintrin.h>
 #define FA_Q8_LANES 8
 #define FA_Q8_RQ 16
-#define FA_Q8_DEC 2 /* vectors of y(code) per fa_q8_decode: 16 codes */
 /* Not interleaved: with AVX2's 16 vector registers the interleaved loop spilled
  * 22 of them to the stack, and llvm-mca put it at 6.44 cycles/element on Zen 1
  * (znver1; 6.13 on znver2) against 5.85 for the two loops; on this variant's
@@ -267,6 +265,9 @@ static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm
 #endif
 
 #ifdef FA_Q8_LANES
+/* vectors of y(code) that fa_q8_decode makes of 16 codes of each moment */
+#define FA_Q8_DEC (16 / FA_Q8_LANES)
+
 /* The update of FA_Q8_LANES elements from their y(code) (ym, yv): param (and
  * grad when unscaling) written, the new m and v into mb, vb, their magnitudes
  * folded into *mm, *mv. */
