@@ -141,17 +141,12 @@ def test_parity_special_values(fast_backend):
     _same(*out)
 
 
-@pytest.mark.parametrize("interleave", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_numba_block_schedules(interleave, threads, monkeypatch, restore_threads):
-    """Both of the Numba blocks' schedules give the reference's bits, whichever one
-    this CPU runs (_numba_q8.interleaved): each block's codes in a loop of their
-    own, or inside the next block's update, on every kind of block (a share's
-    first, the pipelined ones, a partial last one) and value (special ones)."""
+def test_numba_blocks(threads, restore_threads):
+    """The Numba blocks give the reference's bits on every kind of block (a share's
+    first, the pipelined ones whose codes follow the next block's update, a
+    partial last one) and value (special ones)."""
     pytest.importorskip("numba")
-    from fastadam.backends import _numba_q8
-
-    monkeypatch.setattr(_numba_q8, "interleaved", lambda: interleave)
     fastadam.set_num_threads(threads)
     # the flags test_parity compiles anyway: the schedule does not depend on them
     _same(_run(70001, "numpy"), _run(70001, "numba"))

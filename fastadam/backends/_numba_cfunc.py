@@ -31,7 +31,7 @@ from numba import carray, cfunc, types
 from .. import config
 from ._numba_intrinsics import _borrow
 from ._numba_loops import _constants, _piece
-from ._numba_q8 import BLOCK, _blocks, interleaved
+from ._numba_q8 import BLOCK, _blocks
 from .numba_ import DECLINED
 
 # fa_adam_scalars (csrc/fastadam.h): 9 doubles, then the ints unscale,
@@ -68,7 +68,7 @@ step_f32 = _make(types.float32, np.float32)
 step_f64 = _make(types.float64, np.float64)
 
 
-def _make_q8(interleave: bool, limit: int):
+def _make_q8(limit: int):
     f32, u8 = types.CPointer(types.float32), types.CPointer(types.uint8)
     signature = types.int32(f32, f32, u8, u8, f32, f32, types.int64, types.voidptr)
 
@@ -87,10 +87,10 @@ def _make_q8(interleave: bool, limit: int):
                 _borrow(carray(exp_avg, n)), _borrow(carray(exp_avg_sq, n)),
                 _borrow(carray(exp_avg_absmax, nb)), _borrow(carray(exp_avg_sq_absmax, nb)),
                 0, nb, n, c, w[_UNSCALE] != 0, w[_MAXIMIZE] != 0, d[6] != 0, d[1] != 1.0,
-                _borrow(buf), interleave)  # fmt: skip
+                _borrow(buf))  # fmt: skip
         return 0
 
     return step_q8
 
 
-step_q8 = _make_q8(interleaved(), config.PARALLEL_MIN_ELEMENTS)
+step_q8 = _make_q8(config.PARALLEL_MIN_ELEMENTS)

@@ -5,11 +5,10 @@ reference); the code map is integer arithmetic on float32 bit patterns, so
 the results are bit-identical to it. One launch per step: the blocks of every
 tensor of a table, concatenated, are split into one share per thread on block
 boundaries (a block is never shared, so the split changes no bit). Each block
-is done in two passes while its 256 elements are in L1: the update, keeping
-the new moments in a small buffer (one per share) and taking their absmax,
-then the requantization. The second pass of one block runs inside the next
-block's update where that is faster, else right after it (see interleaved,
-_pass and _blocks).
+is done in passes while its 256 elements are in L1: the update, keeping the
+new moments in a small buffer (one per share), their absmax, and the
+requantization, which runs after the next block's update (see _pass and
+_blocks).
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ from ._numba_intrinsics import (
     _prefer_512_bit_vectors,
     _prefetch_line,
     _view,
-    target_cpu,
-    target_features,
 )
 
 NAME = "numba"
@@ -146,23 +143,18 @@ def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
 
 
 @njit(inline="always", **_JIT)
-def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m, r_v, ahead,
-          interleave):  # fmt: skip
-    """The update of full block ``b`` (its new moments into ``buf`` at ``new``) and,
-    with ``interleave``, the codes of block ``b - 1`` (from ``buf`` at ``512 - new``,
-    with its reciprocals ``r_m``, ``r_v``), element by element in one loop. The
-    block's new scales are stored here; its reciprocals are returned, for its
-    codes with the next block (or after it, see _blocks).
+def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahead):
+    """The update of full block ``b``, its new moments into ``buf`` at ``new``, then
+    their absmax in a loop of its own over ``buf``. The block's new scales are
+    stored here; its reciprocals are returned, for its codes after the next
+    block's update (see _blocks).
 
-    The update waits on the divider (a square root and a division per element);
-    the requantization needs none. As a second loop after the update it ran
-    while the divider sat idle; in the same loop the out-of-order core runs it
-    in the update's shadow (as in the C blocks, fastadam_kernel_q8.h). Only on
-    some targets: see interleaved(). Without it the absmax is a loop of its own
-    over ``buf`` too, rather than four reductions a block (one per quarter) in
-    the update loop: with the codes' lag of _blocks, on a Zen 5 in cache 0.39
-    against 0.43 ns/element, AVX2 code 0.74 against 0.79 (BENCHMARKS.md,
-    session 13).
+    The absmax as a loop of its own, rather than four reductions a block (one
+    per quarter) in the update loop, and with the codes' lag of _blocks: on a
+    Zen 5 in cache 0.39 against 0.43 ns/element, AVX2 code 0.74 against 0.79
+    (BENCHMARKS.md, session 13). The C blocks' other schedule, each block's
+    codes inside the next block's update loop, lost to this one on every
+    target once both ran 512-bit vectors on an Intel Xeon too (session 15).
 
     ``ahead``: the next block is a full one of this share. The loop runs as
     four of 64 elements, each first asking for its quarter of the next block's
@@ -184,18 +176,12 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m,
             _prefetch_line(cm, c0 + 256)
             _prefetch_line(cv, c0 + 256)
         for j in range(c0, c0 + 64):
-            bm, bv = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf,
-                              new + j - j0)  # fmt: skip
-            if interleave:
-                mm = bm if bm > mm else mm
-                mv = bv if bv > mv else mv
-                _codes(cm, cv, buf, 512 - new + j - j0, j - 256, r_m, r_v)
-    if not interleave:
-        for k in range(new, new + 256):
-            bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
-            bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
-            mm = bm if bm > mm else mm
-            mv = bv if bv > mv else mv
+            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0)
+    for k in range(new, new + 256):
+        bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
+        bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
+        mm = bm if bm > mm else mm
+        mv = bv if bv > mv else mv
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
     return _reciprocal(mm), _reciprocal(mv)
@@ -203,18 +189,15 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, r_m,
 
 @njit(**_JIT)
 def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
-    """Elements [256 b, end) of block ``b`` alone: the update, then the codes. Its
-    new moments stay in ``buf`` at 0; returns its reciprocals.
+    """Elements [256 b, end) of the partial block ``b`` a tensor may end with: the
+    update, then the codes (its new moments in ``buf`` at 0).
 
-    For a share's first full block, which has no block before it to pipeline
-    with (the pass after it writes its codes again from ``buf``, the same
-    bytes), and for the partial block a tensor may end with. A function of its
-    own, not inlined: that keeps a second copy of the pass out of each loop
-    (the parallel loop compiled in 3.2 s instead of 5.3 on the Intel Xeon),
-    and inlined beside _pass in the parallel loop, the partial block got a
-    wrong scale from Numba 0.68's parfor lowering (the two-thread parity test
-    of tests/test_q8.py caught it).
+    A function of its own, not inlined: that keeps a second copy of the update
+    out of each loop, and inlined beside _pass in the parallel loop, the
+    partial block got a wrong scale from Numba 0.68's parfor lowering (the
+    two-thread parity test of tests/test_q8.py caught it).
     """
+    _prefer_512_bit_vectors()
     j0 = b * 256
     a_m = am[b]
     a_v = av[b]
@@ -230,74 +213,42 @@ def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
     r_v = _reciprocal(tv)
     for j in range(j0, end):
         _codes(cm, cv, buf, j - j0, j, r_m, r_v)
-    return r_m, r_v
 
 
 @njit(inline="always", **_JIT)
-def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf, interleave):
+def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf):
     """Blocks [b0, b1) of one tensor: the full ones, then the partial one the tensor
     may end with. buf holds two blocks' moments, at 0 and 512: each block's codes
-    are written while (``interleave``) or after (not) the next block is updated.
-
-    Without ``interleave``, the codes a block later than its update: then its
-    scale's reduction and reciprocals were done a whole update before, and the
-    out-of-order core need not wait for them (with the absmax loop of _pass,
-    see there). With it, the first full block alone (_single), as no block
-    before it is there to pipeline with.
+    are written after the next block's update, so that its scale's reduction and
+    reciprocals were done a whole update before and the out-of-order core need
+    not wait for them (with the absmax loop of _pass, see there).
     """
+    # here, not in the loop over shares: prange outlines its body into a function
+    # of its own, which a call outside it left at 256-bit vectors (session 15)
+    _prefer_512_bit_vectors()
     full = min(b1, n // 256)
-    if not interleave:
-        f0 = np.float32(0.0)
-        new = 0
-        r_m, r_v = f0, f0
-        for b in range(b0, full):
-            rm_b, rv_b = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
-                               f0, f0, b + 1 < full, False)  # fmt: skip
-            if b > b0:
-                _codes_block(cm, cv, buf, 512 - new, (b - 1) * 256, r_m, r_v)
-            r_m, r_v = rm_b, rv_b
-            new = 512 - new
-        if full > b0:  # the codes of the last full block
-            _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
-    elif full > b0:
-        r_m, r_v = _single(p, g, cm, cv, am, av, b0, b0 * 256 + 256, c, unscale, maximize, l2,
-                           div, buf)  # fmt: skip
-        new = 512
-        for b in range(b0 + 1, full):
-            r_m, r_v = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
-                             r_m, r_v, b + 1 < full, True)  # fmt: skip
-            new = 512 - new
-        if full > b0 + 1:  # the codes of the last full block
-            _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
+    f0 = np.float32(0.0)
+    new = 0
+    r_m, r_v = f0, f0
+    for b in range(b0, full):
+        rm_b, rv_b = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
+                           b + 1 < full)  # fmt: skip
+        if b > b0:
+            _codes_block(cm, cv, buf, 512 - new, (b - 1) * 256, r_m, r_v)
+        r_m, r_v = rm_b, rv_b
+        new = 512 - new
+    if full > b0:  # the codes of the last full block
+        _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
     if b1 > full and b1 > b0:
         _single(p, g, cm, cv, am, av, b1 - 1, n, c, unscale, maximize, l2, div, buf)
 
 
-@functools.cache
-def interleaved() -> bool:
-    """Whether each block's codes are written inside the next block's update (one
-    loop, see _pass) rather than in a loop of their own after it: with AVX-512,
-    and not on AMD's cores.
-
-    For an AVX2 target (16 vector registers) llvm-mca put the interleaved loop at
-    7.39 cycles/element on znver1 (7.14 znver2, 3.50 skylake) against 6.34 (6.10,
-    2.97) for two loops, as for the C avx2 variant (fastadam_kernel_q8.h,
-    FA_Q8_INTERLEAVE). With AVX-512 it won on an Intel Xeon, whose 512-bit
-    operations issue on two ports, and lost on a Zen 5 (four pipes): 0.52
-    against 0.43 ns/element in cache on one thread, level at 2^24 (BENCHMARKS.md,
-    session 13). Both schedules give the same bits (tests/test_q8.py).
-    """
-    return "avx512f" in target_features() and not target_cpu().startswith("znver")
-
-
-def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool,
-          interleave: bool):  # fmt: skip
+def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
     """The loop over a table's blocks with the flags as compile-time constants
     (LLVM then keeps no branch on them in the vector loops)."""
     rng = prange if parallel else range
 
     def q8(pointers, sizes, boffsets, consts, index, parts):
-        _prefer_512_bit_vectors()
         count = sizes.size
         total = boffsets[count]
         f = np.float32
@@ -322,16 +273,16 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool,
                 am = _view(pointers[4, k], nb, np.float32)
                 av = _view(pointers[5, k], nb, np.float32)
                 _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div,
-                        _borrow(buf), interleave)  # fmt: skip
+                        _borrow(buf))  # fmt: skip
                 k += 1
 
     return q8
 
 
 @functools.cache
-def _loops(unscale: bool, maximize: bool, l2: bool, div: bool, interleave: bool) -> tuple:
+def _loops(unscale: bool, maximize: bool, l2: bool, div: bool) -> tuple:
     """(serial, parallel) loops for these flags; compiled on first use, cached on disk."""
-    flags = (unscale, maximize, l2, div, interleave)
+    flags = (unscale, maximize, l2, div)
     return (njit(**_JIT)(_make(False, *flags)),
             njit(parallel=True, **_JIT)(_make(True, *flags)))  # fmt: skip
 
@@ -346,7 +297,7 @@ def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ..
         index = np.zeros(count, np.int32)
     sc = scalars[0]
     div = any(s.bias_correction2_sqrt != 1.0 for s in scalars)
-    flags = (bool(sc.unscale), bool(sc.maximize), sc.weight_decay != 0.0, div, interleaved())
+    flags = (bool(sc.unscale), bool(sc.maximize), sc.weight_decay != 0.0, div)
     serial, parallel = _loops(*flags)
     args = (pointers, sizes, boffsets, consts, index)
     numba_._launch(serial, parallel, args, int(boffsets[count]) * BLOCK)
