@@ -47,6 +47,13 @@ _BASE_V32 = np.uint32(_BASE_V)
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
+# Each block asks for the lines of the block this many blocks on (see _pass).
+# Two rather than one: 0.96x the step time at 2^24 and 2^26 on two threads,
+# level at 2^20; three and four no better (Intel Xeon, session 15). The C
+# blocks' FA_Q8_AHEAD is 3, measured on a Zen 5.
+_AHEAD = 2
+_AHEAD_ELEMENTS = _AHEAD * BLOCK
+
 
 @njit(inline="always", **_JIT)
 def _y_m(code):
@@ -156,9 +163,9 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahea
     codes inside the next block's update loop, lost to this one on every
     target once both ran 512-bit vectors on an Intel Xeon too (session 15).
 
-    ``ahead``: the next block is a full one of this share. The loop runs as
-    four of 64 elements, each first asking for its quarter of the next block's
-    lines: the streamer alone left them unrequested. Loops of a constant 64: a
+    ``ahead``: the block _AHEAD blocks on is a full one of this share. The loop
+    runs as four of 64 elements, each first asking for its quarter of that
+    block's lines: the streamer alone left them unrequested. Loops of a constant 64: a
     min() bound, or the 40 prefetches issued at once, left the update scalar or
     cost 25% (session 11).
     """
@@ -171,10 +178,10 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahea
         c0 = j0 + 64 * quarter
         if ahead:
             for line in range(0, 64, 16):  # 16 float32 a cache line
-                _prefetch_line(p, c0 + 256 + line)
-                _prefetch_line(g, c0 + 256 + line)
-            _prefetch_line(cm, c0 + 256)
-            _prefetch_line(cv, c0 + 256)
+                _prefetch_line(p, c0 + _AHEAD_ELEMENTS + line)
+                _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
+            _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
+            _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
         for j in range(c0, c0 + 64):
             _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0)
     for k in range(new, new + 256):
@@ -232,7 +239,7 @@ def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf)
     r_m, r_v = f0, f0
     for b in range(b0, full):
         rm_b, rv_b = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
-                           b + 1 < full)  # fmt: skip
+                           b + _AHEAD < full)  # fmt: skip
         if b > b0:
             _codes_block(cm, cv, buf, 512 - new, (b - 1) * 256, r_m, r_v)
         r_m, r_v = rm_b, rv_b
