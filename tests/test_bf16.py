@@ -72,6 +72,40 @@ def test_fast_backend_matches_reference(fast_backend, rounding, combo):
     assert diffs == dict.fromkeys("pgmvx", 0), diffs
 
 
+def _special_bf16_state(n=4096):
+    """A state whose new moments are NaNs of many payloads (some with low bits that
+    a rounding add would carry into the bfloat16), infinities and overflows."""
+    p, g, m, v, vmax = bf16_state(n, seed=5)
+    gbits = g.view(np.uint32)
+    # NaN gradients: quiet and signaling, payloads in the low 16 bits and above
+    payloads = [0x7FC0FFFF, 0xFFC0FFFF, 0x7F800001, 0x7FBFFFFF, 0x7FC08000, 0xFFFFFFFF,
+                0x7FC00000, 0x7F80FFFF]  # fmt: skip
+    gbits[3 : 3 + len(payloads)] = payloads
+    g[20:24] = [np.inf, -np.inf, 3.4e38, -3.4e38]  # inf, and g*g overflowing
+    mbits, vbits = m.view(np.uint16), v.view(np.uint16)
+    mbits[40:46] = [0x7F80, 0xFF80, 0x7FC1, 0xFFFF, 0x7F81, 0x7F7F]  # m inf, NaN, largest
+    vbits[50:54] = [0x7F80, 0x7FC1, 0x7F81, 0x7F7F]
+    p[60:62] = [np.nan, np.inf]  # into the gradient with L2 weight decay
+    return [p, g, m, v, vmax]
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fast_backend_matches_reference_on_special_values(fast_backend, rounding,
+                                                          weight_decay):  # fmt: skip
+    """NaNs of every payload, infinities and overflowing squares round to the
+    reference's bits: a NaN's rounding add must not carry into its bfloat16."""
+    ref = _special_bf16_state()
+    fast = [a.copy() for a in ref]
+    for step in (1, 2):
+        for state, backend in ((ref, "numpy"), (fast, fast_backend)):
+            step_all(state, backend, step, state_rounding=rounding, seed=3,
+                     weight_decay=weight_decay)  # fmt: skip
+    assert np.isnan(ref[2].astype(np.float32)).sum() > 8  # the case is exercised
+    diffs = {n: count_differences(a, b) for n, a, b in zip("pgmvx", fast, ref)}
+    assert diffs == dict.fromkeys("pgmvx", 0), diffs
+
+
 def test_bf16_scalars_fold_the_second_bias_correction():
     """bf16 steps use the epsilon-hat form: no divide by sqrt(1 - beta2^t) in the loop.
 

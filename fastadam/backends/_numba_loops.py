@@ -263,13 +263,21 @@ def _widen(b):
 
 @njit(inline="always")
 def _round_bf16(x, add):
-    """float32 ``x`` rounded to bfloat16, adding ``add`` below the cut (a NaN made
-    quiet instead), as a 32-bit word whose high half is the bfloat16 and whose low
-    half is garbage; branch-free (a select). Kept in the high half, the rounded
-    float is one AND away and the stored bits one shift: 2-3% faster than
-    shifting down, then up again, with the data in L2 and at 2^26."""
+    """float32 ``x`` rounded to bfloat16, adding ``add`` below the cut (a NaN kept
+    as it is), as a 32-bit word whose high half is the bfloat16 and whose low
+    half is garbage; branch-free. Kept in the high half, the rounded float is
+    one AND away and the stored bits one shift: 2-3% faster than shifting down,
+    then up again, with the data in L2 and at 2^26.
+
+    ``x`` is always the result of arithmetic (a new moment, _moments), so a NaN
+    here is a quiet one (IEEE 754: operations never return a signaling NaN),
+    and the reference's ``u | 0x00400000`` for a NaN is ``u`` itself: only the
+    ``add`` must not carry into the NaN's high half. Adding ``add`` or zero
+    (an AND-NOT with the NaN mask) rather than selecting between two words (a
+    blend): 0.92x the step time in L2 and 0.95x at 2^24 on two threads with
+    AVX2 code (Intel Xeon, session 15)."""
     u = _f32_bits(x)
-    return (u | np.uint32(0x00400000)) if x != x else np.uint32(u + add)
+    return np.uint32(u + (np.uint32(0) if x != x else add))
 
 
 @njit(inline="always")
