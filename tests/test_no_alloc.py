@@ -195,7 +195,7 @@ def _serial_loop_llvm(kind: str) -> str:
         py_loop = _numba_loops._make_loop(False)
         arrays = (p, g, m, v, v)
     else:
-        py_loop = _numba_loops._make_bf16_loop(False, True, True, True, True, True)
+        py_loop = _numba_loops._make_bf16_loop(False, True, True, True, True, True, True, True)
         m16, v16 = (np.zeros(n, np.uint16) for _ in range(2))
         arrays = (p, g, m16, v16, np.zeros(n, np.uint16))
     loop = njit(**{**_numba_loops._JIT, "cache": False})(py_loop)

@@ -131,7 +131,7 @@ class _TableCache:
             if self.bf16:
                 flags = _bf16_flags(sc)
                 loops = (_bf16_multi(False, *flags), _bf16_multi(True, *flags))
-                flag_args: tuple = (sc.maximize,)
+                flag_args: tuple = ()
             else:
                 # l2 decided on the float64 value, as the single-array loop does
                 flags = (sc.maximize, sc.weight_decay != 0, sc.amsgrad)
