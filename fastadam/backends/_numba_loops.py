@@ -414,16 +414,8 @@ def _bf16_tail(p, g, m, v, vmax, n, rounding_key, consts, flags):
             vmax[i] = vm
 
 
-def _make_bf16_loop(
-    parallel: bool,
-    stochastic: bool,
-    divide: bool,
-    amsgrad: bool,
-    decoupled: bool,
-    unscale: bool,
-    maximize: bool,
-    l2: bool,
-):
+def _make_bf16_loop(parallel: bool, stochastic: bool, divide: bool, amsgrad: bool,
+                    decoupled: bool, unscale: bool, maximize: bool, l2: bool):  # fmt: skip
     """The single-array float32-param / bfloat16-state update (see AdamScalars).
 
     The flags are compile-time constants, so each compiled loop holds only its
@@ -463,16 +455,8 @@ def _make_bf16_loop(
     return loop
 
 
-def _make_bf16_multi(
-    parallel: bool,
-    stochastic: bool,
-    divide: bool,
-    amsgrad: bool,
-    decoupled: bool,
-    unscale: bool,
-    maximize: bool,
-    l2: bool,
-):
+def _make_bf16_multi(parallel: bool, stochastic: bool, divide: bool, amsgrad: bool,
+                     decoupled: bool, unscale: bool, maximize: bool, l2: bool):  # fmt: skip
     """The multi-tensor update of a bfloat16-state table: shares and walk as in
     _make_multi, each piece of a tensor _bf16_blocks, and _bf16_tail for the
     share holding its end (flags as in _make_bf16_loop).
