@@ -320,6 +320,26 @@ print(h.hexdigest())
 )
 
 
+def test_numba_avx2_target_bit_identical(tmp_path):
+    """The Numba blocks compiled for an AVX2 CPU without AVX-512 (whose codes are
+    packed by _numba_q8_simd, x86 pack instructions) give the reference's bits,
+    whatever this host's vector width."""
+    pytest.importorskip("numba")
+    from helpers import cpu_flags, numba_avx2_env, run_python
+
+    if "avx2" not in cpu_flags():
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    ref = run_python(_ISA_CODE.replace("BACKEND", '"numpy"'))
+    assert ref.returncode == 0, ref.stderr
+    code = _ISA_CODE.replace("BACKEND", '"numba"') + (
+        "from fastadam.backends import _numba_q8_simd\nprint(_numba_q8_simd.PACKS)\n"
+    )
+    out = run_python(code, timeout=300, NUMBA_CACHE_DIR=str(tmp_path), **numba_avx2_env())
+    assert out.returncode == 0, out.stderr
+    digest, packs = out.stdout.split()
+    assert packs == "True" and digest == ref.stdout.strip()
+
+
 def test_every_c_isa_variant_bit_identical():
     """The C library's baseline, AVX2 and AVX-512 variants (the latter two with
     hand-written full-block loops) give the reference's bits."""

@@ -30,6 +30,7 @@ from ._numba_intrinsics import (
     _prefetch_line,
     _view,
 )
+from ._numba_q8_simd import LANES, PACKS, _codes16
 
 NAME = "numba"
 # adam_step_q8 reads these beside step_fast_q8 (the one-call path, below)
@@ -142,11 +143,23 @@ def _reciprocal(bits):
     return np.float32(1.0) / _bits_f32(bits) if bits != np.uint32(0) else np.float32(0.0)
 
 
-@njit(inline="always", **_JIT)
-def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
-    """The codes of the 256 elements from ``j0``, their moments in ``buf`` at ``o``."""
-    for j in range(0, 256):
-        _codes(cm, cv, buf, o + j, j0 + j, r_m, r_v)
+if PACKS:
+
+    @njit(inline="always", **_JIT)
+    def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
+        """The codes of the 256 elements from ``j0``, their moments in ``buf`` at
+        ``o``: 16 at a time, packed as the C avx2 variant packs them (see
+        _numba_q8_simd)."""
+        for j in range(0, 256, LANES):
+            _codes16(cm, cv, buf, o + j, j0 + j, r_m, r_v)
+
+else:
+
+    @njit(inline="always", **_JIT)
+    def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
+        """The codes of the 256 elements from ``j0``, their moments in ``buf`` at ``o``."""
+        for j in range(0, 256):
+            _codes(cm, cv, buf, o + j, j0 + j, r_m, r_v)
 
 
 @njit(inline="always", **_JIT)
