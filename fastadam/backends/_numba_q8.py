@@ -148,7 +148,7 @@ if PACKS:
     @njit(inline="always", **_JIT)
     def _codes_block(cm, cv, buf, o, j0, r_m, r_v):
         """The codes of the 256 elements from ``j0``, their moments in ``buf`` at
-        ``o``: 16 at a time, packed as the C avx2 variant packs them (see
+        ``o``: LANES at a time, packed as the C kernels pack them (see
         _numba_q8_simd)."""
         for j in range(0, 256, LANES):
             _codes16(cm, cv, buf, o + j, j0 + j, r_m, r_v)
