@@ -30,7 +30,7 @@ from ._numba_intrinsics import (
     _prefetch_line,
     _view,
 )
-from ._numba_q8_simd import LANES, PACKS, _codes16
+from ._numba_q8_simd import _BASE_M, _BASE_V, _HALF, LANES, PACKS, _codes_vectors
 
 NAME = "numba"
 # adam_step_q8 reads these beside step_fast_q8 (the one-call path, below)
@@ -40,9 +40,6 @@ _raise_code = numba_._raise_code
 _U32 = np.uint32
 _ONE = np.uint32(0x3F800000)
 _MAG = np.uint32(0x7FFFFFFF)
-_BASE_M = 0x3F800000 - (127 << 20)
-_BASE_V = 0x3F800000 - (255 << 20)
-_HALF = 1 << 19
 _BASE_M32 = np.uint32(_BASE_M)
 _BASE_V32 = np.uint32(_BASE_V)
 
@@ -151,7 +148,7 @@ if PACKS:
         ``o``: LANES at a time, packed as the C kernels pack them (see
         _numba_q8_simd)."""
         for j in range(0, 256, LANES):
-            _codes16(cm, cv, buf, o + j, j0 + j, r_m, r_v)
+            _codes_vectors(cm, cv, buf, o + j, j0 + j, r_m, r_v)
 
 else:
 

@@ -28,15 +28,18 @@ from numba.extending import intrinsic
 from ._numba_intrinsics import target_features
 
 _FEATURES = target_features()
-#: Whether the 8-bit blocks write their codes with _codes16 (x86, AVX2 at least).
+#: Whether the 8-bit blocks write their codes with _codes_vectors (x86, AVX2 at least).
 PACKS = "avx2" in _FEATURES
 #: Elements per 32-bit vector of the target, and the pack intrinsics for it.
 _WIDTH, _PACK = (
     (16, "llvm.x86.avx512.pack{}.512") if "avx512bw" in _FEATURES
     else (8, "llvm.x86.avx2.pack{}")
 )  # fmt: skip
-#: Elements one _codes16 call codes (two vectors of each moment).
+#: Elements one _codes_vectors call codes (two vectors of each moment).
 LANES = 2 * _WIDTH
+# The code map's constants (fastadam._q8), as integer offsets on float32 bits: a
+# code k of m stands for the float bits k << 20 + _BASE_M (v: + _BASE_V), and
+# encoding rounds with _HALF. Defined here, used by _numba_q8 too.
 _BASE_M = 0x3F800000 - (127 << 20)
 _BASE_V = 0x3F800000 - (255 << 20)
 _HALF = 1 << 19
@@ -62,7 +65,7 @@ def _is_array(a, dtype) -> bool:
 
 
 @intrinsic
-def _codes16(typingctx, cm, cv, buf, o, j, r_m, r_v):
+def _codes_vectors(typingctx, cm, cv, buf, o, j, r_m, r_v):
     """The codes of elements ``j`` .. ``j + LANES - 1`` (into ``cm``, ``cv``) from
     their new moments in ``buf`` (m at ``o``, v at ``o + 256``) and the block's
     reciprocal scales ``r_m``, ``r_v``. The caller keeps every index in bounds
