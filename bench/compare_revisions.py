@@ -36,22 +36,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fastadam.bench.machine import numba_target_environment
+
 ROOT = Path(__file__).resolve().parents[1]
-AVX512_PREFIXES = ("avx512", "amx", "avxvnni", "avxifma", "avxneconvert", "evex512", "avx10")
-
-
-def numba_avx2_environment() -> dict[str, str]:
-    """The environment that makes Numba compile for Haswell without AVX-512."""
-    import llvmlite.binding as ll
-
-    features = ll.get_host_cpu_features()
-    return {
-        "NUMBA_CPU_NAME": "haswell",
-        "NUMBA_CPU_FEATURES": ",".join(
-            ("-" if k.startswith(AVX512_PREFIXES) or not on else "+") + k
-            for k, on in sorted(features.items())
-        ),
-    }
 
 
 def install_base(rev: str, where: Path) -> Path:
@@ -111,12 +98,12 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()
     if args.print_numba_avx2_env:
-        print(" ".join(f"{k}={v}" for k, v in numba_avx2_environment().items()))
+        print(" ".join(f"{k}={v}" for k, v in numba_target_environment().items()))
         return 0
     if args.base is None:
         parser.error("--base is required")
     if args.numba_avx2:
-        os.environ.update(numba_avx2_environment())  # before Numba is imported
+        os.environ.update(numba_target_environment())  # before Numba is imported
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, str(install_base(args.base, Path(tmp))))
         return compare(args)

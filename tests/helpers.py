@@ -238,21 +238,6 @@ def run_python(code: str, timeout: float = 120, **env: str) -> subprocess.Comple
         )  # fmt: skip
 
 
-def numba_target_env(cpu: str = "haswell") -> dict[str, str]:
-    """The environment in which Numba compiles for ``cpu`` with this host's
-    features, less every AVX-512 one ("haswell": what bench/compare_revisions.py
-    --numba-avx2 sets) or, for "x86-64", less every AVX one (SSE only), for a
-    subprocess: Numba reads it when it is imported."""
-    import llvmlite.binding as ll
-
-    off = ("avx512", "amx", "avxvnni", "avxifma", "avxneconvert", "evex512", "avx10")
-    if cpu == "x86-64":
-        off += ("avx", "fma", "f16c", "vaes", "vpclmulqdq", "gfni")
-    flags = [("+" if on and not name.startswith(off) else "-") + name
-             for name, on in sorted(ll.get_host_cpu_features().items())]  # fmt: skip
-    return {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ",".join(flags)}
-
-
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

@@ -10,6 +10,7 @@ import pytest
 
 import fastadam
 from fastadam import _q8
+from fastadam.bench.machine import numba_target_environment
 
 SIZES = [1, 255, 256, 257, 3000, 70001]
 CONFIGS = [
@@ -327,7 +328,7 @@ def test_numba_target_bit_identical(cpu, packs, tmp_path):
     per-element codes loop, what aarch64 runs) give the reference's bits,
     whatever this host's vector width."""
     pytest.importorskip("numba")
-    from helpers import cpu_flags, numba_target_env, run_python
+    from helpers import cpu_flags, run_python
 
     if "avx2" not in cpu_flags():
         pytest.skip("needs an x86-64 CPU with AVX2")
@@ -336,7 +337,8 @@ def test_numba_target_bit_identical(cpu, packs, tmp_path):
     code = _ISA_CODE.replace("BACKEND", '"numba"') + (
         "from fastadam.backends import _numba_q8_simd\nprint(_numba_q8_simd.PACKS)\n"
     )
-    out = run_python(code, timeout=300, NUMBA_CACHE_DIR=str(tmp_path), **numba_target_env(cpu))
+    env = numba_target_environment(cpu)
+    out = run_python(code, timeout=300, NUMBA_CACHE_DIR=str(tmp_path), **env)
     assert out.returncode == 0, out.stderr
     digest, got = out.stdout.split()
     assert got == packs and digest == ref.stdout.strip()

@@ -90,6 +90,26 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+#: Feature-name prefixes of AVX-512 and the extensions that come with it.
+_AVX512_PREFIXES = ("avx512", "amx", "avxvnni", "avxifma", "avxneconvert", "evex512", "avx10")
+#: ... and of AVX and its extensions, for an SSE-only target.
+_AVX_PREFIXES = _AVX512_PREFIXES + ("avx", "fma", "f16c", "vaes", "vpclmulqdq", "gfni")
+
+
+def numba_target_environment(cpu: str = "haswell") -> dict[str, str]:
+    """``NUMBA_CPU_NAME`` and ``NUMBA_CPU_FEATURES`` that make Numba compile for
+    ``cpu`` with this host's features less every AVX-512 one (``"haswell"``: an
+    AVX2 CPU, ``bench/compare_revisions.py --numba-avx2``) or, for ``"x86-64"``,
+    less every AVX one (SSE only). Numba reads them when it is imported: set them
+    before, or in a subprocess's environment. Imports llvmlite, not Numba."""
+    import llvmlite.binding as ll
+
+    off = _AVX_PREFIXES if cpu == "x86-64" else _AVX512_PREFIXES
+    flags = [("+" if on and not name.startswith(off) else "-") + name
+             for name, on in sorted(ll.get_host_cpu_features().items())]  # fmt: skip
+    return {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ",".join(flags)}
+
+
 def numba_target() -> str:
     """The CPU Numba compiles for and the widest vector ISA in its features, e.g.
     ``"znver4 (AVX-512)"``: ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set,
