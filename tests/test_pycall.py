@@ -193,12 +193,23 @@ def _q8_scalars(**kw):
 
 
 @pytest.mark.parametrize("shape", [(N,), (5, 7), (), (0,), (3, 300)])
-@pytest.mark.parametrize("flags", [{}, {"maximize": True, "wd": 0.01, "unscale": 2.0}])
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"maximize": True, "wd": 0.01}, {"unscale": 2.0},
+     {"maximize": True, "wd": 0.01, "unscale": 2.0}, {"fold": False}],
+)  # fmt: skip
 def test_q8_accepted_arrays_get_the_reference_bits(q8, shape, flags):
+    """Each of the Numba function's compiled copies (unscale and the division by
+    bias_correction2_sqrt fixed off, or run-time values; unfolded scalars have
+    the division) against the reference."""
     from fastadam import _q8
 
     got, ref = _q8_arrays(shape), _q8_arrays(shape)
-    sc = _q8_scalars(**flags)
+    if flags.get("fold", True):
+        sc = _q8_scalars(**flags)
+    else:
+        sc = _scalars()
+        assert sc.bias_correction2_sqrt != 1.0  # so the kernels divide by it
     assert q8.step_fast_q8(*got, sc) == 0
     _q8.step(*ref, sc)
     for a, b in zip(got, ref):
