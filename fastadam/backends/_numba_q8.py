@@ -37,8 +37,6 @@ NAME = "numba"
 DECLINED = numba_.DECLINED
 _raise_code = numba_._raise_code
 
-_U32 = np.uint32
-_ONE = np.uint32(0x3F800000)
 _MAG = np.uint32(0x7FFFFFFF)
 _BASE_M32 = np.uint32(_BASE_M)
 _BASE_V32 = np.uint32(_BASE_V)

@@ -25,6 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .. import _q8
 from ._numba_intrinsics import target_features
 
 _FEATURES = target_features()
@@ -39,10 +40,10 @@ _WIDTH, _PACK = (
 LANES = 2 * _WIDTH
 # The code map's constants (fastadam._q8), as integer offsets on float32 bits: a
 # code k of m stands for the float bits k << 20 + _BASE_M (v: + _BASE_V), and
-# encoding rounds with _HALF. Defined here, used by _numba_q8 too.
-_BASE_M = 0x3F800000 - (127 << 20)
-_BASE_V = 0x3F800000 - (255 << 20)
-_HALF = 1 << 19
+# encoding rounds with _HALF. Used by _numba_q8 too.
+_BASE_M = _q8._ONE - (_q8.K_M << _q8._SHIFT)
+_BASE_V = _q8._ONE - (_q8.K_V << _q8._SHIFT)
+_HALF = _q8._HALF
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _VI32 = ir.VectorType(_I32, _WIDTH)
@@ -100,18 +101,19 @@ def _codes_vectors(typingctx, cm, cv, buf, o, j, r_m, r_v):
         def magnitude_code(x, r, base):
             product = builder.bitcast(builder.fmul(x, r), _VI32)
             u = builder.and_(product, _splat(0x7FFFFFFF))
-            return builder.ashr(builder.add(u, _splat(_HALF - base)), _splat(20))
+            return builder.ashr(builder.add(u, _splat(_HALF - base)), _splat(_q8._SHIFT))
 
         srm, srv = splat_f(rm_), splat_f(rv_)
         m_codes, v_codes = [], []
         for half in (0, _WIDTH):
             x = load_vector(half)
-            t = smin(smax(magnitude_code(x, srm, _BASE_M), _splat(0)), _splat(127))
+            t = smin(smax(magnitude_code(x, srm, _BASE_M), _splat(0)), _splat(_q8.K_M))
             sign = builder.and_(builder.lshr(builder.bitcast(x, _VI32), _splat(24)), _splat(0x80))
             m_codes.append(builder.or_(t, sign))
             y = load_vector(256 + half)
             bits = builder.bitcast(y, _VI32)
-            # 1 for a nonzero v, else 0: an unsigned min, one instruction
+            # 1 for a nonzero v, else 0 (LLVM emits a test, a mask move and a
+            # shift for this unsigned min, not one vpminud; session 16)
             lo = builder.select(builder.icmp_unsigned("<", bits, _splat(1)), bits, _splat(1))
             # no clamp at 255: packuswb saturates there
             v_codes.append(smax(magnitude_code(y, srv, _BASE_V), lo))
