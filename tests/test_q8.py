@@ -321,12 +321,12 @@ print(h.hexdigest())
 )
 
 
-@pytest.mark.parametrize("cpu, packs", [("haswell", "True"), ("x86-64", "False")])
-def test_numba_target_bit_identical(cpu, packs, tmp_path):
+@pytest.mark.parametrize("cpu, simd", [("haswell", "True True"), ("x86-64", "False False")])
+def test_numba_target_bit_identical(cpu, simd, tmp_path):
     """The Numba blocks compiled for an AVX2 CPU without AVX-512 (their codes
-    packed 16 at a time by _numba_q8_simd) and for a CPU without AVX (the
-    per-element codes loop, what aarch64 runs) give the reference's bits,
-    whatever this host's vector width."""
+    decoded and packed 16 at a time by _numba_q8_simd) and for a CPU without
+    AVX (the per-element decode and codes loops, what aarch64 runs) give the
+    reference's bits, whatever this host's vector width."""
     pytest.importorskip("numba")
     from helpers import cpu_flags, run_python
 
@@ -335,13 +335,13 @@ def test_numba_target_bit_identical(cpu, packs, tmp_path):
     ref = run_python(_ISA_CODE.replace("BACKEND", '"numpy"'))
     assert ref.returncode == 0, ref.stderr
     code = _ISA_CODE.replace("BACKEND", '"numba"') + (
-        "from fastadam.backends import _numba_q8_simd\nprint(_numba_q8_simd.PACKS)\n"
+        "from fastadam.backends import _numba_q8_simd as s\nprint(s.PACKS, s.DECODES)\n"
     )
     env = numba_target_environment(cpu)
     out = run_python(code, timeout=300, NUMBA_CACHE_DIR=str(tmp_path), **env)
     assert out.returncode == 0, out.stderr
-    digest, got = out.stdout.split()
-    assert got == packs and digest == ref.stdout.strip()
+    digest, got = out.stdout.split(maxsplit=1)
+    assert got.strip() == simd and digest == ref.stdout.strip()
 
 
 def test_every_c_isa_variant_bit_identical():

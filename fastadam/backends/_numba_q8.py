@@ -8,7 +8,8 @@ boundaries (a block is never shared, so the split changes no bit). Each block
 is done in passes while its 256 elements are in L1: the update, keeping the
 new moments in a small buffer (one per share), their absmax, and the
 requantization, which runs after the next block's update (see _pass and
-_blocks).
+_blocks). On AVX2 targets without AVX-512 the update reads the codes' values
+from that buffer too, decoded 16 at a time just before (_numba_q8_simd).
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from ._numba_intrinsics import (
     _prefetch_line,
     _view,
 )
-from ._numba_q8_simd import _BASE_M, _BASE_V, _HALF, LANES, PACKS, _codes_vectors
+from ._numba_q8_simd import (
+    _BASE_M,
+    _BASE_V,
+    _HALF,
+    DECODES,
+    LANES,
+    PACKS,
+    _codes_vectors,
+    _decode_vectors,
+)
 
 NAME = "numba"
 # adam_step_q8 reads these beside step_fast_q8 (the one-call path, below)
@@ -94,10 +104,11 @@ def _enc_v(x, r):
 
 
 @njit(inline="always", **_JIT)
-def _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, o):
+def _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, o, decoded):
     """Element ``j``: the update on the dequantized moments, the new ones kept in
     ``buf[o]`` (m) and ``buf[o + 256]`` (v); returns their magnitude bits (for
-    the block's absmax)."""
+    the block's absmax). ``decoded``: y(code) of both moments is in ``buf`` at
+    those places already (_decode_vectors), else decoded here from the codes."""
     ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = c
     i = np.uint64(j)  # unsigned: no wrap-around guards, so LLVM vectorizes (_numba_loops)
     gi = g[i]
@@ -110,15 +121,19 @@ def _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, o):
     if l2:
         gi = gi + wd * pi
     pi = pi * decay
-    m0 = _y_m(cm[i]) * a_m
-    v0 = _y_v(cv[i]) * a_v
+    k = np.uint64(o)
+    if decoded:
+        m0 = buf[k] * a_m
+        v0 = buf[k + np.uint64(256)] * a_v
+    else:
+        m0 = _y_m(cm[i]) * a_m
+        v0 = _y_v(cv[i]) * a_v
     m = m0 + (gi - m0) * omb1
     v = v0 * b2 + omb2 * gi * gi
     sq = np.sqrt(v)
     if div:
         sq = sq / bc2
     p[i] = pi - ss * m / (sq + eps)
-    k = np.uint64(o)
     buf[k] = m
     buf[k + np.uint64(256)] = v
     return np.uint32(_f32_bits(m) & _MAG), np.uint32(_f32_bits(v) & _MAG)
@@ -157,6 +172,22 @@ else:
             _codes(cm, cv, buf, o + j, j0 + j, r_m, r_v)
 
 
+if DECODES:
+
+    @njit(inline="always", **_JIT)
+    def _decode_64(cm, cv, buf, o, j0):
+        """y(code) of the 64 elements from ``j0`` into ``buf`` at ``o`` (m) and
+        ``o + 256`` (v), for the update's loads (see _numba_q8_simd)."""
+        for h in range(0, 64, 16):
+            _decode_vectors(cm, cv, buf, o + h, j0 + h)
+
+else:
+
+    @njit(inline="always", **_JIT)
+    def _decode_64(cm, cv, buf, o, j0):
+        """Nothing: the update decodes each code itself (_element)."""
+
+
 @njit(inline="always", **_JIT)
 def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahead):
     """The update of full block ``b``, its new moments into ``buf`` at ``new``, then
@@ -190,8 +221,10 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahea
                 _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
             _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
             _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
+        _decode_64(cm, cv, buf, new + c0 - j0, c0)
         for j in range(c0, c0 + 64):
-            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0)
+            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0,
+                     DECODES)  # fmt: skip
     for k in range(new, new + 256):
         bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
         bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
@@ -219,7 +252,8 @@ def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
     tm = np.uint32(0)
     tv = np.uint32(0)
     for j in range(j0, end):
-        bm_, bv_ = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, j - j0)
+        bm_, bv_ = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, j - j0,
+                            False)  # fmt: skip
         tm = bm_ if bm_ > tm else tm
         tv = bv_ if bv_ > tv else tv
     am[b] = _bits_f32(tm)
