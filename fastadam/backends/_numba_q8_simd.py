@@ -7,11 +7,10 @@ with AVX2 an extract and two packs, 6 shuffles per 8 elements on the one port
 (Intel) that runs them; with AVX-512 a ``vpmovdb`` of two operations per 16.
 Here (:func:`_codes_vectors`) the codes of both moments take two 32-to-16-bit
 packs (m, v), one 16-to-8-bit pack and one permutation of dwords to put the
-bytes in order; with AVX2, m's clamp and sign are applied to the packed bytes.
-The arithmetic, and so every bit, is :mod:`fastadam._q8`'s: a code is
+bytes in order, and the clamps are applied to the packed bytes, all codes at
+once. The arithmetic, and so every bit, is :mod:`fastadam._q8`'s: a code is
 ``(bits(x * r) & 0x7FFFFFFF) + 2^19 - base >> 20``, clamped (m: to [0, 127],
-then its sign in bit 7; v: to at least 1 for a nonzero v), packed with unsigned
-saturation (which caps v at 255, as the reference's clamp does).
+then its sign in bit 7; v: to [1, 255] for a nonzero v, [0, 255] for a zero).
 
 On AVX2 targets without AVX-512 (:data:`DECODES`) the blocks also decode their
 codes here, 16 at a time in 16-bit lanes (:func:`_decode_vectors`), ahead of
@@ -103,63 +102,50 @@ def _codes_vectors(typingctx, cm, cv, buf, o, j, r_m, r_v):
             return builder.shuffle_vector(vec, ir.Constant(_VF, ir.Undefined),
                                           ir.Constant(_VI32, [0] * _WIDTH))  # fmt: skip
 
-        def smax(a, b):
-            return builder.select(builder.icmp_signed(">", a, b), a, b)
-
-        def smin(a, b):
-            return builder.select(builder.icmp_signed("<", a, b), a, b)
-
         def magnitude_code(x, r, base):
             product = builder.bitcast(builder.fmul(x, r), _VI32)
             u = builder.and_(product, _splat(0x7FFFFFFF))
             return builder.ashr(builder.add(u, _splat(_HALF - base)), _splat(_q8._SHIFT))
 
         srm, srv = splat_f(rm_), splat_f(rv_)
-        ms, m_codes, v_codes = [], [], []
+        m_bits, v_bits, m_codes, v_codes = [], [], [], []
         for half in (0, _WIDTH):
-            x = load_vector(half)
-            ms.append(builder.bitcast(x, _VI32))
+            x, y = load_vector(half), load_vector(256 + half)
+            m_bits.append(builder.bitcast(x, _VI32))
+            v_bits.append(builder.bitcast(y, _VI32))
             m_codes.append(magnitude_code(x, srm, _BASE_M))
-            y = load_vector(256 + half)
-            bits = builder.bitcast(y, _VI32)
-            # 1 for a nonzero v, else 0 (LLVM emits a test, a mask move and a
-            # shift for this unsigned min, not one vpminud; session 16)
-            lo = builder.select(builder.icmp_unsigned("<", bits, _splat(1)), bits, _splat(1))
-            # no clamp at 255: packuswb saturates there
-            v_codes.append(smax(magnitude_code(y, srv, _BASE_V), lo))
-        if _WIDTH == 16:
-            # m's clamp to [0, 127] and sign in 32-bit lanes (LLVM: ternary logic)
-            for k, x in enumerate(ms):
-                t = smin(smax(m_codes[k], _splat(0)), _splat(_q8.K_M))
-                sign = builder.and_(builder.lshr(x, _splat(24)), _splat(0x80))
-                m_codes[k] = builder.or_(t, sign)
+            v_codes.append(magnitude_code(y, srv, _BASE_V))
 
         words, octets = ir.VectorType(_I16, 2 * _WIDTH), ir.VectorType(_I8, 4 * _WIDTH)
 
         def pack(kind, a, b):
-            """packssdw, packusdw (32 to 16 bits), packsswb, packuswb (16 to 8)."""
+            """packssdw (32 to 16 bits) or packsswb, packuswb (16 to 8)."""
             result, arg = (words, _VI32) if kind.endswith("dw") else (octets, words)
             fn = builder.module.declare_intrinsic(
                 _PACK.format(kind), fnty=ir.FunctionType(result, [arg, arg])
             )
             return builder.call(fn, [a, b])
 
+        def per_lane(m_byte, v_byte):
+            return ir.Constant(octets, ([m_byte] * 8 + [v_byte] * 8) * (_WIDTH // 4))
+
+        def umin(a, b):
+            return builder.select(builder.icmp_unsigned("<", a, b), a, b)
+
         # The packs work within each 128-bit lane k: their bytes, as dwords, are
         # m0_k m1_k v0_k v1_k (m0_k: 4 codes of m's first vector, from its lane k).
-        if _WIDTH == 16:
-            packed = pack("uswb", pack("usdw", *m_codes), pack("usdw", *v_codes))
-        else:
-            # With AVX2, m's clamp and sign on the packed bytes, 16 codes at a
-            # time (5 operations, against 10 in 32-bit lanes; as the C kernel's
-            # fa_q8_requant_step): packssdw keeps an out-of-range code out of
-            # range and packuswb takes it to [0, 255], so one unsigned byte min
-            # with 127 clamps it; packing m's float bits with signed
-            # saturation keeps each one's sign in its byte's top bit.
-            packed = pack("uswb", pack("ssdw", *m_codes), pack("usdw", *v_codes))
-            signs = pack("sswb", pack("ssdw", *ms), ir.Constant(words, None))
-            top = ir.Constant(octets, ([_q8.K_M] * 8 + [255] * 8) * 2)
-            clamped = builder.select(builder.icmp_unsigned("<", packed, top), packed, top)
-            packed = builder.or_(clamped, builder.and_(signs, _splat(0x80, octets)))
+        # The clamps are applied to these bytes, all codes at once: packssdw
+        # keeps a code out of range out of range and packuswb takes it to
+        # [0, 255] (v's clamp at 255), so one unsigned byte min takes m's to
+        # [0, 127]. The moments' float bits packed the same way, with signed
+        # saturation, keep m's sign in the top bit of m's bytes and v's
+        # "nonzero" in v's: its code is at least min(that byte, 1).
+        codes = pack("uswb", pack("ssdw", *m_codes), pack("ssdw", *v_codes))
+        bits = pack("sswb", pack("ssdw", *m_bits), pack("ssdw", *v_bits))
+        signed = builder.or_(umin(codes, per_lane(_q8.K_M, 255)),
+                             builder.and_(bits, per_lane(0x80, 0)))  # fmt: skip
+        floor = umin(bits, per_lane(0, 1))
+        packed = builder.select(builder.icmp_unsigned(">", signed, floor), signed, floor)
         dwords = builder.bitcast(packed, _VI32)
         lanes = _WIDTH // 4
         order = [4 * k + q for q in range(4) for k in range(lanes)]
