@@ -325,7 +325,7 @@ def adam_step_q8(
     except Exception:  # raised again below, after the array checks
         mod = None
     if not found_inf and not amsgrad:
-        # The backend's one-call path (fastadam._pycall, C only): it runs the kernel
+        # The backend's one-call path (fastadam._pycall; C and Numba): it runs the kernel
         # on arrays that pass every rule of validate_q8, or touches nothing and
         # declines, and the checked path below runs as always. A bad backend name
         # or hyperparameter is left to that path too, which reports a bad array first.
@@ -339,6 +339,11 @@ def adam_step_q8(
             rc = fast(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
                       scalars)  # fmt: skip
             if rc == 0:
+                return
+            if rc == getattr(mod, "CHECKED_LARGE", None):
+                # checked by the one-call path, too large for its serial loop (Numba)
+                mod.step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                            exp_avg_sq_absmax, scalars)  # fmt: skip
                 return
             if rc != mod.DECLINED:
                 mod._raise_code(rc)

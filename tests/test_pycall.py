@@ -250,18 +250,51 @@ def test_q8_declines_everything_the_checked_path_must_see(q8):
     assert q8.step_fast_q8(*good, (1.0,) * 3) == q8.DECLINED  # not an AdamScalars
 
 
-def test_q8_numba_declines_what_its_threads_run():
+def test_q8_numba_leaves_to_its_threads_what_they_run():
     """The Numba 8-bit function runs serially: from PARALLEL_MIN_ELEMENTS on it
-    declines untouched, and adam_step launches the parallel loop from Python."""
+    answers CHECKED_LARGE with every array untouched, and adam_step launches the
+    parallel loop from Python; arrays it would decline it still declines."""
     from fastadam import config
 
     q8 = fastadam.backends.family("numba", "q8")
     big = _q8_arrays((config.PARALLEL_MIN_ELEMENTS,))
     before = [a.tobytes() for a in big]
-    assert q8.step_fast_q8(*big, _q8_scalars()) == q8.DECLINED
+    assert q8.step_fast_q8(*big, _q8_scalars()) == q8.CHECKED_LARGE != q8.DECLINED
     assert [a.tobytes() for a in big] == before
+    ro = big[3].copy()
+    ro.flags.writeable = False
+    assert q8.step_fast_q8(*big[:3], ro, *big[4:], _q8_scalars()) == q8.DECLINED
     below = _q8_arrays((config.PARALLEL_MIN_ELEMENTS - 1,))
     assert q8.step_fast_q8(*below, _q8_scalars()) == 0
+
+
+def test_q8_numba_large_arrays_are_checked_once(monkeypatch):
+    """adam_step runs the arrays the one-call path checked and left to the
+    threads without checking them again, to the reference's bits; a bad large
+    array still gets the checked path's error, with nothing modified."""
+    from fastadam import _q8, config
+
+    q8 = fastadam.backends.family("numba", "q8")
+    n = config.PARALLEL_MIN_ELEMENTS + 300  # a partial last block
+    got, ref = _q8_arrays((n,), seed=1), _q8_arrays((n,), seed=1)
+
+    def checked(*args, **kw):
+        raise AssertionError("the checked path ran for arrays the one-call path checked")
+
+    kw = {"step": 2, "lr": 1e-3, "weight_decay": 0.1}
+    with monkeypatch.context() as mp:
+        mp.setattr(_q8, "validate_q8", checked)
+        fastadam.adam_step(*got[:4], exp_avg_absmax=got[4], exp_avg_sq_absmax=got[5],
+                           backend=q8.NAME, **kw)  # fmt: skip
+    fastadam.adam_step(*ref[:4], exp_avg_absmax=ref[4], exp_avg_sq_absmax=ref[5],
+                       backend="numpy", **kw)  # fmt: skip
+    for a, b in zip(got, ref):
+        assert a.tobytes() == b.tobytes()
+    before = [a.tobytes() for a in got]
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        fastadam.adam_step(*got[:4], exp_avg_absmax=got[4][:-1], exp_avg_sq_absmax=got[5],
+                           backend=q8.NAME, **kw)  # fmt: skip
+    assert [a.tobytes() for a in got] == before
 
 
 def test_q8_adam_step_uses_it_and_the_checked_path_still_names_the_culprit(q8, monkeypatch):

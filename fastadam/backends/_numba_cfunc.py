@@ -9,8 +9,9 @@ compiled to that ABI with :func:`numba.cfunc`: the same ``_piece`` the
 single-array and multi-tensor loops run, so the results are bit-identical.
 
 Only arrays below ``config.PARALLEL_MIN_ELEMENTS`` take this path (the size
-limit given to ``bind``; the 8-bit function declines larger ones itself, as
-``bind_q8`` takes no limit): larger ones run on the backend's threads,
+limit given to ``bind``; ``bind_q8`` takes no limit, so the 8-bit function
+answers :data:`CHECKED_LARGE` for larger ones, which the caller then runs
+without checking them again): larger ones run on the backend's threads,
 launched from Python under its lock, where the call's cost is small beside
 the work.
 
@@ -34,8 +35,7 @@ from numba import carray, cfunc, types
 from .. import config
 from ._numba_intrinsics import _borrow
 from ._numba_loops import _constants, _piece
-from ._numba_q8 import BLOCK, _blocks
-from .numba_ import DECLINED
+from ._numba_q8 import BLOCK, CHECKED_LARGE, _blocks
 
 # fa_adam_scalars (csrc/fastadam.h): 9 doubles, then the ints unscale,
 # maximize, amsgrad, state_rounding and the uint32 rounding_key, read as int32
@@ -79,7 +79,9 @@ def _make_q8(limit: int):
     def step_q8(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, n,
                 scalars):  # fmt: skip
         if n >= limit:
-            return DECLINED
+            # fastadam._pycall called this function on arrays that passed every
+            # rule: the caller skips its own checks and launches the parallel loop
+            return CHECKED_LARGE
         d = carray(scalars, _N_DOUBLES, dtype=np.float64)
         w = carray(scalars, _N_WORDS, dtype=np.int32)
         f = np.float32

@@ -45,6 +45,9 @@ from ._numba_q8_simd import (
 NAME = "numba"
 # adam_step_q8 reads these beside step_fast_q8 (the one-call path, below)
 DECLINED = numba_.DECLINED
+# step_fast_q8's answer for arrays it checked and leaves to the parallel loop
+# (_numba_cfunc.step_q8 runs arrays below config.PARALLEL_MIN_ELEMENTS only)
+CHECKED_LARGE = 2
 _raise_code = numba_._raise_code
 
 _MAG = np.uint32(0x7FFFFFFF)
