@@ -44,10 +44,11 @@ _WIDTH, _PACK = (
 #: Elements one _codes_vectors call codes (two vectors of each moment).
 LANES = 2 * _WIDTH
 #: Whether the 8-bit blocks decode their codes with _decode_vectors, ahead of
-#: the update (AVX2 without AVX-512 BW; with AVX-512, LLVM's own decode of
-#: the update loop is as short: a zero-extension, masked add and
-#: ternary logic per vector).
-DECODES = PACKS and _WIDTH == 8
+#: the update (AVX2 without AVX-512). With AVX-512 LLVM's own decode in the
+#: update loop is as short (a zero-extension, masked add and ternary logic
+#: per vector), and the update's 512-bit loads would straddle the decode's
+#: 256-bit stores.
+DECODES = PACKS and "avx512f" not in _FEATURES
 # The code map's constants (fastadam._q8), as integer offsets on float32 bits: a
 # code k of m stands for the float bits k << 20 + _BASE_M (v: + _BASE_V), and
 # encoding rounds with _HALF. Used by _numba_q8 too.
