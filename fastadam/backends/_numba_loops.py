@@ -2,7 +2,8 @@
 factories (single-array and multi-tensor; float states and bfloat16 states;
 serial and parallel), and the gradient-unscaling loop.
 
-Every compiled loop is cached on disk (``_JIT``), by this file: see
+Every compiled loop is cached on disk by :func:`fastadam._numba_cache.njit`
+(which keeps the cache sound when processes fill it at once), by this file: see
 :mod:`fastadam.backends._numba_intrinsics` on editing the intrinsics it uses.
 :mod:`fastadam.backends.numba_` chooses and launches them.
 """
@@ -14,6 +15,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from .._numba_cache import njit as cached_njit
 from .._scalars import STATE_BF16_STOCHASTIC, AdamScalars
 from ._numba_intrinsics import (
     _BLOCK,
@@ -241,16 +243,17 @@ def _make_multi(parallel: bool, maximize: bool, l2: bool, amsgrad: bool):
 
 # error_model="numpy": IEEE results for x/0 instead of a ZeroDivisionError check
 # on every division, which also kept LLVM from vectorizing the loop (3x slower).
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
-_serial = njit(**_JIT)(_make_loop(False))
-_parallel = njit(parallel=True, **_JIT)(_make_loop(True))
+# every compiled loop is cached on disk, its saves locked (_numba_cache)
+_JIT = {"nogil": True, "error_model": "numpy"}
+_serial = cached_njit(_make_loop(False), **_JIT)
+_parallel = cached_njit(_make_loop(True), parallel=True, **_JIT)
 
 
 @functools.cache
 def _multi_loop(parallel: bool, maximize: bool, l2: bool, amsgrad: bool):
     """The compiled multi-tensor loop for these flags; compiled on first use,
     cached on disk."""
-    return njit(parallel=parallel, **_JIT)(_make_multi(parallel, maximize, l2, amsgrad))
+    return cached_njit(_make_multi(parallel, maximize, l2, amsgrad), parallel=parallel, **_JIT)
 
 
 # -- bfloat16 states -------------------------------------------------------------
@@ -503,13 +506,13 @@ def _make_bf16_multi(parallel: bool, stochastic: bool, divide: bool, amsgrad: bo
 @functools.cache
 def _bf16_loop(parallel: bool, *flags: bool):
     """The compiled loop for these flags; compiled on first use, cached on disk."""
-    return njit(parallel=parallel, **_JIT)(_make_bf16_loop(parallel, *flags))
+    return cached_njit(_make_bf16_loop(parallel, *flags), parallel=parallel, **_JIT)
 
 
 @functools.cache
 def _bf16_multi(parallel: bool, *flags: bool):
     """The compiled multi-tensor loop for these flags (as _bf16_loop)."""
-    return njit(parallel=parallel, **_JIT)(_make_bf16_multi(parallel, *flags))
+    return cached_njit(_make_bf16_multi(parallel, *flags), parallel=parallel, **_JIT)
 
 
 def _bf16_flags(sc: AdamScalars) -> tuple[bool, ...]:
@@ -545,5 +548,5 @@ def _make_unscale(parallel: bool):
     return unscale
 
 
-_unscale_serial = njit(**_JIT)(_make_unscale(False))
-_unscale_parallel = njit(parallel=True, **_JIT)(_make_unscale(True))
+_unscale_serial = cached_njit(_make_unscale(False), **_JIT)
+_unscale_parallel = cached_njit(_make_unscale(True), parallel=True, **_JIT)

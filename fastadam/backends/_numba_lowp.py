@@ -18,6 +18,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .._lowp import FLOAT32, KINDS, PARAM_STOCHASTIC, STATE_STOCHASTIC
+from .._numba_cache import njit as cached_njit
 from .._scalars import AdamScalars
 from ._numba_intrinsics import _bits_f32, _f32_bits
 
@@ -161,7 +162,7 @@ def _store_sr(a32, a16, i, t, x, sr, r):
         a16[i] = _bits16(x, t, sr, r)
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def _loop(p32, p16, g32, g16, m32, m16, v32, v16, x32, x16, c16, n, pt, gt, st, ct, psr, ssr, key,
           step_size, bc2, eps, omb1, beta2, omb2, wd, decay, grad_scale,
           unscale, maximize, amsgrad):  # fmt: skip

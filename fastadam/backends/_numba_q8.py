@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from .._numba_cache import njit as cached_njit
 from .._q8 import BLOCK, nblocks
 from .._scalars import AdamScalars
 from . import numba_
@@ -54,7 +55,8 @@ _MAG = np.uint32(0x7FFFFFFF)
 _BASE_M32 = np.uint32(_BASE_M)
 _BASE_V32 = np.uint32(_BASE_V)
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+# the loops are cached on disk, their saves locked (_numba_cache)
+_JIT = {"nogil": True, "error_model": "numpy"}
 
 # Each block asks for the lines of the block this many blocks on (see _pass).
 # Two rather than one: 0.96x the step time at 2^24 and 2^26 on two threads,
@@ -238,7 +240,7 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahea
     return _reciprocal(mm), _reciprocal(mv)
 
 
-@njit(**_JIT)
+@cached_njit(**_JIT)
 def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
     """Elements [256 b, end) of the partial block ``b`` a tensor may end with: the
     update, then the codes (its new moments in ``buf`` at 0).
@@ -335,8 +337,8 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
 def _loops(unscale: bool, maximize: bool, l2: bool, div: bool) -> tuple:
     """(serial, parallel) loops for these flags; compiled on first use, cached on disk."""
     flags = (unscale, maximize, l2, div)
-    return (njit(**_JIT)(_make(False, *flags)),
-            njit(parallel=True, **_JIT)(_make(True, *flags)))  # fmt: skip
+    return (cached_njit(_make(False, *flags), **_JIT),
+            cached_njit(_make(True, *flags), parallel=True, **_JIT))  # fmt: skip
 
 
 def _run(pointers: np.ndarray, sizes: np.ndarray, scalars: tuple[AdamScalars, ...],

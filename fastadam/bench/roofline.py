@@ -38,9 +38,11 @@ def _get_roofline_kernel() -> tuple[Callable[..., None], Callable[..., None]]:
         fastadam.available_backends()
         import numba
 
+        from .._numba_cache import njit as cached_njit
+
         # error_model="numpy": no ZeroDivisionError bookkeeping, nothing that
         # blocks vectorization. No allocation: every element is updated in place.
-        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        @cached_njit(parallel=True, error_model="numpy", nogil=True)
         def move_step_bytes(p, g, m, v):  # pragma: no cover - compiled
             for i in numba.prange(p.size):
                 gi = g[i]
@@ -48,7 +50,7 @@ def _get_roofline_kernel() -> tuple[Callable[..., None], Callable[..., None]]:
                 m[i] += gi
                 v[i] += gi * gi  # stays >= 0, like a second moment
 
-        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        @cached_njit(parallel=True, error_model="numpy", nogil=True)
         def move_bf16_step_bytes(p, g, m, v):  # pragma: no cover - compiled
             # m, v: the bfloat16 states' bits (uint16), read and written.
             for i in numba.prange(p.size):
@@ -72,7 +74,9 @@ def _get_copy_kernels() -> tuple[Callable[..., None], Callable[..., None]]:
         float_kernel, _ = _get_roofline_kernel()
         import numba
 
-        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        from .._numba_cache import njit as cached_njit
+
+        @cached_njit(parallel=True, error_model="numpy", nogil=True)
         def move_master_bytes(p, g, m, v, c):  # pragma: no cover - compiled
             for i in numba.prange(p.size):
                 gi = g[i]
@@ -81,7 +85,7 @@ def _get_copy_kernels() -> tuple[Callable[..., None], Callable[..., None]]:
                 v[i] += gi * gi
                 c[i] = numba.uint16(0x3F80)  # a store, as the copy's
 
-        @numba.njit(parallel=True, error_model="numpy", nogil=True, cache=True)
+        @cached_njit(parallel=True, error_model="numpy", nogil=True)
         def move_cast_bytes(bits, c):  # pragma: no cover - compiled
             # bits: θ's float32 bits (uint32); its top half is a bfloat16 (truncated)
             for i in numba.prange(bits.size):
