@@ -1,0 +1,70 @@
+/*
+ * divider_rate.c - how often one core issues an IEEE float32 square root and
+ * division, the two operations every Adam step needs per element (exactly
+ * rounded, for bit-identity with torch's order of operations).
+ *
+ *     gcc -O1 -mavx2 bench/divider_rate.c -o /tmp/divider_rate && /tmp/divider_rate
+ *     gcc -O1 -mavx512f -DZMM bench/divider_rate.c -o /tmp/divider_rate && /tmp/divider_rate
+ *
+ * Each loop issues four independent instructions (no result is read back), so
+ * the time is the divider's issue rate, not its latency. Printed: ns per
+ * instruction, and ns per element for one square root plus one division per
+ * element, on one core. Compare with a step's ns per element per core: what
+ * is left above the divider's share is the rest of the loop's work.
+ */
+#include <stdio.h>
+#include <time.h>
+
+#define ROUNDS 25000000L /* four instructions each */
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* ns per instruction of a loop body of four */
+#define RATE(body, clobbers...)                                                              \
+    ({                                                                                       \
+        const double t0 = now();                                                             \
+        for (long i = 0; i < ROUNDS; i++)                                                    \
+            __asm__ volatile(body ::: clobbers);                                             \
+        (now() - t0) / (4.0 * ROUNDS) * 1e9;                                                 \
+    })
+
+int main(void)
+{
+    /* normal operands (1.2345, 0.777): no fast path for zeros or subnormals */
+    __asm__ volatile("movl $0x3f9e0419, %%eax\n\tvmovd %%eax, %%xmm1\n\t"
+                     "vbroadcastss %%xmm1, %%ymm1\n\t"
+                     "movl $0x3f46e979, %%eax\n\tvmovd %%eax, %%xmm2\n\t"
+                     "vbroadcastss %%xmm2, %%ymm2" ::: "eax", "xmm1", "xmm2");
+    const double div_y = RATE("vdivps %%ymm1,%%ymm2,%%ymm3\n\tvdivps %%ymm1,%%ymm2,%%ymm4\n\t"
+                              "vdivps %%ymm1,%%ymm2,%%ymm5\n\tvdivps %%ymm1,%%ymm2,%%ymm6",
+                              "xmm3", "xmm4", "xmm5", "xmm6");
+    const double sqrt_y = RATE("vsqrtps %%ymm1,%%ymm3\n\tvsqrtps %%ymm1,%%ymm4\n\t"
+                               "vsqrtps %%ymm1,%%ymm5\n\tvsqrtps %%ymm1,%%ymm6",
+                               "xmm3", "xmm4", "xmm5", "xmm6");
+    const double pair_y = RATE("vsqrtps %%ymm1,%%ymm3\n\tvdivps %%ymm1,%%ymm2,%%ymm4\n\t"
+                               "vsqrtps %%ymm1,%%ymm5\n\tvdivps %%ymm1,%%ymm2,%%ymm6",
+                               "xmm3", "xmm4", "xmm5", "xmm6");
+    printf("ymm (8 lanes):  vdivps %.2f ns, vsqrtps %.2f ns, a pair %.2f ns: %.3f ns/element\n",
+           div_y, sqrt_y, 2 * pair_y, 2 * pair_y / 8);
+#ifdef ZMM
+    __asm__ volatile("vbroadcastss %%xmm1, %%zmm1\n\tvbroadcastss %%xmm2, %%zmm2" ::
+                         : "xmm1", "xmm2");
+    const double div_z = RATE("vdivps %%zmm1,%%zmm2,%%zmm3\n\tvdivps %%zmm1,%%zmm2,%%zmm4\n\t"
+                              "vdivps %%zmm1,%%zmm2,%%zmm5\n\tvdivps %%zmm1,%%zmm2,%%zmm6",
+                              "xmm3", "xmm4", "xmm5", "xmm6");
+    const double sqrt_z = RATE("vsqrtps %%zmm1,%%zmm3\n\tvsqrtps %%zmm1,%%zmm4\n\t"
+                               "vsqrtps %%zmm1,%%zmm5\n\tvsqrtps %%zmm1,%%zmm6",
+                               "xmm3", "xmm4", "xmm5", "xmm6");
+    const double pair_z = RATE("vsqrtps %%zmm1,%%zmm3\n\tvdivps %%zmm1,%%zmm2,%%zmm4\n\t"
+                               "vsqrtps %%zmm1,%%zmm5\n\tvdivps %%zmm1,%%zmm2,%%zmm6",
+                               "xmm3", "xmm4", "xmm5", "xmm6");
+    printf("zmm (16 lanes): vdivps %.2f ns, vsqrtps %.2f ns, a pair %.2f ns: %.3f ns/element\n",
+           div_z, sqrt_z, 2 * pair_z, 2 * pair_z / 16);
+#endif
+    return 0;
+}
