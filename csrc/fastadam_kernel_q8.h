@@ -149,8 +149,8 @@ static inline __attribute__((always_inline)) void fa_q8_block(
  *
  * Each ISA below names its vector types and intrinsics (FA_V_PS(add) is
  * _mm512_add_ps or _mm256_add_ps, ...) and defines what differs between them:
- *   fa_q8_decode         the float32 bit patterns y(code) of 16 codes of each
- *                        moment, in FA_Q8_DEC vectors,
+ *   fa_q8_decode         the float32 bit patterns y(code) of FA_Q8_DCODES
+ *                        codes of each moment, in FA_Q8_DEC vectors,
  *   fa_q8_requant_step   the codes of FA_Q8_RQ elements, clamped, signed, packed
  *                        and stored,
  *   fa_q8_hmax           the largest lane of a magnitude accumulator.
@@ -172,23 +172,42 @@ typedef __m512i fa_q8_vi;
 #define FA_V_AS_SI _mm512_castps_si512
 #define fa_q8_vzero _mm512_setzero_si512
 
-/* y(code) of 16 codes of each moment (see fa_q8_y_m, fa_q8_y_v) */
+/*
+ * y(code) of 32 codes of each moment, two vectors each, computed as in the
+ * AVX2 variant below: every y has 16 zero low bits, so its high half is made
+ * in 16-bit lanes for all 32 codes at once and widened by interleaving it with
+ * zeros (15 operations for 32 elements of both moments, against 22 for
+ * 16-lane decodes in 32-bit lanes). The codes' dwords are put in the order
+ * 0-3 16-19 | 4-7 20-23 | ... so that each 128-bit lane's low words hold 4 of
+ * elements 0-15 and its high words 4 of 16-31: the in-lane interleaves then
+ * give elements 0-15 and 16-31 in order.
+ */
+#define FA_Q8_DCODES 32
 static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm,
-                                                              const uint8_t *cv, __m512i ym[1],
-                                                              __m512i yv[1])
+                                                              const uint8_t *cv, __m512i ym[2],
+                                                              __m512i yv[2])
 {
-    const __m512i cmi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)cm));
-    const __m512i cvi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)cv));
-    const __m512i km = _mm512_and_si512(cmi, _mm512_set1_epi32(0x7F));
-    const __m512i m = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(km, km),
-                                             _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (127u << 20))),
-                                             _mm512_slli_epi32(km, 20));
-    /* m | (code << 24 & sign bit): the code's bit 7 to the float's sign */
-    ym[0] = _mm512_ternarylogic_epi32(m, _mm512_slli_epi32(cmi, 24),
-                                      _mm512_set1_epi32((int32_t)0x80000000u), 0xF8);
-    yv[0] = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(cvi, cvi),
-                                   _mm512_set1_epi32((int32_t)(FA_Q8_ONE - (255u << 20))),
-                                   _mm512_slli_epi32(cvi, 20));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m512i zero = _mm512_setzero_si512();
+    /* m, sign-extended: (x << 4) & 0x87F0 is k << 4 with the code's sign in
+     * bit 15. k != 0: base + that (base + (k << 4) < 0x8000, so the add keeps
+     * the sign); k == 0: the sign alone (y = +-0, as fa_q8_y_m) */
+    const __m512i xm = _mm512_cvtepi8_epi16(
+        _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)cm), order));
+    const __m512i sm = _mm512_and_si512(_mm512_slli_epi16(xm, 4), _mm512_set1_epi16((int16_t)0x87F0));
+    const __m512i hm = _mm512_mask_add_epi16(
+        sm, _mm512_test_epi16_mask(xm, _mm512_set1_epi16(0x7F)), sm,
+        _mm512_set1_epi16((int16_t)((FA_Q8_ONE - (127u << 20)) >> 16)));
+    /* v: k = the code; 0 for k == 0 */
+    const __m512i xv = _mm512_cvtepu8_epi16(
+        _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)cv), order));
+    const __m512i hv = _mm512_maskz_add_epi16(
+        _mm512_test_epi16_mask(xv, xv), _mm512_slli_epi16(xv, 4),
+        _mm512_set1_epi16((int16_t)((FA_Q8_ONE - (255u << 20)) >> 16)));
+    ym[0] = _mm512_unpacklo_epi16(zero, hm);
+    ym[1] = _mm512_unpackhi_epi16(zero, hm);
+    yv[0] = _mm512_unpacklo_epi16(zero, hv);
+    yv[1] = _mm512_unpackhi_epi16(zero, hv);
 }
 
 #endif
@@ -197,6 +216,7 @@ static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm
 #include <immintrin.h>
 #define FA_Q8_LANES 8
 #define FA_Q8_RQ 16
+#define FA_Q8_DCODES 16
 /* Not interleaved: with AVX2's 16 vector registers the interleaved loop spilled
  * 22 of them to the stack, and llvm-mca put it at 6.44 cycles/element on Zen 1
  * (znver1; 6.13 on znver2) against 5.85 for the two loops; on this variant's
@@ -260,8 +280,8 @@ static inline __attribute__((always_inline)) void fa_q8_decode(const uint8_t *cm
 #endif
 
 #ifdef FA_Q8_LANES
-/* vectors of y(code) that fa_q8_decode makes of 16 codes of each moment */
-#define FA_Q8_DEC (16 / FA_Q8_LANES)
+/* vectors of y(code) that fa_q8_decode makes of FA_Q8_DCODES codes of each moment */
+#define FA_Q8_DEC (FA_Q8_DCODES / FA_Q8_LANES)
 
 /* The update of FA_Q8_LANES elements from their y(code) (ym, yv): param (and
  * grad when unscaling) written, the new m and v into mb, vb, their magnitudes
@@ -433,12 +453,13 @@ static inline __attribute__((always_inline)) void fa_q8_pass(
     const fa_q8_vf rm = FA_V_PS(set1)(prm), rv = FA_V_PS(set1)(prv);
     fa_q8_vi mm = fa_q8_vzero(), mv = fa_q8_vzero();
     for (int i = 0; i < FA_Q8_BLOCK; i += FA_Q8_RQ) {
-        for (int h = i; h < i + FA_Q8_RQ; h += 16) {
-            fa_q8_prefetch_next(param, grad, cm, cv, h, ahead);
+        for (int h = i; h < i + FA_Q8_RQ; h += FA_Q8_DCODES) {
             fa_q8_vi ym[FA_Q8_DEC], yv[FA_Q8_DEC];
             fa_q8_decode(cm + h, cv + h, ym, yv);
             for (int k = 0; k < FA_Q8_DEC; k++) {
                 const int e = h + k * FA_Q8_LANES;
+                if (e % 16 == 0) /* a line of each float array */
+                    fa_q8_prefetch_next(param, grad, cm, cv, e, ahead);
                 fa_q8_update_lanes(c, param + e, grad + e, ym[k], yv[k], mb + e, vb + e, am0, av0,
                                    &mm, &mv, l2, unscale, maximize, div);
             }

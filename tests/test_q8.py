@@ -106,7 +106,10 @@ def _special_grads(t: int) -> np.ndarray:
     """Gradients that reach the edges of the encoding, one kind per 256-element block:
     a NaN, +inf and -inf, magnitudes whose block absmax is subnormal (its reciprocal
     overflows to inf, so each zero of the block meets 0 * inf) with zeros and -0.0
-    among them, all zeros, values whose square overflows, then a partial block."""
+    among them, all zeros, values whose square overflows, m's code of -0 (a negative m
+    too small for any code, then a -0.0 m: 0.1 times the smallest negative subnormal
+    rounds to -0.0, and -0.0 + -0.0 keeps the sign that y(code) must give m0), then a
+    partial block."""
     rng = np.random.default_rng(7 + t)
     g = rng.standard_normal(7 * 256 + 77).astype(np.float32)
     g[5] = np.nan
@@ -118,6 +121,7 @@ def _special_grads(t: int) -> np.ndarray:
     g[768:1024] = 0.0
     g[1024:1280] = -0.0
     g[1280:1536] *= np.float32(1e30)  # g * g overflows to inf
+    g[1536 + 1 : 1792 : 2] = -1e-30 if t == 1 else -np.float32(1.4e-45)
     return g
 
 
