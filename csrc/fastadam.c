@@ -153,9 +153,22 @@ static int fa_cpus_available(void)
 
 #endif
 
+int64_t fa_bf16_prefetch_elements = FA_PREFETCH_BYTES / sizeof(float);
+
+static int64_t fa_bf16_prefetch_bytes(void)
+{
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel"))
+        return FA_BF16_PREFETCH_BYTES_INTEL;
+#endif
+    return FA_PREFETCH_BYTES;
+}
+
 static void fa_init(void)
 {
     g_table = fa_table_for(fa_choose_isa());
+    fa_bf16_prefetch_elements = fa_bf16_prefetch_bytes() / (int64_t)sizeof(float);
 #if defined(_OPENMP)
     g_default_threads = fa_cpus_available();
 #endif

@@ -75,6 +75,19 @@ typedef int (*fa_unscale_f64)(double *grad, int64_t n, double scale, double reci
  * The address is formed as an integer: no out-of-bounds pointer arithmetic.
  */
 #define FA_PREFETCH_BYTES 1024
+
+/*
+ * The bfloat16-state loops' distance, in elements of param
+ * (fastadam_kernel_bf16.h), set once by fa_init from the CPU's vendor: 4 KiB
+ * on Intel, FA_PREFETCH_BYTES elsewhere. On an Intel Xeon (AVX-512, session
+ * 18) 4 KiB took that step 1.10-1.12x faster than 1 KiB at 2^24-2^26 elements
+ * on two threads and was level at 2^16 and 2^22, while 8 KiB was slower at
+ * 2^26 and the float32 loop gained nothing from 2 or 4 KiB; on the AMD Zen 4
+ * of session 7, 4 KiB was 5% slower than 1 KiB for these states (and 13-48%
+ * for float32). BENCHMARKS.md, "Software prefetch distance".
+ */
+#define FA_BF16_PREFETCH_BYTES_INTEL 4096
+extern int64_t fa_bf16_prefetch_elements;
 #define FA_PREFETCH(ptr, ahead) \
     __builtin_prefetch((const void *)((uintptr_t)(ptr) + (uintptr_t)(ahead) * sizeof *(ptr)), 0, 3)
 

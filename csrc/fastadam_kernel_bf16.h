@@ -125,26 +125,26 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_element(
 }
 
 /*
- * Prefetch FA_PREFETCH_BYTES of param ahead (the same element distance in the
- * moments) for the FA_BF16_BLOCK elements from j: two lines of each float32
- * array, one of each bfloat16 one.
+ * Prefetch fa_bf16_prefetch_elements of param ahead (the same element
+ * distance in the moments) for the FA_BF16_BLOCK elements from j: two lines
+ * of each float32 array, one of each bfloat16 one. The distance is the
+ * CPU's (fastadam_internal.h); each body reads it once, into ahead.
  */
 #define FA_BF16_BLOCK 32
 static inline __attribute__((always_inline)) void fa_prefetch_bf16_block(
     const float *param, const float *grad, const uint16_t *exp_avg, const uint16_t *exp_avg_sq,
-    const uint16_t *max_exp_avg_sq, int64_t j, int64_t n, const int ams)
+    const uint16_t *max_exp_avg_sq, int64_t j, int64_t n, const int ams, const int64_t ahead)
 {
-    enum { AHEAD = FA_PREFETCH_BYTES / sizeof(float) };
-    if (j + AHEAD >= n)
+    if (j + ahead >= n)
         return;
-    FA_PREFETCH(param + j, AHEAD);
-    FA_PREFETCH(param + j + 16, AHEAD);
-    FA_PREFETCH(grad + j, AHEAD);
-    FA_PREFETCH(grad + j + 16, AHEAD);
-    FA_PREFETCH(exp_avg + j, AHEAD);
-    FA_PREFETCH(exp_avg_sq + j, AHEAD);
+    FA_PREFETCH(param + j, ahead);
+    FA_PREFETCH(param + j + 16, ahead);
+    FA_PREFETCH(grad + j, ahead);
+    FA_PREFETCH(grad + j + 16, ahead);
+    FA_PREFETCH(exp_avg + j, ahead);
+    FA_PREFETCH(exp_avg_sq + j, ahead);
     if (ams)
-        FA_PREFETCH(max_exp_avg_sq + j, AHEAD);
+        FA_PREFETCH(max_exp_avg_sq + j, ahead);
 }
 
 /*
@@ -163,9 +163,10 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body(
     const int maximize, const int stochastic, const int divide, const int decoupled)
 {
     const fa_scalars_f32 c = *s;
+    const int64_t ahead = fa_bf16_prefetch_elements;
     int64_t j = 0;
     for (; j + FA_BF16_BLOCK <= n; j += FA_BF16_BLOCK) {
-        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, n, ams);
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, j, n, ams, ahead);
 #if !defined(__clang__) /* clang lacks it (a warning) and vectorizes these anyway */
 #pragma GCC ivdep
 #endif

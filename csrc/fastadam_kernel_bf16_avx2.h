@@ -87,6 +87,7 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx2(
     uint32_t hkey, const fa_scalars_f32 *s, const int l2, const int ams, const int unscale,
     const int maximize, const int stochastic, const int divide, const int decoupled)
 {
+    const int64_t ahead = fa_bf16_prefetch_elements; /* read once */
     const __m256 step_size = _mm256_set1_ps(s->step_size);
     const __m256 bc2_sqrt = _mm256_set1_ps(s->bias_correction2_sqrt);
     const __m256 eps = _mm256_set1_ps(s->eps);
@@ -129,7 +130,8 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx2(
         fa_adam_bf16_body(param, grad, exp_avg, exp_avg_sq, ams ? max_exp_avg_sq : NULL, i, lo0,
                           hkey, s, l2, ams, unscale, maximize, stochastic, divide, decoupled);
     for (; i + FA_BF16_BLOCK <= n; i += FA_BF16_BLOCK) {
-        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, n, ams);
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, n, ams,
+                               ahead);
         const uint32_t first = lo0 + (uint32_t)i;
         const __m256i block_mixed = _mm256_set1_epi32((int)(first ^ (first >> 16) ^ hkey_mixed));
         for (int pair = 0; pair < 2; pair++) {

@@ -71,6 +71,7 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx512(
     uint32_t hkey, const fa_scalars_f32 *s, const int l2, const int ams, const int unscale,
     const int maximize, const int stochastic, const int divide, const int decoupled)
 {
+    const int64_t ahead = fa_bf16_prefetch_elements; /* read once */
     const __m512 step_size = _mm512_set1_ps(s->step_size);
     const __m512 bc2_sqrt = _mm512_set1_ps(s->bias_correction2_sqrt);
     const __m512 eps = _mm512_set1_ps(s->eps);
@@ -119,7 +120,8 @@ static inline __attribute__((always_inline)) void fa_adam_bf16_body_avx512(
         fa_adam_bf16_body(param, grad, exp_avg, exp_avg_sq, ams ? max_exp_avg_sq : NULL, i, lo0,
                           hkey, s, l2, ams, unscale, maximize, stochastic, divide, decoupled);
     for (; i + FA_BF16_BLOCK <= n; i += FA_BF16_BLOCK) {
-        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, n, ams);
+        fa_prefetch_bf16_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, n, ams,
+                               ahead);
         const uint32_t first = lo0 + (uint32_t)i;
         const __m512i block_mixed = _mm512_set1_epi32((int)(first ^ (first >> 16) ^ hkey_mixed));
         __m512i m_hi[2], v_hi[2], vmax_hi[2];
