@@ -325,12 +325,16 @@ print(h.hexdigest())
 )
 
 
-@pytest.mark.parametrize("cpu, simd", [("haswell", "True True"), ("x86-64", "False False")])
+@pytest.mark.parametrize(
+    "cpu, simd", [("haswell", "True True False"), ("x86-64", "False False False")]
+)
 def test_numba_target_bit_identical(cpu, simd, tmp_path):
     """The Numba blocks compiled for an AVX2 CPU without AVX-512 (their codes
     decoded and packed 16 at a time by _numba_q8_simd) and for a CPU without
     AVX (the per-element decode and codes loops, what aarch64 runs) give the
-    reference's bits, whatever this host's vector width."""
+    reference's bits, whatever this host's vector width. (An AVX-512 BW host
+    runs the third kind, _update_vectors, in every other test here: see
+    test_numba_fused_blocks_on_avx512_hosts.)"""
     pytest.importorskip("numba")
     from helpers import cpu_flags, run_python
 
@@ -339,13 +343,27 @@ def test_numba_target_bit_identical(cpu, simd, tmp_path):
     ref = run_python(_ISA_CODE.replace("BACKEND", '"numpy"'))
     assert ref.returncode == 0, ref.stderr
     code = _ISA_CODE.replace("BACKEND", '"numba"') + (
-        "from fastadam.backends import _numba_q8_simd as s\nprint(s.PACKS, s.DECODES)\n"
+        "from fastadam.backends import _numba_q8_simd as s\nprint(s.PACKS, s.DECODES, s.FUSED)\n"
     )
     env = numba_target_environment(cpu)
     out = run_python(code, timeout=300, NUMBA_CACHE_DIR=str(tmp_path), **env)
     assert out.returncode == 0, out.stderr
     digest, got = out.stdout.split(maxsplit=1)
     assert got.strip() == simd and digest == ref.stdout.strip()
+
+
+def test_numba_fused_blocks_on_avx512_hosts():
+    """On a host with AVX-512 BW the Numba blocks update 32 elements a call of the
+    _update_vectors intrinsic, the previous block's codes between the calls, so
+    that the parity tests above check that schedule against the reference."""
+    pytest.importorskip("numba")
+    from helpers import cpu_flags
+
+    from fastadam.backends import _numba_intrinsics, _numba_q8_simd
+
+    if "avx512bw" not in cpu_flags() or "avx512bw" not in _numba_intrinsics.target_features():
+        pytest.skip("needs a CPU (and a Numba target) with AVX-512 BW")
+    assert _numba_q8_simd.FUSED and not _numba_q8_simd.DECODES
 
 
 def test_every_c_isa_variant_bit_identical():

@@ -7,9 +7,11 @@ tensor of a table, concatenated, are split into one share per thread on block
 boundaries (a block is never shared, so the split changes no bit). Each block
 is done in passes while its 256 elements are in L1: the update, keeping the
 new moments in a small buffer (one per share), their absmax, and the
-requantization, which runs after the next block's update (see _pass and
+requantization, which runs with the next block's update (see _pass and
 _blocks). On AVX2 targets without AVX-512 the update reads the codes' values
-from that buffer too, decoded 16 at a time just before (_numba_q8_simd).
+from that buffer too, decoded 16 at a time just before; on AVX-512 targets the
+update is one vector intrinsic per 32 elements, and the previous block's codes
+are written between its calls (_numba_q8_simd).
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ from ._numba_q8_simd import (
     _BASE_M,
     _BASE_V,
     _HALF,
+    ACC,
     DECODES,
+    FUSED,
     LANES,
     PACKS,
     _codes_vectors,
     _decode_vectors,
+    _update_vectors,
 )
 
 NAME = "numba"
@@ -194,50 +199,109 @@ else:
 
 
 @njit(inline="always", **_JIT)
-def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahead):
-    """The update of full block ``b``, its new moments into ``buf`` at ``new``, then
-    their absmax in a loop of its own over ``buf``. The block's new scales are
-    stored here; its reciprocals are returned, for its codes after the next
-    block's update (see _blocks).
+def _prefetch_quarter(p, g, cm, cv, c0):
+    """The lines of the quarter block _AHEAD blocks on from element ``c0``: the
+    streamer alone left them unrequested while a block's codes were written."""
+    for line in range(0, 64, 16):  # 16 float32 a cache line
+        _prefetch_line(p, c0 + _AHEAD_ELEMENTS + line)
+        _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
+    _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
+    _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
 
-    The absmax as a loop of its own, rather than four reductions a block (one
-    per quarter) in the update loop, and with the codes' lag of _blocks: on a
-    Zen 5 in cache 0.39 against 0.43 ns/element, AVX2 code 0.74 against 0.79
-    (BENCHMARKS.md, session 13). The C blocks' other schedule, each block's
-    codes inside the next block's update loop, lost to this one on every
-    target once both ran 512-bit vectors on an Intel Xeon too (session 15).
 
-    ``ahead``: the block _AHEAD blocks on is a full one of this share. The loop
-    runs as four of 64 elements, each first asking for its quarter of that
-    block's lines: the streamer alone left them unrequested. Loops of a constant 64: a
-    min() bound, or the 40 prefetches issued at once, left the update scalar or
-    cost 25% (session 11).
-    """
-    j0 = b * 256
-    a_m = am[b]
-    a_v = av[b]
-    mm = np.uint32(0)
-    mv = np.uint32(0)
-    for quarter in range(4):
-        c0 = j0 + 64 * quarter
-        if ahead:
-            for line in range(0, 64, 16):  # 16 float32 a cache line
-                _prefetch_line(p, c0 + _AHEAD_ELEMENTS + line)
-                _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
-            _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
-            _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
-        _decode_64(cm, cv, buf, new + c0 - j0, c0)
-        for j in range(c0, c0 + 64):
-            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0,
-                     DECODES)  # fmt: skip
-    for k in range(new, new + 256):
-        bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
-        bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
-        mm = bm if bm > mm else mm
-        mv = bv if bv > mv else mv
+@njit(inline="always", **_JIT)
+def _scales(am, av, b, mm, mv):
+    """Store block ``b``'s new scales (magnitude bits ``mm``, ``mv``); their reciprocals."""
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
     return _reciprocal(mm), _reciprocal(mv)
+
+
+if FUSED:
+
+    @njit(inline="always", **_JIT)
+    def _pass(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, prev):
+        """The update of full block ``b``, its new moments into ``buf`` at
+        ``new``, 32 elements a call of _update_vectors, with the previous
+        block's codes (``prev``: there is one, its moments at ``512 - new``, its
+        reciprocal scales ``r_m``, ``r_v``) written 32 at a time between the
+        calls. The block's new scales are stored here; its reciprocals are
+        returned, for its codes during the next block's update.
+
+        The C kernel's schedule. The update waits on the divider and the codes
+        need none; in one loop the out-of-order core runs the codes in the
+        divider's shadow, where the update loop LLVM vectorizes, the absmax
+        loop and the codes loop one after another left them outside it (Intel
+        Xeon, session 18: 0.91-0.95x the step time in L2 and at 2^24-2^26).
+        ``ahead``: see the other _pass.
+        """
+        j0 = b * 256
+        a_m = am[b]
+        a_v = av[b]
+        for k in range(ACC, ACC + 32):
+            buf[k] = np.float32(0.0)
+        old = 512 - new
+        for quarter in range(4):
+            o = 64 * quarter
+            if ahead:
+                _prefetch_quarter(p, g, cm, cv, j0 + o)
+            for h in range(o, o + 64, 32):
+                _update_vectors(p, g, cm, cv, buf, new + h, j0 + h, c, a_m, a_v, flags)
+                if prev:
+                    _codes_vectors(cm, cv, buf, old + h, j0 - 256 + h, r_m, r_v)
+        mm = np.uint32(0)
+        mv = np.uint32(0)
+        for k in range(ACC, ACC + 16):
+            bm = np.uint32(_f32_bits(buf[k]))
+            bv = np.uint32(_f32_bits(buf[k + 16]))
+            mm = bm if bm > mm else mm
+            mv = bv if bv > mv else mv
+        return _scales(am, av, b, mm, mv)
+
+else:
+
+    @njit(inline="always", **_JIT)
+    def _pass(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, prev):
+        """The update of full block ``b``, its new moments into ``buf`` at ``new``,
+        then their absmax in a loop of its own over ``buf``, then the previous
+        block's codes (``prev``: there is one, its moments at ``512 - new``, its
+        reciprocal scales ``r_m``, ``r_v``). The block's new scales are stored
+        here; its reciprocals are returned, for its codes after the next
+        block's update.
+
+        The absmax as a loop of its own, rather than four reductions a block (one
+        per quarter) in the update loop, and with the codes' lag of _blocks: on a
+        Zen 5 in cache 0.39 against 0.43 ns/element, AVX2 code 0.74 against 0.79
+        (BENCHMARKS.md, session 13).
+
+        ``ahead``: the block _AHEAD blocks on is a full one of this share. The loop
+        runs as four of 64 elements, each first asking for its quarter of that
+        block's lines: the streamer alone left them unrequested. Loops of a constant 64: a
+        min() bound, or the 40 prefetches issued at once, left the update scalar or
+        cost 25% (session 11).
+        """
+        unscale, maximize, l2, div = flags
+        j0 = b * 256
+        a_m = am[b]
+        a_v = av[b]
+        mm = np.uint32(0)
+        mv = np.uint32(0)
+        for quarter in range(4):
+            c0 = j0 + 64 * quarter
+            if ahead:
+                _prefetch_quarter(p, g, cm, cv, c0)
+            _decode_64(cm, cv, buf, new + c0 - j0, c0)
+            for j in range(c0, c0 + 64):
+                _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf,
+                         new + j - j0, DECODES)  # fmt: skip
+        for k in range(new, new + 256):
+            bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
+            bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
+            mm = bm if bm > mm else mm
+            mv = bv if bv > mv else mv
+        if prev:
+            _codes_block(cm, cv, buf, 512 - new, j0 - 256, r_m, r_v)
+        return _scales(am, av, b, mm, mv)
 
 
 @cached_njit(**_JIT)
@@ -273,9 +337,9 @@ def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
 def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf):
     """Blocks [b0, b1) of one tensor: the full ones, then the partial one the tensor
     may end with. buf holds two blocks' moments, at 0 and 512: each block's codes
-    are written after the next block's update, so that its scale's reduction and
-    reciprocals were done a whole update before and the out-of-order core need
-    not wait for them (with the absmax loop of _pass, see there).
+    are written with (or after) the next block's update, so that its scale's
+    reduction and reciprocals were done a whole update before and the
+    out-of-order core need not wait for them (see _pass).
     """
     # here, not in the loop over shares: prange outlines its body into a function
     # of its own, which a call outside it left at 256-bit vectors (session 15)
@@ -284,12 +348,10 @@ def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf)
     f0 = np.float32(0.0)
     new = 0
     r_m, r_v = f0, f0
+    flags = (unscale, maximize, l2, div)
     for b in range(b0, full):
-        rm_b, rv_b = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
-                           b + _AHEAD < full)  # fmt: skip
-        if b > b0:
-            _codes_block(cm, cv, buf, 512 - new, (b - 1) * 256, r_m, r_v)
-        r_m, r_v = rm_b, rv_b
+        r_m, r_v = _pass(p, g, cm, cv, am, av, b, c, flags, buf, new, b + _AHEAD < full, r_m,
+                         r_v, b > b0)  # fmt: skip
         new = 512 - new
     if full > b0:  # the codes of the last full block
         _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
@@ -310,7 +372,8 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
             lo = total * part // parts
             hi = total * (part + 1) // parts
             k = np.searchsorted(boffsets, lo, side="right") - 1
-            buf = np.empty(1024, np.float32)  # two blocks' new moments, in L1
+            # two blocks' new moments and the running maxima (ACC), in L1
+            buf = np.empty(ACC + 32, np.float32)
             while k < count and boffsets[k] < hi:
                 n = sizes[k]
                 nb = boffsets[k + 1] - boffsets[k]

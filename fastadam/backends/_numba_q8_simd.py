@@ -17,6 +17,12 @@ codes here, 16 at a time in 16-bit lanes (:func:`_decode_vectors`), ahead of
 the update: LLVM's decode in the update loop took 17 vector operations per 8
 elements, besides its loads.
 
+On AVX-512 BW targets (:data:`FUSED`) the whole update of 32 elements is one
+intrinsic (:func:`_update_vectors`): the codes decoded in registers, 32 at a
+time in 16-bit lanes, the update, and the running absmax, so that the blocks
+can write the previous block's codes between two such calls, as the C kernel
+does (see :func:`._numba_q8._pass`).
+
 Numba's on-disk cache checks only the source file of each cached function
 (``_numba_q8.py``, and ``_numba_cfunc.py`` for the one-call path): after editing
 this file in a source checkout, clear ``__pycache__/_numba_q8*.nb[ic]`` and
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _q8
@@ -49,6 +56,9 @@ LANES = 2 * _WIDTH
 #: per vector), and the update's 512-bit loads would straddle the decode's
 #: 256-bit stores.
 DECODES = PACKS and "avx512f" not in _FEATURES
+#: Whether the 8-bit blocks update 32 elements at a time with _update_vectors
+#: (x86 with AVX-512 BW), the previous block's codes written between the calls.
+FUSED = PACKS and _WIDTH == 16
 # The code map's constants (fastadam._q8), as integer offsets on float32 bits: a
 # code k of m stands for the float bits k << 20 + _BASE_M (v: + _BASE_V), and
 # encoding rounds with _HALF. Used by _numba_q8 too.
@@ -245,3 +255,144 @@ def _decode_vectors(typingctx, cm, cv, buf, o, j):
         return context.get_dummy_value()
 
     return types.none(cm, cv, buf, o, j), codegen
+
+
+# The codes' dwords, for _update_vectors: 0-3 16-19 | 4-7 20-23 | 8-11 24-27 |
+# 12-15 28-31, one 128-bit lane each once widened to 16 bits, so that the
+# in-lane interleaves give elements 0-15 and 16-31 in order (as the C kernel's
+# AVX-512 fa_q8_decode).
+_CODE_ORDER_32 = [4 * d + b for d in (0, 4, 1, 5, 2, 6, 3, 7) for b in range(4)]
+#: Where the blocks' buffer keeps _update_vectors' running magnitude maxima (int32
+#: bits, 16 lanes of m, then 16 of v), past the two blocks' moments.
+ACC = 1024
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V16I = ir.VectorType(_I32, 16)
+
+
+def _decode_words_32(context, builder, arrays, j_, j_type):
+    """The high halves of y(code) of 32 codes of each moment (``arrays``: the
+    (type, value) of cm and cv), <32 x i16> in the order of _CODE_ORDER_32.
+
+    m is sign-extended, so that (x << 4) & 0x87F0 is k << 4 with the code's
+    sign in bit 15; where k != 0 the base is added (base + (k << 4) < 0x8000
+    keeps the sign), where k == 0 the sign alone stays: y = +-0, as the
+    reference's. v: base + k << 4, or 0 for k == 0.
+    """
+    v32i8, v32i16 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 32)
+    order = ir.Constant(ir.VectorType(_I32, 32), _CODE_ORDER_32)
+
+    def words(array, widen):
+        pointer = _element_pointer(context, builder, array[0], array[1], j_, j_type, v32i8)
+        codes = builder.load(pointer, align=1)
+        ordered = builder.shuffle_vector(codes, ir.Constant(v32i8, ir.Undefined), order)
+        return widen(ordered, v32i16)
+
+    def w16(value):
+        return _splat(value, v32i16)
+
+    xm = words(arrays[0], builder.sext)
+    sm = builder.and_(builder.shl(xm, w16(4)), w16(0x8000 | (_q8.K_M << 4)))
+    km = builder.icmp_unsigned("!=", builder.and_(xm, w16(_q8.K_M)), w16(0))
+    hm = builder.select(km, builder.add(sm, w16(_BASE_M >> 16)), sm)
+    xv = words(arrays[1], builder.zext)
+    hv = builder.select(builder.icmp_unsigned("!=", xv, w16(0)),
+                        builder.add(builder.shl(xv, w16(4)), w16(_BASE_V >> 16)),
+                        w16(0))  # fmt: skip
+    return hm, hv
+
+
+@intrinsic
+def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
+    """The update of elements ``j`` .. ``j + 31`` for AVX-512 BW targets (:data:`FUSED`):
+    :func:`._numba_q8._element`'s operations in its order, on vectors of 16.
+
+    The codes are decoded in registers (_decode_words_32); param (and grad,
+    when unscaling) written; the new m and v stored into ``buf`` at ``o`` and
+    ``o + 256``; their magnitude bits folded into the running maxima at
+    ``buf[ACC:ACC + 32]``. ``c``: the 9 float32 scalars of _element; ``flags``:
+    (unscale, maximize, l2, div), constants in the caller, so LLVM keeps no
+    branch on them. The caller keeps every index in bounds.
+    """
+    if not (
+        _is_array(p, types.float32) and _is_array(g, types.float32)
+        and _is_array(cm, types.uint8) and _is_array(cv, types.uint8)
+        and _is_array(buf, types.float32)
+        and isinstance(o, types.Integer) and isinstance(j, types.Integer)
+        and isinstance(c, types.UniTuple) and c.dtype == types.float32 and c.count == 9
+        and a_m == types.float32 and a_v == types.float32
+        and isinstance(flags, types.BaseTuple) and len(flags) == 4
+        and all(isinstance(f, types.Boolean) for f in flags)
+    ):  # fmt: skip
+        return None
+
+    def codegen(context, builder, sig, args):
+        p_, g_, cm_, cv_, buf_, o_, j_, c_, am_, av_, flags_ = args
+        hm, hv = _decode_words_32(context, builder, ((sig.args[2], cm_), (sig.args[3], cv_)),
+                                  j_, sig.args[6])  # fmt: skip
+        zero = ir.Constant(hm.type, None)
+        low = [i for k in range(4) for q in range(8 * k, 8 * k + 4) for i in (q, 32 + q)]
+        high = [i + 4 for i in low]
+
+        def y(h, picked):
+            shuffled = builder.shuffle_vector(zero, h, ir.Constant(ir.VectorType(_I32, 32), picked))
+            return builder.bitcast(shuffled, _V16F)
+
+        def splat(x):
+            vec = builder.insert_element(ir.Constant(_V16F, ir.Undefined), x, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(vec, ir.Constant(_V16F, ir.Undefined),
+                                          ir.Constant(_V16I, [0] * 16))  # fmt: skip
+
+        ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = (
+            splat(builder.extract_value(c_, k)) for k in range(9)
+        )
+        s_am, s_av = splat(am_), splat(av_)
+        unscale, maximize, l2, div = (
+            context.cast(builder, builder.extract_value(flags_, k), sig.args[10][k],
+                         types.boolean)
+            for k in range(4)
+        )  # fmt: skip
+        sqrt = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16F, [_V16F]), "llvm.sqrt.v16f32"
+        )
+        umax = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16I, [_V16I, _V16I]), "llvm.umax.v16i32"
+        )
+        mag = _splat(0x7FFFFFFF)
+
+        def pointer(k, base, base_type, offset, vector_type=_V16F):
+            index = builder.add(base, ir.Constant(base.type, offset))
+            return _element_pointer(context, builder, sig.args[k], args[k], index, base_type,
+                                    vector_type)  # fmt: skip
+
+        acc_o = ir.Constant(o_.type, 0)
+        acc_pointers = [pointer(4, acc_o, sig.args[5], ACC + 16 * k, _V16I) for k in (0, 1)]
+        acc = [builder.load(q, align=4) for q in acc_pointers]
+        for k, picked in enumerate((low, high)):
+            g_pointer = pointer(1, j_, sig.args[6], 16 * k)
+            gv = builder.load(g_pointer, align=4)
+            unscaled = builder.fdiv(gv, gs)
+            with builder.if_then(unscale):
+                builder.store(unscaled, g_pointer, align=4)
+            gv = builder.select(unscale, unscaled, gv)
+            gv = builder.select(maximize, builder.fneg(gv), gv)
+            p_pointer = pointer(0, j_, sig.args[6], 16 * k)
+            pv = builder.load(p_pointer, align=4)
+            gv = builder.select(l2, builder.fadd(gv, builder.fmul(wd, pv)), gv)
+            pv = builder.fmul(pv, decay)
+            m0 = builder.fmul(y(hm, picked), s_am)
+            v0 = builder.fmul(y(hv, picked), s_av)
+            m = builder.fadd(m0, builder.fmul(builder.fsub(gv, m0), omb1))
+            v = builder.fadd(builder.fmul(v0, b2), builder.fmul(builder.fmul(omb2, gv), gv))
+            sq = builder.call(sqrt, [v])
+            sq = builder.select(div, builder.fdiv(sq, bc2), sq)
+            step = builder.fdiv(builder.fmul(ss, m), builder.fadd(sq, eps))
+            builder.store(builder.fsub(pv, step), p_pointer, align=4)
+            builder.store(m, pointer(4, o_, sig.args[5], 16 * k), align=4)
+            builder.store(v, pointer(4, o_, sig.args[5], 256 + 16 * k), align=4)
+            for a, x in enumerate((m, v)):
+                acc[a] = builder.call(umax, [acc[a], builder.and_(builder.bitcast(x, _V16I), mag)])
+        for q, value in zip(acc_pointers, acc):
+            builder.store(value, q, align=4)
+        return context.get_dummy_value()
+
+    return types.none(p, g, cm, cv, buf, o, j, c, a_m, a_v, flags), codegen
