@@ -199,117 +199,101 @@ else:
 
 
 @njit(inline="always", **_JIT)
-def _prefetch_quarter(p, g, cm, cv, c0):
-    """The lines of the quarter block _AHEAD blocks on from element ``c0``: the
-    streamer alone left them unrequested while a block's codes were written."""
-    for line in range(0, 64, 16):  # 16 float32 a cache line
-        _prefetch_line(p, c0 + _AHEAD_ELEMENTS + line)
-        _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
-    _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
-    _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
+def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahead):
+    """The update of full block ``b``, its new moments into ``buf`` at ``new``, then
+    their absmax in a loop of its own over ``buf``. The block's new scales are
+    stored here; its reciprocals are returned, for its codes after the next
+    block's update (see _blocks).
 
+    The absmax as a loop of its own, rather than four reductions a block (one
+    per quarter) in the update loop, and with the codes' lag of _blocks: on a
+    Zen 5 in cache 0.39 against 0.43 ns/element, AVX2 code 0.74 against 0.79
+    (BENCHMARKS.md, session 13). The C blocks' other schedule, each block's
+    codes inside the next block's update loop, lost to this one in Numba on
+    every target (session 15) until the update became one intrinsic:
+    _pass_fused, used on AVX-512 BW targets since session 18.
 
-@njit(inline="always", **_JIT)
-def _scales(am, av, b, mm, mv):
-    """Store block ``b``'s new scales (magnitude bits ``mm``, ``mv``); their reciprocals."""
+    ``ahead``: the block _AHEAD blocks on is a full one of this share. The loop
+    runs as four of 64 elements, each first asking for its quarter of that
+    block's lines: the streamer alone left them unrequested. Loops of a constant 64: a
+    min() bound, or the 40 prefetches issued at once, left the update scalar or
+    cost 25% (session 11).
+    """
+    j0 = b * 256
+    a_m = am[b]
+    a_v = av[b]
+    mm = np.uint32(0)
+    mv = np.uint32(0)
+    for quarter in range(4):
+        c0 = j0 + 64 * quarter
+        if ahead:
+            for line in range(0, 64, 16):  # 16 float32 a cache line
+                _prefetch_line(p, c0 + _AHEAD_ELEMENTS + line)
+                _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
+            _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
+            _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
+        _decode_64(cm, cv, buf, new + c0 - j0, c0)
+        for j in range(c0, c0 + 64):
+            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0,
+                     DECODES)  # fmt: skip
+    for k in range(new, new + 256):
+        bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
+        bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
+        mm = bm if bm > mm else mm
+        mv = bv if bv > mv else mv
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
     return _reciprocal(mm), _reciprocal(mv)
 
 
-if FUSED:
+@njit(inline="always", **_JIT)
+def _pass_fused(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, prev):
+    """The update of full block ``b``, its new moments into ``buf`` at
+    ``new``, 32 elements a call of _update_vectors, with the previous
+    block's codes (``prev``: there is one, its moments at ``512 - new``, its
+    reciprocal scales ``r_m``, ``r_v``) written 32 at a time between the
+    calls. The block's new scales are stored here; its reciprocals are
+    returned, for its codes during the next block's update.
 
-    @njit(inline="always", **_JIT)
-    def _pass(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, prev):
-        """The update of full block ``b``, its new moments into ``buf`` at
-        ``new``, 32 elements a call of _update_vectors, with the previous
-        block's codes (``prev``: there is one, its moments at ``512 - new``, its
-        reciprocal scales ``r_m``, ``r_v``) written 32 at a time between the
-        calls. The block's new scales are stored here; its reciprocals are
-        returned, for its codes during the next block's update.
-
-        The C kernel's schedule. The update waits on the divider and the codes
-        need none; in one loop the out-of-order core runs the codes in the
-        divider's shadow, where the update loop LLVM vectorizes, the absmax
-        loop and the codes loop one after another left them outside it (Intel
-        Xeon, session 18: 0.94-0.96x the step time in L2, 0.95-0.98x at 2^24-2^26).
-        ``ahead``: see the other _pass; the floats' lines are asked for 32
-        elements at a time, just before their update, rather than a quarter's
-        at once (0.94-0.99x the step time at 2^20-2^26 on two threads, 0.97x at
-        2^24 on one).
-        """
-        j0 = b * 256
-        a_m = am[b]
-        a_v = av[b]
-        for k in range(ACC, ACC + 32):
-            buf[k] = np.float32(0.0)
-        old = 512 - new
-        for quarter in range(4):
-            o = 64 * quarter
-            if ahead:  # the codes' line of this quarter, _AHEAD blocks on
-                _prefetch_line(cm, j0 + o + _AHEAD_ELEMENTS)
-                _prefetch_line(cv, j0 + o + _AHEAD_ELEMENTS)
-            for h in range(o, o + 64, 32):
-                if ahead:  # and the floats' lines of these 32 elements
-                    for line in range(0, 32, 16):
-                        _prefetch_line(p, j0 + h + line + _AHEAD_ELEMENTS)
-                        _prefetch_line(g, j0 + h + line + _AHEAD_ELEMENTS)
-                _update_vectors(p, g, cm, cv, buf, new + h, j0 + h, c, a_m, a_v, flags)
-                if prev:
-                    _codes_vectors(cm, cv, buf, old + h, j0 - 256 + h, r_m, r_v)
-        mm = np.uint32(0)
-        mv = np.uint32(0)
-        for k in range(ACC, ACC + 16):
-            bm = np.uint32(_f32_bits(buf[k]))
-            bv = np.uint32(_f32_bits(buf[k + 16]))
-            mm = bm if bm > mm else mm
-            mv = bv if bv > mv else mv
-        return _scales(am, av, b, mm, mv)
-
-else:
-
-    @njit(inline="always", **_JIT)
-    def _pass(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, prev):
-        """The update of full block ``b``, its new moments into ``buf`` at ``new``,
-        then their absmax in a loop of its own over ``buf``, then the previous
-        block's codes (``prev``: there is one, its moments at ``512 - new``, its
-        reciprocal scales ``r_m``, ``r_v``). The block's new scales are stored
-        here; its reciprocals are returned, for its codes after the next
-        block's update.
-
-        The absmax as a loop of its own, rather than four reductions a block (one
-        per quarter) in the update loop, and with the codes' lag of _blocks: on a
-        Zen 5 in cache 0.39 against 0.43 ns/element, AVX2 code 0.74 against 0.79
-        (BENCHMARKS.md, session 13).
-
-        ``ahead``: the block _AHEAD blocks on is a full one of this share. The loop
-        runs as four of 64 elements, each first asking for its quarter of that
-        block's lines: the streamer alone left them unrequested. Loops of a constant 64: a
-        min() bound, or the 40 prefetches issued at once, left the update scalar or
-        cost 25% (session 11).
-        """
-        unscale, maximize, l2, div = flags
-        j0 = b * 256
-        a_m = am[b]
-        a_v = av[b]
-        mm = np.uint32(0)
-        mv = np.uint32(0)
-        for quarter in range(4):
-            c0 = j0 + 64 * quarter
-            if ahead:
-                _prefetch_quarter(p, g, cm, cv, c0)
-            _decode_64(cm, cv, buf, new + c0 - j0, c0)
-            for j in range(c0, c0 + 64):
-                _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf,
-                         new + j - j0, DECODES)  # fmt: skip
-        for k in range(new, new + 256):
-            bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
-            bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
-            mm = bm if bm > mm else mm
-            mv = bv if bv > mv else mv
-        if prev:
-            _codes_block(cm, cv, buf, 512 - new, j0 - 256, r_m, r_v)
-        return _scales(am, av, b, mm, mv)
+    The C kernel's schedule. The update waits on the divider and the codes
+    need none; in one loop the out-of-order core runs the codes in the
+    divider's shadow, where the update loop LLVM vectorizes, the absmax
+    loop and the codes loop one after another left them outside it (Intel
+    Xeon, session 18: 0.94-0.96x the step time in L2, 0.95-0.98x at 2^24-2^26).
+    ``ahead``: see _pass; the floats' lines are asked for 32
+    elements at a time, just before their update, rather than a quarter's
+    at once (0.94-0.99x the step time at 2^20-2^26 on two threads, 0.97x at
+    2^24 on one).
+    """
+    j0 = b * 256
+    a_m = am[b]
+    a_v = av[b]
+    for k in range(ACC, ACC + 32):
+        buf[k] = np.float32(0.0)
+    old = 512 - new
+    for quarter in range(4):
+        o = 64 * quarter
+        if ahead:  # the codes' line of this quarter, _AHEAD blocks on
+            _prefetch_line(cm, j0 + o + _AHEAD_ELEMENTS)
+            _prefetch_line(cv, j0 + o + _AHEAD_ELEMENTS)
+        for h in range(o, o + 64, 32):
+            if ahead:  # and the floats' lines of these 32 elements
+                for line in range(0, 32, 16):
+                    _prefetch_line(p, j0 + h + line + _AHEAD_ELEMENTS)
+                    _prefetch_line(g, j0 + h + line + _AHEAD_ELEMENTS)
+            _update_vectors(p, g, cm, cv, buf, new + h, j0 + h, c, a_m, a_v, flags)
+            if prev:
+                _codes_vectors(cm, cv, buf, old + h, j0 - 256 + h, r_m, r_v)
+    mm = np.uint32(0)
+    mv = np.uint32(0)
+    for k in range(ACC, ACC + 16):
+        bm = np.uint32(_f32_bits(buf[k]))
+        bv = np.uint32(_f32_bits(buf[k + 16]))
+        mm = bm if bm > mm else mm
+        mv = bv if bv > mv else mv
+    am[b] = _bits_f32(mm)
+    av[b] = _bits_f32(mv)
+    return _reciprocal(mm), _reciprocal(mv)
 
 
 @cached_njit(**_JIT)
@@ -356,11 +340,20 @@ def _blocks(p, g, cm, cv, am, av, b0, b1, n, c, unscale, maximize, l2, div, buf)
     f0 = np.float32(0.0)
     new = 0
     r_m, r_v = f0, f0
-    flags = (unscale, maximize, l2, div)
-    for b in range(b0, full):
-        r_m, r_v = _pass(p, g, cm, cv, am, av, b, c, flags, buf, new, b + _AHEAD < full, r_m,
-                         r_v, b > b0)  # fmt: skip
-        new = 512 - new
+    if FUSED:
+        flags = (unscale, maximize, l2, div)
+        for b in range(b0, full):
+            r_m, r_v = _pass_fused(p, g, cm, cv, am, av, b, c, flags, buf, new,
+                                   b + _AHEAD < full, r_m, r_v, b > b0)  # fmt: skip
+            new = 512 - new
+    else:
+        for b in range(b0, full):
+            rm_b, rv_b = _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new,
+                               b + _AHEAD < full)  # fmt: skip
+            if b > b0:
+                _codes_block(cm, cv, buf, 512 - new, (b - 1) * 256, r_m, r_v)
+            r_m, r_v = rm_b, rv_b
+            new = 512 - new
     if full > b0:  # the codes of the last full block
         _codes_block(cm, cv, buf, 512 - new, (full - 1) * 256, r_m, r_v)
     if b1 > full and b1 > b0:
