@@ -366,6 +366,29 @@ def test_numba_fused_blocks_on_avx512_hosts():
     assert _numba_q8_simd.FUSED and not _numba_q8_simd.DECODES
 
 
+def test_numba_blocks_stay_in_their_buffer():
+    """The Numba blocks write nothing past BUFFER floats of their scratch buffer, the
+    count every caller allocates (_numba_q8._make and the one-call path of
+    _numba_cfunc): a write past it corrupts the heap, silently until a crash."""
+    numba = pytest.importorskip("numba")
+    from fastadam.backends import _numba_q8 as nq
+
+    @numba.njit
+    def run(p, g, cm, cv, am, av, n, c, big):
+        nq._blocks(p, g, cm, cv, am, av, 0, am.size, n, c, False, False, False, False,
+                   big[: nq.BUFFER])  # fmt: skip
+
+    n = 5 * 256 + 77
+    p = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    m, v, am, av = _q8.zeros_state(n)
+    big = np.full(nq.BUFFER + 64, 7.0, np.float32)
+    c = tuple(np.float32(x) for x in (1e-3, 1.0, 1e-8, 0.1, 0.999, 0.001, 0.0, 1.0, 1.0))
+    for t in range(1, 4):
+        run(p, _grads(n, t), m, v, am, av, n, c, big)
+    assert np.all(big[nq.BUFFER :] == np.float32(7.0))
+    assert np.all(np.isfinite(p)) and am.max() > 0
+
+
 def test_every_c_isa_variant_bit_identical():
     """The C library's baseline, AVX2 and AVX-512 variants (the latter two with
     hand-written full-block loops) give the reference's bits."""

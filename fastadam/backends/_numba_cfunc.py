@@ -35,7 +35,7 @@ from numba import carray, cfunc, types
 from .. import config
 from ._numba_intrinsics import _borrow
 from ._numba_loops import _constants, _piece
-from ._numba_q8 import BLOCK, CHECKED_LARGE, _blocks
+from ._numba_q8 import BLOCK, BUFFER, CHECKED_LARGE, _blocks
 
 # fa_adam_scalars (csrc/fastadam.h): 9 doubles, then the ints unscale,
 # maximize, amsgrad, state_rounding and the uint32 rounding_key, read as int32
@@ -87,7 +87,7 @@ def _make_q8(limit: int):
         f = np.float32
         c = (f(d[0]), f(d[1]), f(d[2]), f(d[3]), f(d[4]), f(d[5]), f(d[6]), f(d[7]), f(d[8]))
         nb = (n + (BLOCK - 1)) // BLOCK
-        buf = _borrow(np.empty(1024, np.float32))  # two blocks' new moments (_numba_q8._make)
+        buf = _borrow(np.empty(BUFFER, np.float32))  # the blocks' scratch (_numba_q8)
         p, g = _borrow(carray(param, n)), _borrow(carray(grad, n))
         cm, cv = _borrow(carray(exp_avg, n)), _borrow(carray(exp_avg_sq, n))
         am, av = _borrow(carray(exp_avg_absmax, nb)), _borrow(carray(exp_avg_sq_absmax, nb))

@@ -63,6 +63,11 @@ _BASE_V32 = np.uint32(_BASE_V)
 # the loops are cached on disk, their saves locked (_numba_cache)
 _JIT = {"nogil": True, "error_model": "numpy"}
 
+#: Floats in the blocks' scratch buffer (_blocks' ``buf``): two blocks' new
+#: moments, then _update_vectors' running maxima at ACC. Every caller of _blocks
+#: allocates this many (_make, and the one-call path of _numba_cfunc).
+BUFFER = ACC + 32
+
 # Each block asks for the lines of the block this many blocks on (see _pass).
 # Two rather than one: 0.96x the step time at 2^24 and 2^26 on two threads,
 # level at 2^20; three and four no better (Intel Xeon, session 15). The C
@@ -373,8 +378,7 @@ def _make(parallel: bool, unscale: bool, maximize: bool, l2: bool, div: bool):
             lo = total * part // parts
             hi = total * (part + 1) // parts
             k = np.searchsorted(boffsets, lo, side="right") - 1
-            # two blocks' new moments and the running maxima (ACC), in L1
-            buf = np.empty(ACC + 32, np.float32)
+            buf = np.empty(BUFFER, np.float32)  # in L1
             while k < count and boffsets[k] < hi:
                 n = sizes[k]
                 nb = boffsets[k + 1] - boffsets[k]
