@@ -33,6 +33,27 @@ static double now(void)
         (now() - t0) / (4.0 * ROUNDS) * 1e9;                                                 \
     })
 
+/* op1 four times on register 1 (and register 2, when op2 names it) into
+ * registers 3-6 of width r ("ymm" or "zmm"); PAIR: two square roots, two
+ * divisions */
+#define FOUR(r, op1, op2)                                                                    \
+    op1 " %%" r "1," op2 "%%" r "3\n\t" op1 " %%" r "1," op2 "%%" r "4\n\t"             \
+    op1 " %%" r "1," op2 "%%" r "5\n\t" op1 " %%" r "1," op2 "%%" r "6"
+#define PAIR(r)                                                                              \
+    "vsqrtps %%" r "1,%%" r "3\n\tvdivps %%" r "1,%%" r "2,%%" r "4\n\t"                 \
+    "vsqrtps %%" r "1,%%" r "5\n\tvdivps %%" r "1,%%" r "2,%%" r "6"
+
+/* the rates at one width, printed */
+#define REPORT(r, lanes)                                                                     \
+    do {                                                                                     \
+        const double div = RATE(FOUR(r, "vdivps", "%%" r "2,"), "xmm3", "xmm4", "xmm5", "xmm6"); \
+        const double sqrt = RATE(FOUR(r, "vsqrtps", ""), "xmm3", "xmm4", "xmm5", "xmm6");    \
+        const double pair = RATE(PAIR(r), "xmm3", "xmm4", "xmm5", "xmm6");                   \
+        printf("%s (%d lanes): vdivps %.2f ns, vsqrtps %.2f ns, a pair %.2f ns: "            \
+               "%.3f ns/element\n",                                                          \
+               r, lanes, div, sqrt, 2 * pair, 2 * pair / lanes);                             \
+    } while (0)
+
 int main(void)
 {
     /* normal operands (1.2345, 0.777): no fast path for zeros or subnormals */
@@ -40,31 +61,11 @@ int main(void)
                      "vbroadcastss %%xmm1, %%ymm1\n\t"
                      "movl $0x3f46e979, %%eax\n\tvmovd %%eax, %%xmm2\n\t"
                      "vbroadcastss %%xmm2, %%ymm2" ::: "eax", "xmm1", "xmm2");
-    const double div_y = RATE("vdivps %%ymm1,%%ymm2,%%ymm3\n\tvdivps %%ymm1,%%ymm2,%%ymm4\n\t"
-                              "vdivps %%ymm1,%%ymm2,%%ymm5\n\tvdivps %%ymm1,%%ymm2,%%ymm6",
-                              "xmm3", "xmm4", "xmm5", "xmm6");
-    const double sqrt_y = RATE("vsqrtps %%ymm1,%%ymm3\n\tvsqrtps %%ymm1,%%ymm4\n\t"
-                               "vsqrtps %%ymm1,%%ymm5\n\tvsqrtps %%ymm1,%%ymm6",
-                               "xmm3", "xmm4", "xmm5", "xmm6");
-    const double pair_y = RATE("vsqrtps %%ymm1,%%ymm3\n\tvdivps %%ymm1,%%ymm2,%%ymm4\n\t"
-                               "vsqrtps %%ymm1,%%ymm5\n\tvdivps %%ymm1,%%ymm2,%%ymm6",
-                               "xmm3", "xmm4", "xmm5", "xmm6");
-    printf("ymm (8 lanes):  vdivps %.2f ns, vsqrtps %.2f ns, a pair %.2f ns: %.3f ns/element\n",
-           div_y, sqrt_y, 2 * pair_y, 2 * pair_y / 8);
+    REPORT("ymm", 8);
 #ifdef ZMM
     __asm__ volatile("vbroadcastss %%xmm1, %%zmm1\n\tvbroadcastss %%xmm2, %%zmm2" ::
                          : "xmm1", "xmm2");
-    const double div_z = RATE("vdivps %%zmm1,%%zmm2,%%zmm3\n\tvdivps %%zmm1,%%zmm2,%%zmm4\n\t"
-                              "vdivps %%zmm1,%%zmm2,%%zmm5\n\tvdivps %%zmm1,%%zmm2,%%zmm6",
-                              "xmm3", "xmm4", "xmm5", "xmm6");
-    const double sqrt_z = RATE("vsqrtps %%zmm1,%%zmm3\n\tvsqrtps %%zmm1,%%zmm4\n\t"
-                               "vsqrtps %%zmm1,%%zmm5\n\tvsqrtps %%zmm1,%%zmm6",
-                               "xmm3", "xmm4", "xmm5", "xmm6");
-    const double pair_z = RATE("vsqrtps %%zmm1,%%zmm3\n\tvdivps %%zmm1,%%zmm2,%%zmm4\n\t"
-                               "vsqrtps %%zmm1,%%zmm5\n\tvdivps %%zmm1,%%zmm2,%%zmm6",
-                               "xmm3", "xmm4", "xmm5", "xmm6");
-    printf("zmm (16 lanes): vdivps %.2f ns, vsqrtps %.2f ns, a pair %.2f ns: %.3f ns/element\n",
-           div_z, sqrt_z, 2 * pair_z, 2 * pair_z / 16);
+    REPORT("zmm", 16);
 #endif
     return 0;
 }

@@ -75,6 +75,23 @@ def _splat(value: int, ty: ir.VectorType = _VI32) -> ir.Constant:
     return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
 
 
+def _broadcast(builder, x, vector_type: ir.VectorType):
+    """The scalar ``x`` in every lane of a ``vector_type``."""
+    vec = builder.insert_element(ir.Constant(vector_type, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, vector_type.count),
+                                              [0] * vector_type.count))  # fmt: skip
+
+
+def _zero_interleave(words: int) -> tuple[list[int], list[int]]:
+    """shufflevector masks over (zeros, h) of ``words`` 16-bit lanes that put each
+    word of h in the high half of a 32-bit lane, the low half zero, as the
+    in-lane interleaves (punpcklwd, punpckhwd) do: the low and high four words
+    of each 128-bit lane."""
+    low = [i for k in range(words // 8) for q in range(8 * k, 8 * k + 4) for i in (q, words + q)]
+    return low, [i + 4 for i in low]
+
+
 def _element_pointer(context, builder, array_type, array, index, index_type, vector_type):
     """A pointer to the vector of elements of ``array`` from ``index`` on."""
     data = context.make_array(array_type)(context, builder, array).data
@@ -108,17 +125,12 @@ def _codes_vectors(typingctx, cm, cv, buf, o, j, r_m, r_v):
             pointer = _element_pointer(context, builder, sig.args[2], buf_, k, sig.args[3], _VF)
             return builder.load(pointer, align=4)
 
-        def splat_f(x):
-            vec = builder.insert_element(ir.Constant(_VF, ir.Undefined), x, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(vec, ir.Constant(_VF, ir.Undefined),
-                                          ir.Constant(_VI32, [0] * _WIDTH))  # fmt: skip
-
         def magnitude_code(x, r, base):
             product = builder.bitcast(builder.fmul(x, r), _VI32)
             u = builder.and_(product, _splat(0x7FFFFFFF))
             return builder.ashr(builder.add(u, _splat(_HALF - base)), _splat(_q8._SHIFT))
 
-        srm, srv = splat_f(rm_), splat_f(rv_)
+        srm, srv = _broadcast(builder, rm_, _VF), _broadcast(builder, rv_, _VF)
         m_bits, v_bits, m_codes, v_codes = [], [], [], []
         for half in (0, _WIDTH):
             x, y = load_vector(half), load_vector(256 + half)
@@ -244,10 +256,8 @@ def _decode_vectors(typingctx, cm, cv, buf, o, j):
         hv = builder.call(psign, [builder.add(builder.shl(kv, w16(4)), w16(_BASE_V >> 16)), kv])
 
         zero = ir.Constant(v16i16, None)
-        low = [i for k in (0, 8) for q in range(k, k + 4) for i in (q, 16 + q)]
-        high = [i + 4 for i in low]
         for h, offset in ((hm, 0), (hv, 256)):
-            for part, picked in enumerate((low, high)):
+            for part, picked in enumerate(_zero_interleave(16)):
                 y = builder.shuffle_vector(zero, h, ir.Constant(ir.VectorType(_I32, 16), picked))
                 k = builder.add(o_, ir.Constant(o_.type, offset + 8 * part))
                 pointer = _element_pointer(context, builder, sig.args[2], buf_, k, sig.args[3], v8f)
@@ -330,22 +340,15 @@ def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
         hm, hv = _decode_words_32(context, builder, ((sig.args[2], cm_), (sig.args[3], cv_)),
                                   j_, sig.args[6])  # fmt: skip
         zero = ir.Constant(hm.type, None)
-        low = [i for k in range(4) for q in range(8 * k, 8 * k + 4) for i in (q, 32 + q)]
-        high = [i + 4 for i in low]
 
         def y(h, picked):
             shuffled = builder.shuffle_vector(zero, h, ir.Constant(ir.VectorType(_I32, 32), picked))
             return builder.bitcast(shuffled, _V16F)
 
-        def splat(x):
-            vec = builder.insert_element(ir.Constant(_V16F, ir.Undefined), x, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(vec, ir.Constant(_V16F, ir.Undefined),
-                                          ir.Constant(_V16I, [0] * 16))  # fmt: skip
-
         ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = (
-            splat(builder.extract_value(c_, k)) for k in range(9)
+            _broadcast(builder, builder.extract_value(c_, k), _V16F) for k in range(9)
         )
-        s_am, s_av = splat(am_), splat(av_)
+        s_am, s_av = _broadcast(builder, am_, _V16F), _broadcast(builder, av_, _V16F)
         unscale, maximize, l2, div = (
             context.cast(builder, builder.extract_value(flags_, k), sig.args[10][k],
                          types.boolean)
@@ -367,7 +370,7 @@ def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
         acc_o = ir.Constant(o_.type, 0)
         acc_pointers = [pointer(4, acc_o, sig.args[5], ACC + 16 * k, _V16I) for k in (0, 1)]
         acc = [builder.load(q, align=4) for q in acc_pointers]
-        for k, picked in enumerate((low, high)):
+        for k, picked in enumerate(_zero_interleave(32)):
             g_pointer = pointer(1, j_, sig.args[6], 16 * k)
             gv = builder.load(g_pointer, align=4)
             unscaled = builder.fdiv(gv, gs)
