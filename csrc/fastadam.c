@@ -104,9 +104,9 @@ static int fa_best_isa(void)
     __builtin_cpu_init();
 #  if defined(FA_HAVE_AVX512)
     /* The avx512 variant is compiled with -mavx512f -mavx512vl -mavx512bw
-     * (BW: 512-bit vectors of the bfloat16 states' 16-bit lanes). */
+     * -mfma (BW: 512-bit vectors of the bfloat16 states' 16-bit lanes). */
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw"))
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("fma"))
         return FA_ISA_AVX512;
 #  endif
 #  if defined(FA_HAVE_AVX2)

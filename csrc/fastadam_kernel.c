@@ -18,13 +18,12 @@
 #error "compile with -DFA_VARIANT=baseline, avx2 or avx512 (see CMakeLists.txt)"
 #endif
 
-/* x86 FMA, where the variant is compiled for it (the avx2 variant, built
+/* x86 FMA, where the variant is compiled for it (avx2 and avx512, both built
  * with -mfma): the kernels then divide by the step's constant
  * bias_correction2_sqrt through its reciprocal, exactly (fastadam_kernel_impl.h,
  * div_bc2), and use FMA nowhere else: -ffp-contract=off keeps every other
- * a*b+c rounded twice. The avx512 variant's flags do not name FMA and its
- * CPUs' dividers keep up: it divides as before. aarch64 divides too: with the
- * FMA path GCC left ten of the sixteen loop specialisations unvectorized. */
+ * a*b+c rounded twice. aarch64 divides: with the FMA path GCC left ten of the
+ * sixteen loop specialisations unvectorized. */
 #if defined(__FMA__) && defined(__x86_64__)
 #define FA_HAS_FMA 1
 #endif

@@ -46,7 +46,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 VARIANTS = {"baseline": []}  # name -> target flags, as in CMakeLists.txt
 if X86:
     VARIANTS["avx2"] = ["-mavx2", "-mfma"]
-    VARIANTS["avx512"] = ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mprefer-vector-width=512"]
+    VARIANTS["avx512"] = ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mfma",
+                          "-mprefer-vector-width=512"]
 SANITIZER_ENV = {
     # Leak checking needs ptrace, which containers often forbid; the library
     # allocates nothing anyway.

@@ -6,8 +6,8 @@
  *   F="-O3 -fno-fast-math -ffp-contract=off -fno-math-errno -fopenmp -g \
  *      -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
  *   gcc $F -Icsrc -DFA_VARIANT=baseline -c csrc/fastadam_kernel.c -o kb.o
- *   gcc $F -Icsrc -DFA_VARIANT=avx2 -mavx2 -c csrc/fastadam_kernel.c -o k2.o
- *   gcc $F -Icsrc -DFA_VARIANT=avx512 -mavx512f -mavx512vl -mavx512bw \
+ *   gcc $F -Icsrc -DFA_VARIANT=avx2 -mavx2 -mfma -c csrc/fastadam_kernel.c -o k2.o
+ *   gcc $F -Icsrc -DFA_VARIANT=avx512 -mavx512f -mavx512vl -mavx512bw -mfma \
  *       -c csrc/fastadam_kernel.c -o k5.o
  *   gcc $F -Icsrc -DFA_HAVE_AVX2 -DFA_HAVE_AVX512 csrc/fastadam.c \
  *       csrc/tests/test_fastadam.c kb.o k2.o k5.o -lm -o test_fastadam
