@@ -47,7 +47,7 @@ VARIANTS = {"baseline": []}  # name -> target flags, as in CMakeLists.txt
 if X86:
     VARIANTS["avx2"] = ["-mavx2", "-mfma"]
     VARIANTS["avx512"] = ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mfma",
-                          "-mprefer-vector-width=512"]
+                          "-mprefer-vector-width=512"]  # fmt: skip
 SANITIZER_ENV = {
     # Leak checking needs ptrace, which containers often forbid; the library
     # allocates nothing anyway.

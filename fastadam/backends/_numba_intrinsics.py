@@ -18,6 +18,7 @@ import platform
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
@@ -250,6 +251,28 @@ def _to_line(typingctx, a, i):
         return builder.udiv(pad, ir.Constant(i64, itemsize))
 
     return types.int64(a, i), codegen
+
+
+@functools.cache
+def has_fma() -> bool:
+    """Whether the CPU Numba compiles for has x86 FMA (``llvm.fma`` is then one
+    instruction; elsewhere it is a call to libm's ``fma``, exact but slow)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and "fma" in target_features()
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (``llvm.fma``), for float32 or float64 operands."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t = args[0].type
+        name = "llvm.fma.f32" if isinstance(t, ir.FloatType) else "llvm.fma.f64"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
 
 
 # -- bfloat16 states -------------------------------------------------------------
