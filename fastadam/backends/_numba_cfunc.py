@@ -34,8 +34,9 @@ from numba import carray, cfunc, types
 
 from .. import config
 from ._numba_intrinsics import _borrow
-from ._numba_loops import _constants, _piece
+from ._numba_loops import BC2_RANGE, _constants, _piece
 from ._numba_q8 import BLOCK, BUFFER, CHECKED_LARGE, _blocks
+from .numba_ import DECLINED
 
 # fa_adam_scalars (csrc/fastadam.h): 9 doubles, then the ints unscale,
 # maximize, amsgrad, state_rounding and the uint32 rounding_key, read as int32
@@ -52,6 +53,8 @@ def _make(float_type: types.Float, np_type: type):
     @cfunc(signature, cache=True, nopython=True, error_model="numpy")
     def step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, scalars):
         d = carray(scalars, _N_DOUBLES, dtype=np.float64)
+        if not BC2_RANGE[0] <= d[1] <= BC2_RANGE[1]:
+            return DECLINED  # adam_step's checked path then refuses it (numba_.step)
         w = carray(scalars, _N_WORDS, dtype=np.int32)
         unscale, maximize, amsgrad = w[_UNSCALE] != 0, w[_MAXIMIZE] != 0, w[_AMSGRAD] != 0
         l2 = d[6] != 0  # decided on the float64 value, as the reference (and torch) do

@@ -75,14 +75,26 @@ def _moments(gi, mi, vi, omb1, b2, omb2):
 # Whether the loops divide by bias_correction2_sqrt through its reciprocal: a
 # compile-time constant of each loop (the on-disk cache is kept per target CPU).
 _FMA_DIVIDE = has_fma()
+#: The bias_correction2_sqrt for which that is exact (FA_BC2_RCP in
+#: csrc/fastadam_internal.h says why): compute_scalars' lie in [2^-27, 1], and
+#: the entry points refuse any other (check_bias_correction2).
+BC2_RANGE = (2.0**-40, 2.0)
+
+
+def check_bias_correction2(b: float) -> None:
+    """Refuse a bias_correction2_sqrt the loops cannot divide by exactly (see
+    _divide_bc2): a ValueError naming it."""
+    if not BC2_RANGE[0] <= b <= BC2_RANGE[1]:
+        raise ValueError(
+            f"bias_correction2_sqrt must lie in [2^-40, 2] for the Numba loops, got {b!r} "
+            "(compute_scalars gives sqrt(1 - beta2**step) in (0, 1])"
+        )
 
 
 @njit(inline="always")
 def _bc2_reciprocal(t, b):
-    """RN(1 / b) in the float type ``t`` where _divide_bc2 may divide through it
-    (an FMA target, b in [2^-40, 2]), else 0: divide. As FA_BC2_RCP in
-    csrc/fastadam_internal.h, which says why that range."""
-    if _FMA_DIVIDE and b >= 2.0**-40 and b <= 2.0:
+    """RN(1 / b) in the float type ``t`` for _divide_bc2 (0 where it divides)."""
+    if _FMA_DIVIDE:
         return t(1.0) / b
     return t(0.0)
 
@@ -90,16 +102,21 @@ def _bc2_reciprocal(t, b):
 @njit(inline="always")
 def _divide_bc2(a, b, y, inf):
     """a / b correctly rounded, for a = sqrt(v) (+0, a normal number, +Inf or
-    NaN; not -0, which sqrt gives only for a stored -0 no update leaves): from
-    y = RN(1 / b) where y != 0
-    (Markstein: q0 = RN(a y), the remainder a - b q0 exact in one FMA, then
-    RN(q0 + r y) is the quotient; +Inf and NaN keep q0, which is theirs), else
-    by dividing. The C kernels' div_bc2 (csrc/fastadam_kernel_impl.h) is the
-    same sequence and explains its conditions; tests/test_c_fma_division.py
-    checks it exhaustively. Why: a 512-bit divide issues no faster per element
-    than a 256-bit one, and the float32 step divided twice per element: with
-    the data in L2 it was 1.4x slower than this (Intel Xeon, session 19)."""
-    if y != 0:  # loop-invariant: LLVM unswitches the loop on it
+    NaN; not -0, which sqrt gives only for a stored -0 no update leaves) and b
+    in BC2_RANGE. On FMA targets from y = RN(1 / b) (Markstein: q0 = RN(a y),
+    the remainder a - b q0 exact in one FMA, then RN(q0 + r y) is the quotient;
+    +Inf and NaN keep q0, which is theirs), else by dividing. The C kernels'
+    div_bc2 (csrc/fastadam_kernel_impl.h) is the same sequence and explains its
+    conditions; tests/test_numba_fma_division.py checks the bits.
+
+    Why: a 512-bit divide issues no faster per element than a 256-bit one, and
+    the float32 step divided twice per element. With no run-time test in the
+    loop (the range is checked at the entry points): 1.26x the float32 step's
+    speed at 2^16 (one thread) and 2^18 (two), Intel Xeon, session 19. A test
+    of y != 0 in the loop, for a fallback to dividing, made the parallel loop
+    1.2x slower than before instead: LLVM left it in the vector loop.
+    """
+    if _FMA_DIVIDE:
         q0 = a * y
         q = _fma(_fma(-q0, b, a), y, q0)
         return q if q0 < inf else q0

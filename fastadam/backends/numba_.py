@@ -58,6 +58,7 @@ from ._numba_loops import (
     _serial,
     _unscale_parallel,
     _unscale_serial,
+    check_bias_correction2,
 )
 
 NAME = "numba"
@@ -84,6 +85,7 @@ def step(
             max_exp_avg_sq = max_exp_avg_sq.reshape(-1)
     n = param.size
     if sc.state_rounding == STATE_SAME_DTYPE:
+        check_bias_correction2(sc.bias_correction2_sqrt)
         if max_exp_avg_sq is None:
             max_exp_avg_sq = exp_avg_sq  # never read or written unless amsgrad
         _launch(_serial, _parallel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *sc), n)
@@ -133,6 +135,8 @@ class _TableCache:
                 loops = (_bf16_multi(False, *flags), _bf16_multi(True, *flags))
                 flag_args: tuple = ()
             else:
+                for s in scalars:
+                    check_bias_correction2(s.bias_correction2_sqrt)
                 # l2 decided on the float64 value, as the single-array loop does
                 flags = (sc.maximize, sc.weight_decay != 0, sc.amsgrad)
                 loops = (_multi_loop(False, *flags), _multi_loop(True, *flags))
