@@ -18,7 +18,6 @@ import platform
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
@@ -262,14 +261,14 @@ def has_fma() -> bool:
 
 @intrinsic
 def _fma(typingctx, a, b, c):
-    """a * b + c rounded once (``llvm.fma``), for float32 or float64 operands."""
+    """a * b + c rounded once (``llvm.fma``), for float32 or float64 operands
+    (the float loops' exact division, the low-precision loops' FMA forms)."""
     if not (isinstance(a, types.Float) and a == b == c):
         return None
 
     def codegen(context, builder, sig, args):
         t = args[0].type
-        name = "llvm.fma.f32" if isinstance(t, ir.FloatType) else "llvm.fma.f64"
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), name)
+        fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
         return builder.call(fn, args)
 
     return a(a, b, c), codegen

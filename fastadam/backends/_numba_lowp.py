@@ -13,28 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from .._lowp import FLOAT32, KINDS, PARAM_STOCHASTIC, STATE_STOCHASTIC
 from .._numba_cache import njit as cached_njit
 from .._scalars import AdamScalars
-from ._numba_intrinsics import _bits_f32, _f32_bits
-
-
-@intrinsic
-def _fma32(typingctx, a, b, c):
-    """float32 ``a*b + c`` rounded once."""
-
-    def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        fnty = ir.FunctionType(f32, [f32, f32, f32])
-        fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty)
-        return builder.call(fn, args)
-
-    return types.float32(types.float32, types.float32, types.float32), codegen
-
+from ._numba_intrinsics import _bits_f32, _f32_bits, _fma
 
 _U = np.uint64
 _M16 = _U(0xFFFF)
@@ -191,10 +175,10 @@ def _loop(p32, p16, g32, g16, m32, m16, v32, v16, x32, x16, c16, n, pt, gt, st, 
         v_old = _load(v32, v16, i, st)
         if ct < 0:
             if l2:
-                gi = _fma32(pi, wd, gi)
+                gi = _fma(pi, wd, gi)
             pi = pi * decay
-            mi = _fma32(coeff, gi - m_old, m_old if small else gi)
-            vi = _fma32(omb2 * gi, gi, v_old * beta2)
+            mi = _fma(coeff, gi - m_old, m_old if small else gi)
+            vi = _fma(omb2 * gi, gi, v_old * beta2)
         else:
             if l2:
                 gi = gi + wd * pi
