@@ -3,8 +3,11 @@
  * reciprocal (div_bc2 in fastadam_kernel_impl.h) against the division itself,
  * bit for bit.
  *
- * Compiled with the library's flags plus the avx2 variant's target -mavx2 -mfma
- * (tests/test_c_fma_division.py), so div_bc2 takes its FMA path; the loops below are vectorized like the kernels' own. For each divisor b:
+ * Compiled with the library's flags plus the target flags of the avx2 variant
+ * (-mavx2 -mfma) and of the avx512 one (-mavx512f -mavx512vl -mavx512bw -mfma
+ * -mprefer-vector-width=512), each in turn (tests/test_c_fma_division.py), so
+ * div_bc2 takes its FMA path; the loops below are vectorized like the kernels'
+ * own. For each divisor b:
  *   float: every significand of a in [1, 2) and in the lowest and highest binades
  *          sqrt can return ([2^-75, 2^-73) and [2^63, 2^64)), plus +0, +Inf and NaNs;
  *   double: N_DOUBLE pseudo-random a over the same range of exponents.
@@ -24,7 +27,7 @@
 #include "fastadam_internal.h"
 
 #if !defined(__FMA__)
-#error "compile with -mavx2 -mfma: the FMA path is what is checked"
+#error "compile with -mfma (the avx2 or avx512 variant's flags): the FMA path is what is checked"
 #endif
 
 #define FA_T float
