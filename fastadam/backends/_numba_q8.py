@@ -43,6 +43,7 @@ from ._numba_q8_simd import (
     FUSED,
     LANES,
     PACKS,
+    _acc_max,
     _codes_vectors,
     _decode_vectors,
     _update_vectors,
@@ -289,13 +290,7 @@ def _pass_fused(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, pr
             _update_vectors(p, g, cm, cv, buf, new + h, j0 + h, c, a_m, a_v, flags)
             if prev:
                 _codes_vectors(cm, cv, buf, old + h, j0 - 256 + h, r_m, r_v)
-    mm = np.uint32(0)
-    mv = np.uint32(0)
-    for k in range(ACC, ACC + 16):
-        bm = np.uint32(_f32_bits(buf[k]))
-        bv = np.uint32(_f32_bits(buf[k + 16]))
-        mm = bm if bm > mm else mm
-        mv = bv if bv > mv else mv
+    mm, mv = _acc_max(buf)
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
     return _reciprocal(mm), _reciprocal(mv)

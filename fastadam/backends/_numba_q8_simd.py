@@ -399,3 +399,28 @@ def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
         return context.get_dummy_value()
 
     return types.none(p, g, cm, cv, buf, o, j, c, a_m, a_v, flags), codegen
+
+
+@intrinsic
+def _acc_max(typingctx, buf):
+    """The largest lane of each of _update_vectors' running maxima in ``buf``
+    (m's at ACC, v's at ACC + 16), as two uint32: a tree of 4 shuffles and maxima
+    per vector. Numba's loop over the 32 lanes became 32 loads, compares and
+    conditional moves a block, on the ports the update needs."""
+    if not _is_array(buf, types.float32):
+        return None
+    pair = types.UniTuple(types.uint32, 2)
+
+    def codegen(context, builder, sig, args):
+        reduce = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I32, [_V16I]), "llvm.vector.reduce.umax.v16i32"
+        )
+        index_type = types.intp
+        maxima = []
+        for offset in (ACC, ACC + 16):
+            k = ir.Constant(context.get_value_type(index_type), offset)
+            pointer = _element_pointer(context, builder, sig.args[0], args[0], k, index_type, _V16I)
+            maxima.append(builder.call(reduce, [builder.load(pointer, align=4)]))
+        return context.make_tuple(builder, pair, maxima)
+
+    return pair(buf), codegen
