@@ -326,14 +326,14 @@ print(h.hexdigest())
 
 
 @pytest.mark.parametrize(
-    "cpu, simd", [("haswell", "True True False"), ("x86-64", "False False False")]
+    "cpu, simd", [("haswell", "True True 16"), ("x86-64", "False False 16")]
 )
 def test_numba_target_bit_identical(cpu, simd, tmp_path):
-    """The Numba blocks compiled for an AVX2 CPU without AVX-512 (their codes
-    decoded and packed 16 at a time by _numba_q8_simd) and for a CPU without
-    AVX (the per-element decode and codes loops, what aarch64 runs) give the
-    reference's bits, whatever this host's vector width. (An AVX-512 BW host
-    runs the third kind, _update_vectors, in every other test here: see
+    """The Numba blocks compiled for an AVX2 CPU without AVX-512 (_update_vectors
+    on vectors of 8, the codes packed 16 at a time by _numba_q8_simd) and for a
+    CPU without AVX (the per-element decode and codes loops, what aarch64 runs)
+    give the reference's bits, whatever this host's vector width. (An AVX-512
+    BW host runs _update_vectors on vectors of 16 in every other test here: see
     test_numba_fused_blocks_on_avx512_hosts.)"""
     pytest.importorskip("numba")
     from helpers import cpu_flags, run_python
@@ -343,7 +343,7 @@ def test_numba_target_bit_identical(cpu, simd, tmp_path):
     ref = run_python(_ISA_CODE.replace("BACKEND", '"numpy"'))
     assert ref.returncode == 0, ref.stderr
     code = _ISA_CODE.replace("BACKEND", '"numba"') + (
-        "from fastadam.backends import _numba_q8_simd as s\nprint(s.PACKS, s.DECODES, s.FUSED)\n"
+        "from fastadam.backends import _numba_q8_simd as s\nprint(s.PACKS, s.FUSED, s.LANES)\n"
     )
     env = numba_target_environment(cpu)
     out = run_python(code, timeout=300, NUMBA_CACHE_DIR=str(tmp_path), **env)
@@ -354,8 +354,9 @@ def test_numba_target_bit_identical(cpu, simd, tmp_path):
 
 def test_numba_fused_blocks_on_avx512_hosts():
     """On a host with AVX-512 BW the Numba blocks update 32 elements a call of the
-    _update_vectors intrinsic, the previous block's codes between the calls, so
-    that the parity tests above check that schedule against the reference."""
+    _update_vectors intrinsic on vectors of 16, the previous block's codes
+    (32 a call) between the calls, so that the parity tests above check that
+    schedule against the reference."""
     pytest.importorskip("numba")
     from helpers import cpu_flags
 
@@ -363,7 +364,7 @@ def test_numba_fused_blocks_on_avx512_hosts():
 
     if "avx512bw" not in cpu_flags() or "avx512bw" not in _numba_intrinsics.target_features():
         pytest.skip("needs a CPU (and a Numba target) with AVX-512 BW")
-    assert _numba_q8_simd.FUSED and not _numba_q8_simd.DECODES
+    assert _numba_q8_simd.FUSED and _numba_q8_simd.LANES == 32
 
 
 def test_numba_blocks_stay_in_their_buffer():

@@ -8,10 +8,9 @@ boundaries (a block is never shared, so the split changes no bit). Each block
 is done in passes while its 256 elements are in L1: the update, keeping the
 new moments in a small buffer (one per share), their absmax, and the
 requantization, which runs with the next block's update (see _pass and
-_blocks). On AVX2 targets without AVX-512 the update reads the codes' values
-from that buffer too, decoded 16 at a time just before; on AVX-512 targets the
-update is one vector intrinsic per 32 elements, and the previous block's codes
-are written between its calls (_numba_q8_simd).
+_blocks). On x86 targets with AVX2 (AVX-512 or not) the update is one vector
+intrinsic per 32 elements, and the previous block's codes are written between
+its calls (_numba_q8_simd); elsewhere LLVM vectorizes the per-element code.
 """
 
 from __future__ import annotations
@@ -39,13 +38,11 @@ from ._numba_q8_simd import (
     _BASE_V,
     _HALF,
     ACC,
-    DECODES,
     FUSED,
     LANES,
     PACKS,
     _acc_max,
     _codes_vectors,
-    _decode_vectors,
     _update_vectors,
 )
 
@@ -120,11 +117,10 @@ def _enc_v(x, r):
 
 
 @njit(inline="always", **_JIT)
-def _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, o, decoded):
+def _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, o):
     """Element ``j``: the update on the dequantized moments, the new ones kept in
     ``buf[o]`` (m) and ``buf[o + 256]`` (v); returns their magnitude bits (for
-    the block's absmax). ``decoded``: y(code) of both moments is in ``buf`` at
-    those places already (_decode_vectors), else decoded here from the codes."""
+    the block's absmax)."""
     ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = c
     i = np.uint64(j)  # unsigned: no wrap-around guards, so LLVM vectorizes (_numba_loops)
     gi = g[i]
@@ -138,12 +134,8 @@ def _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, o, d
         gi = gi + wd * pi
     pi = pi * decay
     k = np.uint64(o)
-    if decoded:
-        m0 = buf[k] * a_m
-        v0 = buf[k + np.uint64(256)] * a_v
-    else:
-        m0 = _y_m(cm[i]) * a_m
-        v0 = _y_v(cv[i]) * a_v
+    m0 = _y_m(cm[i]) * a_m
+    v0 = _y_v(cv[i]) * a_v
     m = m0 + (gi - m0) * omb1
     v = v0 * b2 + omb2 * gi * gi
     sq = np.sqrt(v)
@@ -188,22 +180,6 @@ else:
             _codes(cm, cv, buf, o + j, j0 + j, r_m, r_v)
 
 
-if DECODES:
-
-    @njit(inline="always", **_JIT)
-    def _decode_64(cm, cv, buf, o, j0):
-        """y(code) of the 64 elements from ``j0`` into ``buf`` at ``o`` (m) and
-        ``o + 256`` (v), for the update's loads (see _numba_q8_simd)."""
-        for h in range(0, 64, 16):
-            _decode_vectors(cm, cv, buf, o + h, j0 + h)
-
-else:
-
-    @njit(inline="always", **_JIT)
-    def _decode_64(cm, cv, buf, o, j0):
-        """Nothing: the update decodes each code itself (_element)."""
-
-
 @njit(inline="always", **_JIT)
 def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahead):
     """The update of full block ``b``, its new moments into ``buf`` at ``new``, then
@@ -217,7 +193,8 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahea
     (BENCHMARKS.md, session 13). The C blocks' other schedule, each block's
     codes inside the next block's update loop, lost to this one in Numba on
     every target (session 15) until the update became one intrinsic:
-    _pass_fused, used on AVX-512 BW targets since session 18.
+    _pass_fused, used on AVX-512 BW targets since session 18 and on every x86
+    target with AVX2 since session 20; this pass is for the others (aarch64).
 
     ``ahead``: the block _AHEAD blocks on is a full one of this share. The loop
     runs as four of 64 elements, each first asking for its quarter of that
@@ -238,10 +215,8 @@ def _pass(p, g, cm, cv, am, av, b, c, unscale, maximize, l2, div, buf, new, ahea
                 _prefetch_line(g, c0 + _AHEAD_ELEMENTS + line)
             _prefetch_line(cm, c0 + _AHEAD_ELEMENTS)
             _prefetch_line(cv, c0 + _AHEAD_ELEMENTS)
-        _decode_64(cm, cv, buf, new + c0 - j0, c0)
         for j in range(c0, c0 + 64):
-            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0,
-                     DECODES)  # fmt: skip
+            _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, new + j - j0)
     for k in range(new, new + 256):
         bm = np.uint32(_f32_bits(buf[np.uint64(k)]) & _MAG)
         bv = np.uint32(_f32_bits(buf[np.uint64(k + 256)]) & _MAG)
@@ -266,6 +241,11 @@ def _pass_fused(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, pr
     divider's shadow, where the update loop LLVM vectorizes, the absmax
     loop and the codes loop one after another left them outside it (Intel
     Xeon, session 18: 0.94-0.96x the step time in L2, 0.95-0.98x at 2^24-2^26).
+    Compiled for AVX2 without AVX-512 it replaced _pass with a decode of 16
+    codes at a time into ``buf`` ahead of LLVM's update loop: 0.93x and 0.96x
+    the step time at 2^24, level at 2^16-2^18 and on gpt2-mini (session 20);
+    writing the codes after the whole update, as the C AVX2 kernel does, was
+    no better (0.96x).
     ``ahead``: see _pass; the floats' lines are asked for 32
     elements at a time, just before their update, rather than a quarter's
     at once (0.94-0.99x the step time at 2^20-2^26 on two threads, 0.97x at
@@ -288,8 +268,9 @@ def _pass_fused(p, g, cm, cv, am, av, b, c, flags, buf, new, ahead, r_m, r_v, pr
                     _prefetch_line(p, j0 + h + line + _AHEAD_ELEMENTS)
                     _prefetch_line(g, j0 + h + line + _AHEAD_ELEMENTS)
             _update_vectors(p, g, cm, cv, buf, new + h, j0 + h, c, a_m, a_v, flags)
-            if prev:
-                _codes_vectors(cm, cv, buf, old + h, j0 - 256 + h, r_m, r_v)
+            if prev:  # LANES elements a call: 32 with AVX-512, 16 with AVX2
+                for q in range(h, h + 32, LANES):
+                    _codes_vectors(cm, cv, buf, old + q, j0 - 256 + q, r_m, r_v)
     mm, mv = _acc_max(buf)
     am[b] = _bits_f32(mm)
     av[b] = _bits_f32(mv)
@@ -313,8 +294,7 @@ def _single(p, g, cm, cv, am, av, b, end, c, unscale, maximize, l2, div, buf):
     tm = np.uint32(0)
     tv = np.uint32(0)
     for j in range(j0, end):
-        bm_, bv_ = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, j - j0,
-                            False)  # fmt: skip
+        bm_, bv_ = _element(p, g, cm, cv, a_m, a_v, j, c, unscale, maximize, l2, div, buf, j - j0)
         tm = bm_ if bm_ > tm else tm
         tv = bv_ if bv_ > tv else tv
     am[b] = _bits_f32(tm)

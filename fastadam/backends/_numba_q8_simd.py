@@ -12,16 +12,13 @@ once. The arithmetic, and so every bit, is :mod:`fastadam._q8`'s: a code is
 ``(bits(x * r) & 0x7FFFFFFF) + 2^19 - base >> 20``, clamped (m: to [0, 127],
 then its sign in bit 7; v: to [1, 255] for a nonzero v, [0, 255] for a zero).
 
-On AVX2 targets without AVX-512 (:data:`DECODES`) the blocks also decode their
-codes here, 16 at a time in 16-bit lanes (:func:`_decode_vectors`), ahead of
-the update: LLVM's decode in the update loop took 17 vector operations per 8
-elements, besides its loads.
-
-On AVX-512 BW targets (:data:`FUSED`) the whole update of 32 elements is one
-intrinsic (:func:`_update_vectors`): the codes decoded in registers, 32 at a
-time in 16-bit lanes, the update, and the running absmax, so that the blocks
-can write the previous block's codes between two such calls, as the C kernel
-does (see :func:`._numba_q8._pass`).
+On the same targets (:data:`FUSED`) the whole update of 32 elements is one
+intrinsic (:func:`_update_vectors`): the codes decoded in registers in 16-bit
+lanes (32 at a time with AVX-512 BW, 16 with AVX2; LLVM's decode in 32-bit
+lanes took 17 vector operations per 8 elements, besides its loads), the
+update, and the running absmax, so that the blocks can write the previous
+block's codes between two such calls, as the C kernel does (see
+:func:`._numba_q8._pass_fused`).
 
 Numba's on-disk cache checks only the source file of each cached function
 (``_numba_q8.py``, and ``_numba_cfunc.py`` for the one-call path): after editing
@@ -50,15 +47,9 @@ _WIDTH, _PACK = (
 )  # fmt: skip
 #: Elements one _codes_vectors call codes (two vectors of each moment).
 LANES = 2 * _WIDTH
-#: Whether the 8-bit blocks decode their codes with _decode_vectors, ahead of
-#: the update (AVX2 without AVX-512). With AVX-512 LLVM's own decode in the
-#: update loop is as short (a zero-extension, masked add and ternary logic
-#: per vector), and the update's 512-bit loads would straddle the decode's
-#: 256-bit stores.
-DECODES = PACKS and "avx512f" not in _FEATURES
 #: Whether the 8-bit blocks update 32 elements at a time with _update_vectors
-#: (x86 with AVX-512 BW), the previous block's codes written between the calls.
-FUSED = PACKS and _WIDTH == 16
+#: (x86 with AVX2), the previous block's codes written between the calls.
+FUSED = PACKS
 # The code map's constants (fastadam._q8), as integer offsets on float32 bits: a
 # code k of m stands for the float bits k << 20 + _BASE_M (v: + _BASE_V), and
 # encoding rounds with _HALF. Used by _numba_q8 too.
@@ -187,7 +178,7 @@ def _codes_vectors(typingctx, cm, cv, buf, o, j, r_m, r_v):
     return types.none(cm, cv, buf, o, j, r_m, r_v), codegen
 
 
-# pshufb controls of _decode_vectors (a byte of 0x80 writes a zero): the codes,
+# pshufb controls of _decode_words_16 (a byte of 0x80 writes a zero): the codes,
 # loaded into both 128-bit lanes, to the high (m) or low (v) byte of 16-bit
 # lanes, ordered so that each lane's low words hold codes 0-3 / 4-7 and its high
 # words 8-11 / 12-15; the in-lane interleaves with zeros then give elements
@@ -197,74 +188,44 @@ _TO_LOW_BYTE = [b for c in _CODE_ORDER for b in (c, 0x80)]
 _TO_HIGH_BYTE = [b for c in _CODE_ORDER for b in (0x80, c)]
 
 
-@intrinsic
-def _decode_vectors(typingctx, cm, cv, buf, o, j):
-    """y(code) of elements ``j`` .. ``j + 15`` (see :mod:`fastadam._q8`) into
-    ``buf``: m's at ``o``, v's at ``o + 256``, as float32. For AVX2 without
-    AVX-512 (:data:`DECODES`); the caller keeps every index in bounds.
+def _decode_words_16(context, builder, arrays, j_, j_type):
+    """The high halves of y(code) of 16 codes of each moment (``arrays``: the
+    (type, value) of cm and cv), <16 x i16> in the order of _CODE_ORDER: AVX2's
+    byte shuffle and psignw (the C kernel's AVX2 fa_q8_decode)."""
+    v16i8, v32i8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
+    v16i16 = ir.VectorType(_I16, 16)
+    pshufb = builder.module.declare_intrinsic(
+        "llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8])
+    )
+    psign = builder.module.declare_intrinsic(
+        "llvm.x86.avx2.psign.w", fnty=ir.FunctionType(v16i16, [v16i16, v16i16])
+    )
 
-    Every y has 16 zero low bits (a base plus k << 20, and m's sign), so its
-    high half is computed for all 16 codes at once in 16-bit lanes and widened
-    by interleaving it with zeros: 15 vector operations for 16 codes of both
-    moments, against 34 in LLVM's decode in 32-bit lanes (the C kernel's
-    fa_q8_decode is the same). The stores are of 8 floats, which the update's
-    loads of 8 match; with AVX-512 its loads of 16 straddled two stores and the
-    step took 1.25x as long (session 17).
-    """
-    if not (
-        _is_array(cm, types.uint8) and _is_array(cv, types.uint8)
-        and _is_array(buf, types.float32)
-        and isinstance(o, types.Integer) and isinstance(j, types.Integer)
-    ):  # fmt: skip
-        return None
-
-    def codegen(context, builder, sig, args):
-        cm_, cv_, buf_, o_, j_ = args
-        v16i8, v32i8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
-        v16i16, v8f = ir.VectorType(_I16, 16), ir.VectorType(ir.FloatType(), 8)
-        pshufb = builder.module.declare_intrinsic(
-            "llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8])
+    def words(array, control):
+        pointer = _element_pointer(context, builder, array[0], array[1], j_, j_type, v16i8)
+        codes = builder.load(pointer, align=1)
+        both = builder.shuffle_vector(
+            codes,
+            ir.Constant(v16i8, ir.Undefined),
+            ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2),
         )
-        psign = builder.module.declare_intrinsic(
-            "llvm.x86.avx2.psign.w", fnty=ir.FunctionType(v16i16, [v16i16, v16i16])
-        )
+        control = ir.Constant(v32i8, [ir.Constant(_I8, b - 256 if b > 127 else b)
+                                      for b in control])  # fmt: skip
+        return builder.bitcast(builder.call(pshufb, [both, control]), v16i16)
 
-        def words(array_index, control):
-            pointer = _element_pointer(context, builder, sig.args[array_index],
-                                       args[array_index], j_, sig.args[4], v16i8)  # fmt: skip
-            codes = builder.load(pointer, align=1)
-            both = builder.shuffle_vector(
-                codes,
-                ir.Constant(v16i8, ir.Undefined),
-                ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2),
-            )
-            control = ir.Constant(v32i8, [ir.Constant(_I8, b - 256 if b > 127 else b)
-                                          for b in control])  # fmt: skip
-            return builder.bitcast(builder.call(pshufb, [both, control]), v16i16)
+    def w16(value):
+        return _splat(value, v16i16)
 
-        def w16(value):
-            return _splat(value, v16i16)
-
-        # m: code << 8 = sign in bit 15, k in bits 8-14; high half = base + k << 4,
-        # or 0 where k is 0 (psignw by k >= 0), | sign
-        xm = words(0, _TO_HIGH_BYTE)
-        km4 = builder.and_(builder.lshr(xm, w16(4)), w16(_q8.K_M << 4))
-        hm = builder.call(psign, [builder.add(km4, w16(_BASE_M >> 16)), km4])
-        hm = builder.or_(hm, builder.and_(xm, w16(0x8000)))
-        # v: k = the code
-        kv = words(1, _TO_LOW_BYTE)
-        hv = builder.call(psign, [builder.add(builder.shl(kv, w16(4)), w16(_BASE_V >> 16)), kv])
-
-        zero = ir.Constant(v16i16, None)
-        for h, offset in ((hm, 0), (hv, 256)):
-            for part, picked in enumerate(_zero_interleave(16)):
-                y = builder.shuffle_vector(zero, h, ir.Constant(ir.VectorType(_I32, 16), picked))
-                k = builder.add(o_, ir.Constant(o_.type, offset + 8 * part))
-                pointer = _element_pointer(context, builder, sig.args[2], buf_, k, sig.args[3], v8f)
-                builder.store(builder.bitcast(y, v8f), pointer, align=4)
-        return context.get_dummy_value()
-
-    return types.none(cm, cv, buf, o, j), codegen
+    # m: code << 8 = sign in bit 15, k in bits 8-14; high half = base + k << 4,
+    # or 0 where k is 0 (psignw by k >= 0), | sign
+    xm = words(arrays[0], _TO_HIGH_BYTE)
+    km4 = builder.and_(builder.lshr(xm, w16(4)), w16(_q8.K_M << 4))
+    hm = builder.call(psign, [builder.add(km4, w16(_BASE_M >> 16)), km4])
+    hm = builder.or_(hm, builder.and_(xm, w16(0x8000)))
+    # v: k = the code
+    kv = words(arrays[1], _TO_LOW_BYTE)
+    hv = builder.call(psign, [builder.add(builder.shl(kv, w16(4)), w16(_BASE_V >> 16)), kv])
+    return hm, hv
 
 
 # The codes' dwords, for _update_vectors: 0-3 16-19 | 4-7 20-23 | 8-11 24-27 |
@@ -275,8 +236,6 @@ _CODE_ORDER_32 = [4 * d + b for d in (0, 4, 1, 5, 2, 6, 3, 7) for b in range(4)]
 #: Where the blocks' buffer keeps _update_vectors' running magnitude maxima (int32
 #: bits, 16 lanes of m, then 16 of v), past the two blocks' moments.
 ACC = 1024
-_V16F = ir.VectorType(ir.FloatType(), 16)
-_V16I = ir.VectorType(_I32, 16)
 
 
 def _decode_words_32(context, builder, arrays, j_, j_type):
@@ -313,10 +272,12 @@ def _decode_words_32(context, builder, arrays, j_, j_type):
 
 @intrinsic
 def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
-    """The update of elements ``j`` .. ``j + 31`` for AVX-512 BW targets (:data:`FUSED`):
-    :func:`._numba_q8._element`'s operations in its order, on vectors of 16.
+    """The update of elements ``j`` .. ``j + 31`` for x86 targets with AVX2
+    (:data:`FUSED`): :func:`._numba_q8._element`'s operations in its order, on
+    vectors of 16 (AVX-512 BW) or 8.
 
-    The codes are decoded in registers (_decode_words_32); param (and grad,
+    The codes are decoded in registers (_decode_words_32 or, without AVX-512,
+    two calls of _decode_words_16); param (and grad,
     when unscaling) written; the new m and v stored into ``buf`` at ``o`` and
     ``o + 256``; their magnitude bits folded into the running maxima at
     ``buf[ACC:ACC + 32]``. ``c``: the 9 float32 scalars of _element; ``flags``:
@@ -337,48 +298,60 @@ def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
 
     def codegen(context, builder, sig, args):
         p_, g_, cm_, cv_, buf_, o_, j_, c_, am_, av_, flags_ = args
-        hm, hv = _decode_words_32(context, builder, ((sig.args[2], cm_), (sig.args[3], cv_)),
-                                  j_, sig.args[6])  # fmt: skip
-        zero = ir.Constant(hm.type, None)
+        arrays = ((sig.args[2], cm_), (sig.args[3], cv_))
+        if _WIDTH == 16:  # 32 codes in one decode, their y in 2 vectors of 16 each
+            decoded = [_decode_words_32(context, builder, arrays, j_, sig.args[6])]
+        else:  # two decodes of 16, their y in 2 vectors of 8 each
+            decoded = [
+                _decode_words_16(context, builder, arrays,
+                                 builder.add(j_, ir.Constant(j_.type, first)), sig.args[6])
+                for first in (0, 16)
+            ]  # fmt: skip
+        words = 2 * _WIDTH
+        zero = ir.Constant(ir.VectorType(_I16, words), None)
+        interleave = _zero_interleave(words)
 
         def y(h, picked):
-            shuffled = builder.shuffle_vector(zero, h, ir.Constant(ir.VectorType(_I32, 32), picked))
-            return builder.bitcast(shuffled, _V16F)
+            shuffled = builder.shuffle_vector(zero, h, ir.Constant(ir.VectorType(_I32, words),
+                                                                   picked))  # fmt: skip
+            return builder.bitcast(shuffled, _VF)
 
         ss, bc2, eps, omb1, b2, omb2, wd, decay, gs = (
-            _broadcast(builder, builder.extract_value(c_, k), _V16F) for k in range(9)
+            _broadcast(builder, builder.extract_value(c_, k), _VF) for k in range(9)
         )
-        s_am, s_av = _broadcast(builder, am_, _V16F), _broadcast(builder, av_, _V16F)
+        s_am, s_av = _broadcast(builder, am_, _VF), _broadcast(builder, av_, _VF)
         unscale, maximize, l2, div = (
             context.cast(builder, builder.extract_value(flags_, k), sig.args[10][k],
                          types.boolean)
             for k in range(4)
         )  # fmt: skip
         sqrt = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16F, [_V16F]), "llvm.sqrt.v16f32"
+            builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.sqrt.v{_WIDTH}f32"
         )
         umax = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16I, [_V16I, _V16I]), "llvm.umax.v16i32"
+            builder.module, ir.FunctionType(_VI32, [_VI32, _VI32]), f"llvm.umax.v{_WIDTH}i32"
         )
         mag = _splat(0x7FFFFFFF)
 
-        def pointer(k, base, base_type, offset, vector_type=_V16F):
+        def pointer(k, base, base_type, offset, vector_type=_VF):
             index = builder.add(base, ir.Constant(base.type, offset))
             return _element_pointer(context, builder, sig.args[k], args[k], index, base_type,
                                     vector_type)  # fmt: skip
 
         acc_o = ir.Constant(o_.type, 0)
-        acc_pointers = [pointer(4, acc_o, sig.args[5], ACC + 16 * k, _V16I) for k in (0, 1)]
+        acc_pointers = [pointer(4, acc_o, sig.args[5], ACC + 16 * k, _VI32) for k in (0, 1)]
         acc = [builder.load(q, align=4) for q in acc_pointers]
-        for k, picked in enumerate(_zero_interleave(32)):
-            g_pointer = pointer(1, j_, sig.args[6], 16 * k)
+        vectors = [(hm, hv, picked) for hm, hv in decoded for picked in interleave]
+        for k, (hm, hv, picked) in enumerate(vectors):
+            e = _WIDTH * k  # this vector's first element
+            g_pointer = pointer(1, j_, sig.args[6], e)
             gv = builder.load(g_pointer, align=4)
             unscaled = builder.fdiv(gv, gs)
             with builder.if_then(unscale):
                 builder.store(unscaled, g_pointer, align=4)
             gv = builder.select(unscale, unscaled, gv)
             gv = builder.select(maximize, builder.fneg(gv), gv)
-            p_pointer = pointer(0, j_, sig.args[6], 16 * k)
+            p_pointer = pointer(0, j_, sig.args[6], e)
             pv = builder.load(p_pointer, align=4)
             gv = builder.select(l2, builder.fadd(gv, builder.fmul(wd, pv)), gv)
             pv = builder.fmul(pv, decay)
@@ -390,10 +363,10 @@ def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
             sq = builder.select(div, builder.fdiv(sq, bc2), sq)
             step = builder.fdiv(builder.fmul(ss, m), builder.fadd(sq, eps))
             builder.store(builder.fsub(pv, step), p_pointer, align=4)
-            builder.store(m, pointer(4, o_, sig.args[5], 16 * k), align=4)
-            builder.store(v, pointer(4, o_, sig.args[5], 256 + 16 * k), align=4)
+            builder.store(m, pointer(4, o_, sig.args[5], e), align=4)
+            builder.store(v, pointer(4, o_, sig.args[5], 256 + e), align=4)
             for a, x in enumerate((m, v)):
-                acc[a] = builder.call(umax, [acc[a], builder.and_(builder.bitcast(x, _V16I), mag)])
+                acc[a] = builder.call(umax, [acc[a], builder.and_(builder.bitcast(x, _VI32), mag)])
         for q, value in zip(acc_pointers, acc):
             builder.store(value, q, align=4)
         return context.get_dummy_value()
@@ -404,22 +377,25 @@ def _update_vectors(typingctx, p, g, cm, cv, buf, o, j, c, a_m, a_v, flags):
 @intrinsic
 def _acc_max(typingctx, buf):
     """The largest lane of each of _update_vectors' running maxima in ``buf``
-    (m's at ACC, v's at ACC + 16), as two uint32: a tree of 4 shuffles and maxima
-    per vector. Numba's loop over the 32 lanes became 32 loads, compares and
-    conditional moves a block, on the ports the update needs."""
+    (m's at ACC, v's at ACC + 16, a vector of the target's width each), as two
+    uint32: a tree of shuffles and maxima per vector. Numba's loop over the 32
+    lanes became 32 loads, compares and conditional moves a block, on the
+    ports the update needs."""
     if not _is_array(buf, types.float32):
         return None
     pair = types.UniTuple(types.uint32, 2)
 
     def codegen(context, builder, sig, args):
         reduce = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_I32, [_V16I]), "llvm.vector.reduce.umax.v16i32"
+            builder.module,
+            ir.FunctionType(_I32, [_VI32]),
+            f"llvm.vector.reduce.umax.v{_WIDTH}i32",
         )
         index_type = types.intp
         maxima = []
         for offset in (ACC, ACC + 16):
             k = ir.Constant(context.get_value_type(index_type), offset)
-            pointer = _element_pointer(context, builder, sig.args[0], args[0], k, index_type, _V16I)
+            pointer = _element_pointer(context, builder, sig.args[0], args[0], k, index_type, _VI32)
             maxima.append(builder.call(reduce, [builder.load(pointer, align=4)]))
         return context.make_tuple(builder, pair, maxima)
 
