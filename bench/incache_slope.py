@@ -6,7 +6,7 @@
 For each state dtype and backend (C and Numba), ``fastadam.adam_step`` runs on arrays
 of the two sizes in alternating rounds, one process; the medians give a line: its
 slope is the cost of one more element while the arrays stay in cache (both sizes
-should fit in L2: 2^16 elements are 1.0-1.8 MiB), its intercept the cost of the call
+should fit in L2), its intercept the cost of the call
 itself (validation, dispatch, the launch). Where two backends' slopes differ, their
 loops do; where intercepts differ, their Python or C glue does. Medians of timed
 calls on a shared machine: compare rows of one run, never a lone figure.
@@ -34,10 +34,7 @@ import numpy as np
 
 import fastadam
 from fastadam import _q8, config
-
-
-def _size(text: str) -> int:
-    return 2 ** int(text[2:]) if text.startswith("2^") else int(text)
+from fastadam.bench import parse_size
 
 
 def _arrays(dtype: str, n: int, rng: np.random.Generator) -> tuple[tuple, dict]:
@@ -57,7 +54,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
-    small, large = (_size(s) for s in args.sizes.split(","))
+    small, large = (parse_size(s) for s in args.sizes.split(","))
     limits = [config.PARALLEL_MIN_ELEMENTS]
     if args.threads > 1:  # one C thread below its threshold, a team from it on
         limits.append(config.C_PARALLEL_MIN_ELEMENTS)

@@ -234,7 +234,8 @@ def _decode_words_16(context, builder, arrays, j_, j_type):
 # AVX-512 fa_q8_decode).
 _CODE_ORDER_32 = [4 * d + b for d in (0, 4, 1, 5, 2, 6, 3, 7) for b in range(4)]
 #: Where the blocks' buffer keeps _update_vectors' running magnitude maxima (int32
-#: bits, 16 lanes of m, then 16 of v), past the two blocks' moments.
+#: bits, a vector of the target's width of m at ACC, of v at ACC + 16), past the
+#: two blocks' moments.
 ACC = 1024
 
 
